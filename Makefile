@@ -1,0 +1,45 @@
+# llmclf: `make demo` (set up + run the main job), `make test` (set up + run the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SHARED ?= $(abspath ../shared)
+
+# Tests, demos and benchmarks find data and tokenizer files through these two variables.
+export LLMCLF_SHARED ?= $(SHARED)
+export LLMCLF_GPT2_TOKENIZER_DIR ?= $(SHARED)/tokenizers/gpt2
+
+DEMO_DIR ?= runs/demo-verdict
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The book's reference package, for equivalence tests and benchmarks; --no-deps so it cannot touch torch.
+	$(PY) -m pip install -q --no-deps llms-from-scratch==1.0.19
+	touch $@
+
+# Main job (until the classifier lands): pretrain GPT-2 small from scratch on The Verdict,
+# as the book's chapter 5 does, then evaluate it and let it write.
+demo: setup
+	$(VENV)/bin/llmclf pretrain --model gpt2-small --random-init --context-length 256 --drop-rate 0.1 \
+		--no-qkv-bias --text $(SHARED)/data/the_verdict/the-verdict.txt --out $(DEMO_DIR) --epochs 10
+	$(VENV)/bin/llmclf lm-eval --model $(DEMO_DIR) --text $(SHARED)/data/the_verdict/the-verdict.txt
+	$(VENV)/bin/llmclf generate --model $(DEMO_DIR) --prompt "Every effort moves you" --max-new-tokens 25
+
+test: setup
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) bench/bench_gpt2_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,26 @@
+"""llmclf: turn pretrained language models into text classifiers."""
+
+from llmclf.api import LMEvalResult, evaluate_lm, generate_text, load_model, pretrain
+from llmclf.config import GPTConfig
+from llmclf.errors import LlmclfError
+from llmclf.generation import generate, generate_text_simple
+from llmclf.models.gpt2 import GPTModel
+from llmclf.tokenizer import load_gpt2_tokenizer, text_to_token_ids, token_ids_to_text
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPTConfig",
+    "GPTModel",
+    "LMEvalResult",
+    "LlmclfError",
+    "evaluate_lm",
+    "generate",
+    "generate_text",
+    "generate_text_simple",
+    "load_gpt2_tokenizer",
+    "load_model",
+    "pretrain",
+    "text_to_token_ids",
+    "token_ids_to_text",
+]

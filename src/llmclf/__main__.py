@@ -1,0 +1,3 @@
+from llmclf.cli import main
+
+main()

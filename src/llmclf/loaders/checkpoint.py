@@ -1,0 +1,81 @@
+"""llmclf's own checkpoint directory: `model.safetensors` + `config.json` (+ tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmclf.config import GPTConfig
+from llmclf.errors import CheckpointError
+from llmclf.loaders.tensors import atomic_path, atomic_save_safetensors, atomic_write_json, read_tensor_file
+from llmclf.tokenizer import GPT2Tokenizer, find_gpt2_tokenizer_files
+
+CHECKPOINT_FORMAT = "llmclf"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def is_llmclf_checkpoint(path: str | os.PathLike) -> bool:
+    return read_checkpoint_config(path, required=False) is not None
+
+
+def read_checkpoint_config(path: str | os.PathLike, required: bool = True) -> dict[str, Any] | None:
+    """The `config.json` of an llmclf checkpoint directory (None, or an error if `required`)."""
+    config_path = Path(path) / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if required:
+            raise CheckpointError(f"{config_path} is missing or not valid JSON: {exc}") from exc
+        return None
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+        if required:
+            raise CheckpointError(f"{config_path} is not an llmclf checkpoint config")
+        return None
+    return config
+
+
+def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenizer: GPT2Tokenizer | None = None,
+                    **extra: Any) -> Path:
+    """Write the model's weights and config (plus tokenizer files, when local) to `out_dir`.
+
+    Every file is written to a temporary name and renamed, config.json last, so a reader
+    never sees a half-written checkpoint. `extra` goes into config.json as is.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(model.state_dict(), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    tokenizer_info = None
+    if tokenizer is not None:
+        tokenizer_info = {"kind": "gpt2-bpe"}
+        files = find_gpt2_tokenizer_files(tokenizer.source) if Path(tokenizer.source).is_dir() else None
+        if files and Path(tokenizer.source).resolve() != out_dir.resolve():
+            for src, name in zip(files, ("encoder.json", "vocab.bpe")):
+                with atomic_path(out_dir / name) as tmp:
+                    shutil.copyfile(src, tmp)
+    model_cfg: GPTConfig = model.cfg
+    config = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": 1,
+        "architecture": "gpt2",
+        "model": model_cfg.to_dict(),
+        "out_features": model.out_head.out_features,
+        "out_bias": model.out_head.bias is not None,
+        "tokenizer": tokenizer_info,
+        **extra,
+    }
+    atomic_write_json(out_dir / CONFIG_FILE, config)
+    return out_dir
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, state dict) of an llmclf checkpoint directory."""
+    config = read_checkpoint_config(path)
+    if config.get("architecture") != "gpt2":
+        raise CheckpointError(f"{path}: unsupported architecture {config.get('architecture')!r}")
+    return config, read_tensor_file(Path(path) / WEIGHTS_FILE)

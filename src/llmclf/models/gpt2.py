@@ -1,0 +1,228 @@
+"""GPT-2, written as in "Build a Large Language Model (From Scratch)", made fast.
+
+Module names, parameter names and construction order are the book's (`GPTModel`, `tok_emb`,
+`trf_blocks[i].att.W_query`, `norm1.scale`, `out_head`, ...), so a state_dict saved by the book's
+code loads unchanged and `torch.manual_seed(123); GPTModel(cfg)` gives the book's initial weights.
+Speed comes from `scaled_dot_product_attention`, fused layer norm / GELU kernels and a KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmclf.config import GPTConfig
+from llmclf.errors import ConfigError
+
+
+class KVCache:
+    """Keys and values of the tokens already processed, one slot per transformer block.
+
+    Buffers are allocated once for `max_length` tokens; each forward pass writes its new
+    keys/values after the `length` cached ones, then `GPTModel.forward` advances `length`.
+    """
+
+    def __init__(self, n_layers: int, max_length: int) -> None:
+        self.max_length = max_length
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) keys/values of `layer`; return all cached ones, (B, H, length + T, D)."""
+        end = self.length + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens, {end} requested")
+        if self.keys[layer] is None or self.keys[layer].dtype != keys.dtype:
+            b, h, _, d = keys.shape
+            self.keys[layer] = keys.new_empty(b, h, self.max_length, d)
+            self.values[layer] = values.new_empty(b, h, self.max_length, d)
+        self.keys[layer][:, :, self.length : end] = keys
+        self.values[layer][:, :, self.length : end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class LayerNorm(nn.Module):
+    """The book's LayerNorm (`scale`, `shift`, eps 1e-5), computed by the fused kernel."""
+
+    def __init__(self, emb_dim: int) -> None:
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            nn.GELU(approximate="tanh"),  # the book's GELU is this tanh approximation
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention through `F.scaled_dot_product_attention`."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False) -> None:
+        super().__init__()
+        if d_out % num_heads:
+            raise ConfigError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x: (B, T, C). mask: boolean (B, 1, T, S), True = may attend; None = plain causal."""
+        b, num_tokens, _ = x.shape
+        # (B, T, C) -> (B, H, T, D)
+        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            keys, values = kv_cache.update(layer, keys, values)
+
+        context_vec = F.scaled_dot_product_attention(
+            queries, keys, values,
+            attn_mask=mask,
+            dropout_p=self.dropout.p if self.training else 0.0,
+            # With cached keys a single new query may see everything; otherwise causal.
+            is_causal=mask is None and past == 0 and num_tokens > 1,
+        )
+        context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        return self.out_proj(context_vec)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # The book registers its causal mask as a buffer, so its checkpoints carry `att.mask`;
+        # SDPA needs no such buffer, so it is dropped instead of reported as unexpected.
+        state_dict.pop(prefix + "mask", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            num_heads=cfg.n_heads,
+            dropout=cfg.drop_rate,
+            qkv_bias=cfg.qkv_bias,
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_resid = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop_resid(self.att(self.norm1(x), mask, kv_cache, layer))
+        x = x + self.drop_resid(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """GPT-2. `forward(in_idx)` maps token ids (B, T) to logits (B, T, vocab_size).
+
+    `cfg` is a `GPTConfig` or the book's config dict. After `out_head` is replaced by a
+    `Linear(emb_dim, num_classes)`, the same forward gives class logits at every position.
+    """
+
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any]) -> None:
+        super().__init__()
+        cfg = cfg if isinstance(cfg, GPTConfig) else GPTConfig.from_dict(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+
+    @property
+    def context_length(self) -> int:
+        return self.pos_emb.weight.shape[0]
+
+    def new_kv_cache(self, max_length: int | None = None) -> KVCache:
+        return KVCache(len(self.trf_blocks), max_length or self.context_length)
+
+    def forward(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, out_features) for token ids `in_idx` (B, T).
+
+        Args:
+            attention_mask: optional (B, S) with 1 for real tokens and 0 for padding, where S is
+                the number of cached tokens plus T. Padding is never attended to, and positions
+                count real tokens only, so left and right padding give the same logits.
+            kv_cache: optional `KVCache`; the new tokens' keys/values are appended to it.
+        """
+        return self.out_head(self.hidden_states(in_idx, attention_mask, kv_cache))
+
+    def hidden_states(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final-norm output (B, T, emb_dim) that `out_head` reads."""
+        x, mask = self.embed(in_idx, attention_mask, kv_cache)
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, mask, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += in_idx.shape[1]
+        return self.final_norm(x)
+
+    def embed(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token + position embeddings (B, T, C) and the attention mask the blocks use."""
+        _, num_tokens = in_idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + num_tokens > self.context_length:
+            raise ValueError(
+                f"{past + num_tokens} tokens exceed the model's context length of {self.context_length}; "
+                "truncate the input or build the model with a larger --context-length")
+        if attention_mask is None:
+            positions = torch.arange(past, past + num_tokens, device=in_idx.device)
+            mask = None
+        else:
+            attention_mask = attention_mask.bool()
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            mask = causal_padding_mask(attention_mask, num_tokens)
+        x = self.tok_emb(in_idx) + self.pos_emb(positions)
+        return self.drop_emb(x), mask
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, T, S): causal, padding keys hidden, True = may attend.
+
+    The queries are the last `num_queries` of the S positions. A padding query would see no
+    key at all (a NaN row), so it is allowed to see itself; its output is never used.
+    """
+    total = attention_mask.shape[1]
+    query_pos = torch.arange(total - num_queries, total, device=attention_mask.device)
+    key_pos = torch.arange(total, device=attention_mask.device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+    mask = causal[None] & attention_mask[:, None, :]  # (B, T, S)
+    mask = mask | (key_pos[None, None, :] == query_pos[None, :, None])
+    return mask[:, None]
