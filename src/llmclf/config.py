@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from llmclf.errors import ConfigError
 
@@ -46,7 +47,7 @@ class GPTConfig:
             raise ConfigError(f"invalid GPT config {self.name!r}: " + "; ".join(problems))
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "GPTConfig":
+    def from_name(cls, name: str, **overrides: Any) -> GPTConfig:
         """Build a preset (`gpt2-small` ... `gpt2-xl`), with optional overrides (`None` values ignored)."""
         if name not in GPT2_PRESETS:
             raise ConfigError(f"unknown model config {name!r}; valid names: {', '.join(GPT2_PRESETS)}")
@@ -54,7 +55,7 @@ class GPTConfig:
         return cls(name=name, **values)
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "GPTConfig":
+    def from_dict(cls, cfg: Mapping[str, Any]) -> GPTConfig:
         """Build from a book-style dict (`{"emb_dim": 768, ...}`); unknown keys are an error."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(cfg) - fields

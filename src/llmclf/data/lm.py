@@ -38,8 +38,9 @@ def create_dataloader_v1(txt: str, tokenizer: GPT2Tokenizer, batch_size: int = 4
                          generator: torch.Generator | None = None) -> DataLoader:
     """The book's `create_dataloader_v1`, with the tokenizer passed in.
 
-    `generator` drives the shuffling (seed it for a reproducible order). Raises `DataError` when the text has too few tokens for one window (or one batch, with
-    `drop_last`), naming `name` in the message.
+    `generator` drives the shuffling (seed it for a reproducible order). Raises `DataError`
+    when the text has too few tokens for one window (or one batch, with `drop_last`), naming
+    `name` in the message.
     """
     dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
     needed = batch_size if drop_last else 1

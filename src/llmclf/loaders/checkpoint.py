@@ -55,7 +55,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenize
         tokenizer_info = {"kind": "gpt2-bpe"}
         files = find_gpt2_tokenizer_files(tokenizer.source) if Path(tokenizer.source).is_dir() else None
         if files and Path(tokenizer.source).resolve() != out_dir.resolve():
-            for src, name in zip(files, ("encoder.json", "vocab.bpe")):
+            for src, name in zip(files, ("encoder.json", "vocab.bpe"), strict=True):
                 with atomic_path(out_dir / name) as tmp:
                     shutil.copyfile(src, tmp)
     model_cfg: GPTConfig = model.cfg

@@ -90,7 +90,7 @@ def gpt2_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -
             ours[name.format(i)] = tensor.T if tensor.ndim == 2 else tensor
         qkv_w = take(f"h.{i}.attn.c_attn.weight").T  # (3 * C, C)
         qkv_b = take(f"h.{i}.attn.c_attn.bias")
-        for part, w, b in zip(("W_query", "W_key", "W_value"), qkv_w.chunk(3), qkv_b.chunk(3)):
+        for part, w, b in zip(("W_query", "W_key", "W_value"), qkv_w.chunk(3), qkv_b.chunk(3), strict=True):
             ours[f"trf_blocks.{i}.att.{part}.weight"] = w
             ours[f"trf_blocks.{i}.att.{part}.bias"] = b
     lm_head = hf.pop("lm_head.weight", None)

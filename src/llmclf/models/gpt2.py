@@ -8,7 +8,8 @@ Speed comes from `scaled_dot_product_attention`, fused layer norm / GELU kernels
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
