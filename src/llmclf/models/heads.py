@@ -1,0 +1,184 @@
+"""Turning a language model into a classifier: a class head, pooling, trainable layers, LoRA."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from llmclf.errors import ConfigError
+from llmclf.models.gpt2 import GPTModel, causal_padding_mask
+
+POOLINGS = ("last", "mean", "last-position")
+
+
+def replace_head(model: GPTModel, num_classes: int) -> GPTModel:
+    """The book's step 1: `out_head` becomes `Linear(emb_dim, num_classes)` (with bias)."""
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
+    return model
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """One vector (B, C) per sequence from hidden states (B, T, C).
+
+    `last`: the last real token (found through the mask, so any padding side works);
+    `mean`: the mean over real tokens; `last-position`: the course's `[:, -1, :]`.
+    """
+    if pooling == "last-position" or attention_mask is None:
+        return hidden[:, -1, :]
+    mask = attention_mask.to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * attention_mask.long()).argmax(dim=1)  # index of the last real token
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ConfigError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+class SequenceClassifier(nn.Module):
+    """A `GPTModel` whose `out_head` maps to classes, read at one pooled position per text.
+
+    `forward(input_ids, attention_mask)` -> class logits (B, num_classes). The backbone keeps the
+    book's parameter names, so its state_dict is the book's classifier checkpoint.
+    """
+
+    def __init__(self, backbone: GPTModel, pooling: str = "last") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.backbone = backbone
+        self.pooling = pooling
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.out_head.out_features
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pooling == "last-position":
+            attention_mask = None  # the course attends to its padding tokens; reproduce that
+        x, mask = self.backbone.embed(input_ids, attention_mask)
+        return self.forward_from(x, attention_mask, mask, start=0)
+
+    def forward_from(self, x: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor | None = None,
+                     start: int = 0) -> torch.Tensor:
+        """Run blocks `start:` on hidden states x (B, T, C), then norm, pool and head."""
+        if mask is None and attention_mask is not None:
+            mask = causal_padding_mask(attention_mask.bool(), x.shape[1])
+        for layer in range(start, len(self.backbone.trf_blocks)):
+            x = self.backbone.trf_blocks[layer](x, mask)
+        pooled = pool(self.backbone.final_norm(x), attention_mask, self.pooling)
+        return self.backbone.out_head(pooled)
+
+    @torch.no_grad()
+    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: int) -> torch.Tensor:
+        """Hidden states (B, T, C) after the embedding and blocks `:stop` (for caching frozen layers)."""
+        x, mask = self.backbone.embed(input_ids, attention_mask)
+        for layer in range(stop):
+            x = self.backbone.trf_blocks[layer](x, mask)
+        return x
+
+
+class LoRALayer(nn.Module):
+    """The book's appendix-E low-rank update x @ A @ B, scaled by alpha / rank."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))  # zero: training starts at the base model
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (x @ self.A @ self.B)
+
+
+class LinearWithLoRA(nn.Module):
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.lora(x)
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear with the update folded into its weight (for saving and inference)."""
+        with torch.no_grad():
+            self.linear.weight += (self.lora.scaling * (self.lora.A @ self.lora.B)).T.to(self.linear.weight.dtype)
+        return self.linear
+
+
+def replace_linear_with_lora(module: nn.Module, rank: int, alpha: float) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, LinearWithLoRA(child, rank, alpha))
+        else:
+            replace_linear_with_lora(child, rank, alpha)
+
+
+def merge_lora(module: nn.Module) -> None:
+    """Fold every LoRA update into its Linear layer, restoring the plain module tree."""
+    for name, child in module.named_children():
+        if isinstance(child, LinearWithLoRA):
+            setattr(module, name, child.merged())
+        else:
+            merge_lora(child)
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """A parsed `--trainable` value: what trains, and from which block everything is frozen."""
+
+    kind: str  # head | last-n | all | lora
+    n_blocks: int = 0
+    rank: int = 16
+    alpha: float = 16.0
+
+    @classmethod
+    def parse(cls, spec: str) -> Trainable:
+        if spec in ("head", "all"):
+            return cls(spec)
+        if spec == "last-block":
+            return cls("last-n", 1)
+        if m := re.fullmatch(r"last-n:(\d+)", spec):
+            return cls("last-n", int(m.group(1)))
+        if m := re.fullmatch(r"lora(?::(\d+)(?::(\d+(?:\.\d+)?))?)?", spec):
+            rank = int(m.group(1) or 16)
+            return cls("lora", rank=rank, alpha=float(m.group(2) or rank))
+        raise ConfigError(f"unknown --trainable {spec!r}; use head, last-block, last-n:N, all, or lora[:rank[:alpha]]")
+
+    def first_trainable_block(self, n_layers: int) -> int:
+        """Blocks before this index are frozen (their outputs can be cached)."""
+        if self.kind == "head":
+            return n_layers
+        if self.kind == "last-n":
+            return max(n_layers - self.n_blocks, 0)
+        return 0
+
+
+def apply_trainable(classifier: SequenceClassifier, trainable: Trainable) -> int:
+    """Freeze everything, then unfreeze what `trainable` says. Returns the trainable parameter count.
+
+    `last-n:N` trains the last N blocks, the final norm and the head (`last-block` is the course's
+    choice); `lora` adds rank-r adapters to every Linear layer of the blocks and trains them and the head.
+    """
+    backbone = classifier.backbone
+    if trainable.kind == "lora":
+        replace_linear_with_lora(backbone.trf_blocks, trainable.rank, trainable.alpha)
+    for param in classifier.parameters():
+        param.requires_grad = trainable.kind == "all"
+    backbone.out_head.requires_grad_(True)
+    if trainable.kind == "last-n":
+        first = trainable.first_trainable_block(len(backbone.trf_blocks))
+        for block in list(backbone.trf_blocks)[first:]:
+            block.requires_grad_(True)
+        backbone.final_norm.requires_grad_(True)
+    if trainable.kind == "lora":
+        for module in backbone.modules():
+            if isinstance(module, LoRALayer):
+                module.requires_grad_(True)
+    return sum(p.numel() for p in classifier.parameters() if p.requires_grad)
