@@ -14,6 +14,7 @@ import typer
 from llmclf import api
 from llmclf.errors import LlmclfError
 from llmclf.loaders.spec import DEFAULT_SEED
+from llmclf.loaders.tensors import atomic_write_json
 from llmclf.runtime import PRECISIONS
 
 app = typer.Typer(
@@ -174,6 +175,224 @@ def pretrain(
         typer.echo(f"final train loss {history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f}; "
                    f"{history.tokens_seen} tokens seen in {minutes:.1f} min")
     typer.echo(f"saved to {out}/ (model.safetensors, config.json, trainer_state.json, loss.png)")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+data_app = typer.Typer(help="Prepare labelled data sets (train/validation/test CSV files).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+TextColOpt = Annotated[str, typer.Option("--text-col", help="Column holding the text.")]
+LabelColOpt = Annotated[str, typer.Option("--label-col", help="Column holding the label (names or integers).")]
+
+
+@data_app.command("sms-spam")
+def data_sms_spam(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
+    source: Annotated[Optional[str], typer.Option(
+        "--source", help="URL, the UCI zip, or the raw SMSSpamCollection file (default: download, cached).")] = None,
+    seed: SeedOpt = DEFAULT_SEED,
+    no_balance: Annotated[bool, typer.Option(
+        "--no-balance", help="Keep all ham messages instead of sampling as many as there is spam.")] = False,
+) -> None:
+    """The UCI SMS Spam Collection, balanced and split 70/10/20 as the course does."""
+    from llmclf.data.classification import prepare_sms_spam
+
+    counts = prepare_sms_spam(out, source, seed=seed, balance=not no_balance)
+    for name, c in counts.items():
+        typer.echo(f"{name:10s} {c['rows']:5d} rows  " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "rows"))
+    typer.echo(f"written to {out}/")
+
+
+@data_app.command("split")
+def data_split(
+    file: Annotated[Path, typer.Argument(help="CSV, TSV or JSONL file with a header.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
+    ratios: Annotated[str, typer.Option("--ratios", help="train,validation,test shares.")] = "0.7,0.1,0.2",
+    stratify: Annotated[bool, typer.Option("--stratify", help="Keep label proportions in every split.")] = False,
+    seed: SeedOpt = DEFAULT_SEED,
+    text_col: TextColOpt = "text",
+    label_col: LabelColOpt = "label",
+) -> None:
+    """Split one labelled file into train/validation/test CSV files (columns text,label)."""
+    from llmclf.data.classification import read_labelled, split_labelled, write_labelled
+
+    try:
+        shares = tuple(float(x) for x in ratios.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{ratios!r} is not three comma-separated numbers", param_hint="--ratios") from None
+    parts = split_labelled(read_labelled(file, text_col, label_col), shares, stratify, seed)
+    for name, part in zip(("train", "validation", "test"), parts, strict=True):
+        write_labelled(part, out / f"{name}.csv")
+        typer.echo(f"{name:10s} {len(part):6d} rows")
+    typer.echo(f"written to {out}/")
+
+
+# --- classification ---------------------------------------------------------------------------
+
+@app.command()
+def train(
+    train_file: Annotated[Path, typer.Option("--train", help="Training data (CSV, TSV or JSONL).")],
+    val_file: Annotated[Path, typer.Option("--val", help="Validation data (model selection, early stopping).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the trained classifier.")],
+    model: ModelOpt = "gpt2-small",
+    test_file: Annotated[Optional[Path], typer.Option("--test", help="Test data, evaluated once at the end.")] = None,
+    text_col: TextColOpt = "text",
+    label_col: LabelColOpt = "label",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training data.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per batch.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 5e-5,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = 0.1,
+    trainable: Annotated[str, typer.Option(
+        "--trainable", help="head | last-block (last block + final norm + head) | last-n:N | all | "
+        "lora[:rank[:alpha]]")] = "last-block",
+    pooling: Annotated[str, typer.Option(
+        "--pooling", help="last (last real token) | mean | last-position (the course's fixed padding).")] = "last",
+    max_length: Annotated[Optional[int], typer.Option(
+        "--max-length", min=1, help="Tokens per text (default: longest training text, capped at the context).")] = None,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimizer step.")] = 1,
+    eval_freq: Annotated[int, typer.Option("--eval-freq", min=1, help="Evaluate every N steps.")] = 50,
+    eval_iter: Annotated[int, typer.Option("--eval-iter", min=1, help="Batches per evaluation.")] = 5,
+    patience: Annotated[Optional[int], typer.Option(
+        "--patience", min=1, help="Stop after N epochs without validation gain.")] = None,
+    bucket: Annotated[bool, typer.Option("--bucket", help="Batch texts of similar length together.")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Run frozen layers every step instead of once per text.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final metrics as one JSON object.")] = False,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = DEFAULT_SEED,
+    base_config: BaseConfigOpt = None,
+    context_length: ContextLengthOpt = None,
+    drop_rate: DropRateOpt = None,
+    qkv_bias: QkvBiasOpt = None,
+    tokenizer_dir: TokenizerDirOpt = None,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Fine-tune a language model into a text classifier (new head on the pooled token)."""
+    _check_precision(precision)
+    from llmclf.classifier import TextClassifier, evaluation_report
+    from llmclf.data.classification import read_labelled
+
+    train_data = read_labelled(train_file, text_col, label_col)
+    val_data = read_labelled(val_file, text_col, label_col)
+    test_data = read_labelled(test_file, text_col, label_col) if test_file else None
+    clf = TextClassifier(
+        model, trainable=trainable, pooling=pooling, max_length=max_length, epochs=epochs, batch_size=batch_size,
+        lr=lr, weight_decay=weight_decay, grad_accum=grad_accum, eval_freq=eval_freq, eval_iter=eval_iter,
+        patience=patience, seed=seed, precision=precision, bucket=bucket, cache_frozen=not no_cache, device=device,
+        model_options={"random_init": random_init, "seed": seed, "base_config": base_config,
+                       "context_length": context_length, "drop_rate": drop_rate, "qkv_bias": qkv_bias,
+                       "tokenizer_dir": tokenizer_dir})
+    clf.fit(train_data, val_data, out_dir=out)
+    result = {"validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1), "out": str(out)}
+    if test_data is not None:
+        result["test"] = evaluation_report(clf, test_data, plots_dir=out)
+        atomic_write_json(out / "test_metrics.json", result["test"])
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"trained in {clf.train_seconds_:.1f} s; saved to {out}/")
+    for split in ("validation", "test"):
+        if split in result:
+            m = result[split]
+            typer.echo(f"{split:10s} accuracy {m['accuracy'] * 100:6.2f}%  macro-F1 {m['macro_f1']:.4f}  "
+                       f"loss {m['loss']:.4f}  (n={m['n']})")
+
+
+def _load_classifier(model: str, base_config, num_classes, pooling, max_length, tokenizer_dir, precision, device):
+    from llmclf.classifier import load_classifier
+
+    return load_classifier(model, base_config=base_config, num_classes=num_classes, pooling=pooling,
+                           max_length=max_length, tokenizer_dir=tokenizer_dir, precision=precision, device=device)
+
+
+ClfModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="A classifier directory written by `llmclf train`, or a state_dict file "
+    "(e.g. the book's review_classifier.pth) with --base-config and --num-classes.")]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=2, help="Classes of a state_dict file.")]
+PoolingOverrideOpt = Annotated[Optional[str], typer.Option(
+    "--pooling", help="Override the pooling (last | mean | last-position).")]
+MaxLengthOverrideOpt = Annotated[Optional[int], typer.Option("--max-length", min=1, help="Override max tokens.")]
+
+
+@app.command()
+def evaluate(
+    model: ClfModelOpt,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled data (CSV, TSV or JSONL).")],
+    text_col: TextColOpt = "text",
+    label_col: LabelColOpt = "label",
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write confusion_matrix.png here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    base_config: BaseConfigOpt = None,
+    num_classes: NumClassesOpt = None,
+    pooling: PoolingOverrideOpt = None,
+    max_length: MaxLengthOverrideOpt = None,
+    tokenizer_dir: TokenizerDirOpt = None,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix and loss on labelled data."""
+    _check_precision(precision)
+    from llmclf.classifier import evaluation_report
+    from llmclf.data.classification import read_labelled
+
+    clf = _load_classifier(model, base_config, num_classes, pooling, max_length, tokenizer_dir, precision, device)
+    metrics = evaluation_report(clf, read_labelled(data, text_col, label_col), plots_dir=plots)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    typer.echo(f"accuracy {metrics['accuracy'] * 100:.2f}%  macro-F1 {metrics['macro_f1']:.4f}  "
+               f"loss {metrics['loss']:.4f}  n={metrics['n']}")
+    for label, m in metrics["per_class"].items():
+        typer.echo(f"  {label:15s} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
+                   f"support {m['support']}")
+    typer.echo("confusion matrix (rows = true, columns = predicted, order " + ", ".join(metrics["labels"]) + "):")
+    for row in metrics["confusion_matrix"]:
+        typer.echo("  " + " ".join(f"{v:6d}" for v in row))
+
+
+@app.command()
+def predict(
+    model: ClfModelOpt,
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
+    input_file: Annotated[Optional[Path], typer.Option(
+        "--input", "-i", help="CSV/TSV/JSONL (with --text-col) or plain text, one text per line.")] = None,
+    output_file: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write predictions here (.csv or .jsonl), in input order.")] = None,
+    text_col: TextColOpt = "text",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per text.")] = False,
+    base_config: BaseConfigOpt = None,
+    num_classes: NumClassesOpt = None,
+    pooling: PoolingOverrideOpt = None,
+    max_length: MaxLengthOverrideOpt = None,
+    tokenizer_dir: TokenizerDirOpt = None,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Classify texts given as arguments or in a file; prints or writes label and probabilities."""
+    _check_precision(precision)
+    from llmclf.predict import predict_file
+
+    if not texts and input_file is None:
+        raise typer.BadParameter("give texts as arguments or --input FILE")
+    clf = _load_classifier(model, base_config, num_classes, pooling, max_length, tokenizer_dir, precision, device)
+    if input_file is not None:
+        if output_file is None:
+            raise typer.BadParameter("--input needs --output FILE (.csv or .jsonl)")
+        stats = predict_file(clf, input_file, output_file, text_col=text_col, batch_size=batch_size)
+        typer.echo(f"{stats['rows']} texts classified in {stats['seconds']:.1f} s "
+                   f"({stats['rows'] / max(stats['seconds'], 1e-9):.1f} texts/s) -> {output_file}")
+        return
+    probs = clf.predict_proba(texts, batch_size)
+    for text, row in zip(texts, probs, strict=True):
+        label = clf.classes_[int(row.argmax())]
+        if as_json:
+            typer.echo(json.dumps({"text": text, "label": label,
+                                   "probabilities": dict(zip(clf.classes_, map(float, row), strict=True))}))
+        else:
+            typer.echo(f"{label}\t{row.max():.4f}\t{text}")
 
 
 def main() -> None:

@@ -231,7 +231,8 @@ def collate(ids: list[list[int]], pad_id: int, fixed_length: int | None = None) 
     return input_ids, attention_mask
 
 
-def batch_order(lengths: list[int], batch_size: int, shuffle: bool, bucket: bool, rng: random.Random) -> list[list[int]]:
+def batch_order(lengths: list[int], batch_size: int, shuffle: bool, bucket: bool,
+                rng: random.Random) -> list[list[int]]:
     """Indices grouped into batches. With `bucket`, texts of similar length share a batch (less
     padding): shuffled indices are sorted by length within windows of 50 batches, and the
     batches themselves are shuffled."""
