@@ -1,0 +1,220 @@
+"""Fine-tuning into a classifier: data, pooling, trainable layers, caching, API contract, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmclf.classifier import NotFittedError, TextClassifier, load_classifier
+from llmclf.cli import app
+from llmclf.config import GPTConfig
+from llmclf.data.classification import (
+    EncodedTexts,
+    LabelledTexts,
+    label_order,
+    prepare_sms_spam,
+    read_labelled,
+    read_sms_spam,
+    split_labelled,
+)
+from llmclf.errors import ConfigError, DataError
+from llmclf.loaders.checkpoint import save_checkpoint
+from llmclf.models.gpt2 import GPTModel
+from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, pool, replace_head
+from llmclf.training.classifier import Batches, calc_loss_and_accuracy, calc_loss_batch
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sms_split(tmp_path_factory, shared_dir):
+    out = tmp_path_factory.mktemp("sms")
+    counts = prepare_sms_spam(out, shared_dir / "data/sms_spam/sms_spam_collection.zip")
+    return out, counts
+
+
+def test_sms_spam_reads_all_messages_and_splits_like_the_course(sms_split, shared_dir):
+    frame = read_sms_spam(shared_dir / "data/sms_spam/SMSSpamCollection")
+    assert len(frame) == 5574 and (frame["label"] == "spam").sum() == 747
+    out, counts = sms_split
+    assert [counts[s]["rows"] for s in ("train", "validation", "test")] == [1045, 149, 300]
+    assert sum(counts[s].get("spam", 0) for s in counts) == 747
+    train = read_labelled(out / "train.csv")
+    assert label_order(train.labels) == ["ham", "spam"] and len(train) == 1045
+
+
+def test_any_labelled_format_and_split(tmp_path):
+    rows = [{"review": f"text number {i}", "stars": str(i % 3 + 1)} for i in range(60)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = read_labelled(tmp_path / "d.jsonl", text_col="review", label_col="stars")
+    assert label_order(data.labels) == ["1", "2", "3"]
+    train, val, test = split_labelled(data, (0.5, 0.25, 0.25), stratify=True, seed=1)
+    assert (len(train), len(val), len(test)) == (30, 15, 15)
+    assert sorted(test.labels).count("1") == 5
+    assert label_order(["10", "9", "2"]) == ["2", "9", "10"]
+    with pytest.raises(DataError, match="no column 'text'"):
+        read_labelled(tmp_path / "d.jsonl")
+    (tmp_path / "bad.csv").write_text("text,label\nhello,\n")
+    with pytest.raises(DataError, match="row 2: the label is missing"):
+        read_labelled(tmp_path / "bad.csv")
+
+
+def test_pooling_finds_the_last_real_token_on_either_side():
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert pool(hidden, right, "last").flatten().tolist() == [1.0, 7.0]
+    assert pool(hidden, left, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool(hidden, right, "mean").flatten().tolist() == [0.5, 5.5]
+    assert pool(hidden, right, "last-position").flatten().tolist() == [3.0, 7.0]
+
+
+@pytest.mark.parametrize(("spec", "expected_blocks"), [("head", []), ("last-block", [1]), ("last-n:2", [0, 1])])
+def test_trainable_strategies(tiny_model, spec, expected_blocks):
+    clf = SequenceClassifier(replace_head(tiny_model, 3))
+    n = apply_trainable(clf, Trainable.parse(spec))
+    head = 32 * 3 + 3
+    per_block = sum(p.numel() for p in clf.backbone.trf_blocks[0].parameters())
+    norm = 64 if expected_blocks else 0
+    assert n == head + per_block * len(expected_blocks) + norm
+    for i, block in enumerate(clf.backbone.trf_blocks):
+        assert all(p.requires_grad == (i in expected_blocks) for p in block.parameters())
+    assert not clf.backbone.tok_emb.weight.requires_grad
+
+
+def test_lora_trains_adapters_only_and_merges_back(tiny_model):
+    clf = SequenceClassifier(replace_head(tiny_model, 2))
+    n = apply_trainable(clf, Trainable.parse("lora:4:8"))
+    trainable = [name for name, p in clf.named_parameters() if p.requires_grad]
+    assert all(".lora." in name or "out_head" in name for name in trainable)
+    assert n > 0
+    with torch.no_grad():
+        for name, p in clf.named_parameters():
+            if name.endswith("lora.B"):
+                p.normal_()
+    x = torch.randint(0, 50000, (2, 7))
+    before = clf(x, torch.ones_like(x))
+    from llmclf.models.heads import merge_lora
+
+    merge_lora(clf)
+    assert not any("lora" in name for name in clf.backbone.state_dict())
+    torch.testing.assert_close(clf(x, torch.ones_like(x)), before, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="unknown --trainable"):
+        Trainable.parse("some")
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "last-position"])
+def test_cached_frozen_layers_give_the_uncached_logits_and_loss(tiny_model, pooling):
+    clf = SequenceClassifier(replace_head(tiny_model, 2), pooling)
+    apply_trainable(clf, Trainable.parse("last-block"))
+    rng = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 50000, (n,), generator=rng).tolist() for n in (3, 9, 5, 12, 1, 7)]
+    data = EncodedTexts(ids, [0, 1, 1, 0, 1, 0], 0)
+    fixed = 12 if pooling == "last-position" else None
+    plain = Batches(clf, data, 4, 50256, fixed, torch.device("cpu"), torch.float32)
+    cached = Batches(clf, data, 4, 50256, fixed, torch.device("cpu"), torch.float32, cache_from=1)
+    for a, b in zip(plain.iterate(), cached.iterate(), strict=True):
+        torch.testing.assert_close(calc_loss_batch(clf, plain, a, torch.float32),
+                                   calc_loss_batch(clf, cached, b, torch.float32), atol=1e-5, rtol=1e-5)
+    assert calc_loss_and_accuracy(clf, plain, torch.float32) == pytest.approx(
+        calc_loss_and_accuracy(clf, cached, torch.float32), abs=1e-5)
+
+
+@pytest.fixture
+def tiny_lm(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "lm", GPTModel(GPTConfig(context_length=64, emb_dim=32, n_heads=4,
+                                                                n_layers=2)), tokenizer)
+
+
+def _toy_data(n: int = 48) -> LabelledTexts:
+    words = {"pos": "great wonderful happy", "neg": "awful terrible sad"}
+    labels = ["pos" if i % 2 else "neg" for i in range(n)]
+    return LabelledTexts([f"item {i}: {words[lab]}" for i, lab in enumerate(labels)], labels, "toy")
+
+
+def test_fit_learns_saves_and_reloads(tmp_path, tiny_lm):
+    data = _toy_data()
+    clf = TextClassifier(str(tiny_lm), trainable="all", epochs=4, lr=3e-3, batch_size=8, eval_freq=3,
+                         precision="float32")
+    with pytest.raises(NotFittedError):
+        clf.predict(["x"])
+    assert clf.fit(data, data, out_dir=tmp_path / "clf", progress=False) is clf
+    assert clf.classes_ == ["neg", "pos"]
+    assert clf.evaluate(data)["accuracy"] == 1.0
+    probs = clf.predict_proba(["great wonderful happy", "awful terrible sad", "great"])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert clf.predict(["great wonderful happy", "awful terrible sad"]) == ["pos", "neg"]
+
+    out = tmp_path / "clf"
+    for name in ("model.safetensors", "config.json", "metrics.jsonl", "history.json", "loss.png", "accuracy.png"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["labels"] == ["neg", "pos"] and config["pooling"] == "last" and config["pad_id"] == 50256
+    reloaded = load_classifier(out, precision="float32")
+    np.testing.assert_allclose(reloaded.predict_proba(["great", "sad day"]), clf.predict_proba(["great", "sad day"]),
+                               atol=1e-6)
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("epoch") == 4 and "eval" in events and "step" in events
+
+
+def test_same_seed_same_result(tiny_lm):
+    data = _toy_data(24)
+
+    def run() -> np.ndarray:
+        clf = TextClassifier(str(tiny_lm), epochs=1, lr=1e-3, precision="float32", eval_freq=100)
+        return clf.fit(data, data, progress=False).predict_proba(data.texts)
+
+    np.testing.assert_array_equal(run(), run())
+
+
+def test_book_classifier_checkpoint_gives_classify_reviews_probabilities(tmp_path, tiny_cfg, tokenizer,
+                                                                          gpt2_tokenizer_dir):
+    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    torch.manual_seed(5)
+    book = ch04.GPTModel(tiny_cfg.to_dict()).eval()
+    book.out_head = torch.nn.Linear(tiny_cfg.emb_dim, 2)
+    torch.save(book.state_dict(), tmp_path / "review_classifier.pth")
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_cfg.to_dict()))
+    clf = load_classifier(tmp_path / "review_classifier.pth", base_config=str(tmp_path / "cfg.json"), num_classes=2,
+                          pooling="last-position", max_length=20, precision="float32", tokenizer_dir=gpt2_tokenizer_dir)
+    texts = ["You are a winner you have been specially selected to receive $1000 cash or a $2000 award.",
+             "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"]
+    for text, probs in zip(texts, clf.predict_proba(texts), strict=True):
+        ids = tokenizer.encode(text)[:20]  # the book's classify_review, with its logits kept
+        ids += [50256] * (20 - len(ids))
+        with torch.no_grad():
+            expected = torch.softmax(book(torch.tensor([ids]))[:, -1, :], dim=-1)[0].numpy()
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_train_evaluate_predict_cli(tmp_path, tiny_lm, sms_split):
+    out_data, _ = sms_split
+    out = tmp_path / "spam"
+    result = runner.invoke(app, ["train", "--model", str(tiny_lm), "--train", str(out_data / "validation.csv"),
+                                 "--val", str(out_data / "validation.csv"), "--test", str(out_data / "test.csv"),
+                                 "--out", str(out), "--epochs", "1", "--lr", "1e-3", "--precision", "float32",
+                                 "--trainable", "last-n:1", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["test"]["n"] == 300 and 0 <= metrics["test"]["accuracy"] <= 1
+    assert (out / "confusion_matrix.png").is_file() and (out / "test_metrics.json").is_file()
+
+    ev = runner.invoke(app, ["evaluate", "--model", str(out), "--data", str(out_data / "test.csv"), "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=0.01)
+
+    pred = runner.invoke(app, ["predict", "--model", str(out), "--json", "You are a winner", "See you at dinner"])
+    lines = [json.loads(line) for line in pred.stdout.strip().splitlines()]
+    assert [set(x["probabilities"]) for x in lines] == [{"ham", "spam"}] * 2
+
+    (tmp_path / "in.txt").write_text("first text\nsecond text\nthird\n")
+    runner.invoke(app, ["predict", "--model", str(out), "--input", str(tmp_path / "in.txt"),
+                        "--output", str(tmp_path / "out.csv")])
+    written = (tmp_path / "out.csv").read_text().splitlines()
+    assert written[0] == "text,label,p_ham,p_spam" and [w.split(",")[0] for w in written[1:]] == [
+        "first text", "second text", "third"]
