@@ -23,13 +23,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llms-from-scratch==1.0.19
 	touch $@
 
-# Main job (until the classifier lands): pretrain GPT-2 small from scratch on The Verdict,
-# as the book's chapter 5 does, then evaluate it and let it write.
+# Main job: pretrain GPT-2 small from scratch on The Verdict (the book's chapter 5), then fine-tune
+# it into the course's SMS spam classifier (chapter 6) and classify the course's two messages.
+# (No pretrained GPT-2 weights exist offline; a pretrained backbone arrives with SmolLM2.)
 demo: setup
 	$(VENV)/bin/llmclf pretrain --model gpt2-small --random-init --context-length 256 --drop-rate 0.1 \
-		--no-qkv-bias --text $(SHARED)/data/the_verdict/the-verdict.txt --out $(DEMO_DIR) --epochs 10
-	$(VENV)/bin/llmclf lm-eval --model $(DEMO_DIR) --text $(SHARED)/data/the_verdict/the-verdict.txt
-	$(VENV)/bin/llmclf generate --model $(DEMO_DIR) --prompt "Every effort moves you" --max-new-tokens 25
+		--no-qkv-bias --text $(SHARED)/data/the_verdict/the-verdict.txt --out $(DEMO_DIR)/lm --epochs 10
+	$(VENV)/bin/llmclf generate --model $(DEMO_DIR)/lm --prompt "Every effort moves you" --max-new-tokens 25
+	$(VENV)/bin/llmclf data sms-spam --out $(DEMO_DIR)/sms --source $(SHARED)/data/sms_spam/sms_spam_collection.zip
+	$(VENV)/bin/llmclf train --model $(DEMO_DIR)/lm --drop-rate 0 --train $(DEMO_DIR)/sms/train.csv \
+		--val $(DEMO_DIR)/sms/validation.csv --test $(DEMO_DIR)/sms/test.csv --out $(DEMO_DIR)/spam \
+		--epochs 3 --lr 1e-3 --trainable last-block
+	$(VENV)/bin/llmclf predict --model $(DEMO_DIR)/spam \
+		"You are a winner you have been specially selected to receive \$$1000 cash or a \$$2000 award." \
+		"Hey, just wanted to check if we're still on for dinner tonight? Let me know!"
 
 test: setup
 	$(PY) -m ruff check src tests bench

@@ -1,6 +1,7 @@
 """llmclf: turn pretrained language models into text classifiers."""
 
 from llmclf.api import LMEvalResult, evaluate_lm, generate_text, load_model, pretrain
+from llmclf.classifier import TextClassifier, load_classifier
 from llmclf.config import GPTConfig
 from llmclf.errors import LlmclfError
 from llmclf.generation import generate, generate_text_simple
@@ -14,10 +15,12 @@ __all__ = [
     "GPTModel",
     "LMEvalResult",
     "LlmclfError",
+    "TextClassifier",
     "evaluate_lm",
     "generate",
     "generate_text",
     "generate_text_simple",
+    "load_classifier",
     "load_gpt2_tokenizer",
     "load_model",
     "pretrain",
