@@ -218,3 +218,23 @@ def test_train_evaluate_predict_cli(tmp_path, tiny_lm, sms_split):
     written = (tmp_path / "out.csv").read_text().splitlines()
     assert written[0] == "text,label,p_ham,p_spam" and [w.split(",")[0] for w in written[1:]] == [
         "first text", "second text", "third"]
+
+
+def test_length_bucketing_keeps_every_text_once_and_groups_similar_lengths():
+    import random
+
+    from llmclf.data.classification import batch_order
+
+    lengths = [random.Random(i).randint(1, 200) for i in range(1000)]
+    batches = batch_order(lengths, 8, shuffle=True, bucket=True, rng=random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    plain = batch_order(lengths, 8, shuffle=True, bucket=False, rng=random.Random(0))
+    assert spread < 0.2 * np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain])
+
+
+def test_bfloat16_training_runs_and_learns(tiny_lm):
+    data = _toy_data()
+    clf = TextClassifier(str(tiny_lm), trainable="all", epochs=4, lr=3e-3, precision="bfloat16", bucket=True,
+                         eval_freq=100).fit(data, data, progress=False)
+    assert clf.evaluate(data)["accuracy"] >= 0.9

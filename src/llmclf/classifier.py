@@ -117,9 +117,10 @@ class TextClassifier:
         n_total = sum(p.numel() for p in classifier.parameters())
         log.info("trainable parameters: %s of %s (%s)", f"{n_trainable:,}", f"{n_total:,}", self.trainable)
 
-        longest = max(len(ids) for ids in self.tokenizer_.encode_batch(train.texts))
+        train_ids = self.tokenizer_.encode_batch(train.texts)
+        longest = max(len(ids) for ids in train_ids)
         self.max_length_ = min(self.max_length or longest, backbone.context_length)
-        train_enc, val_enc = self._encode(train), self._encode(val)
+        train_enc, val_enc = self._encode(train, token_ids=train_ids), self._encode(val)
         for name, enc in (("training", train_enc), ("validation", val_enc)):
             if enc.truncated:
                 log.info("%d %s text(s) truncated to %d tokens", enc.truncated, name, self.max_length_)
@@ -156,7 +157,8 @@ class TextClassifier:
             self._plot(Path(out_dir))
         return self
 
-    def _encode(self, data: LabelledTexts, with_labels: bool = True) -> EncodedTexts:
+    def _encode(self, data: LabelledTexts, with_labels: bool = True,
+                token_ids: list[list[int]] | None = None) -> EncodedTexts:
         label_ids = None
         if with_labels:
             index = {label: i for i, label in enumerate(self.classes_)}
@@ -164,7 +166,7 @@ class TextClassifier:
             if unknown:
                 raise DataError(f"{data.source}: labels {unknown} are not among the model's {self.classes_}")
             label_ids = [index[label] for label in data.labels]
-        return encode_texts(data.texts, self.tokenizer_, self.max_length_, label_ids)
+        return encode_texts(data.texts, self.tokenizer_, self.max_length_, label_ids, token_ids)
 
     def _plot(self, out_dir: Path) -> None:
         h = self.history_

@@ -6,7 +6,7 @@ import csv
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -27,30 +27,32 @@ def iter_texts(path: Path, text_col: str, chunk_size: int) -> Iterator[list[str]
                 raise DataError(f"{path} has no column {text_col!r} (columns: {', '.join(chunk.columns)})")
             yield chunk[text_col].tolist()
     elif suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            batch = []
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    batch.append(str(json.loads(line)[text_col]))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise DataError(f"{path}, line {line_no}: no JSON object with a {text_col!r} field") from exc
-                if len(batch) == chunk_size:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+        yield from _chunked(_jsonl_texts(path, text_col), chunk_size)
     else:
         with open(path, encoding="utf-8") as f:
+            yield from _chunked((line.rstrip("\n") for line in f), chunk_size)
+
+
+def _jsonl_texts(path: Path, text_col: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield str(json.loads(line)[text_col])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}, line {line_no}: no JSON object with a {text_col!r} field") from exc
+
+
+def _chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
             batch = []
-            for line in f:
-                batch.append(line.rstrip("\n"))
-                if len(batch) == chunk_size:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+    if batch:
+        yield batch
 
 
 def predict_file(clf, input_path: str | os.PathLike, output_path: str | os.PathLike, text_col: str = "text",

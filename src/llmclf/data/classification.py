@@ -213,8 +213,10 @@ class EncodedTexts:
     truncated: int  # how many texts were cut to max_length
 
 
-def encode_texts(texts: list[str], tokenizer, max_length: int, label_ids: list[int] | None = None) -> EncodedTexts:
-    encoded = tokenizer.encode_batch(texts)
+def encode_texts(texts: list[str], tokenizer, max_length: int, label_ids: list[int] | None = None,
+                 token_ids: list[list[int]] | None = None) -> EncodedTexts:
+    """Token ids cut to `max_length` (pass `token_ids` when the texts are already tokenised)."""
+    encoded = token_ids if token_ids is not None else tokenizer.encode_batch(texts)
     truncated = sum(len(ids) > max_length for ids in encoded)
     encoded = [ids[:max_length] or [tokenizer.pad_id] for ids in encoded]
     return EncodedTexts(encoded, label_ids, truncated)
