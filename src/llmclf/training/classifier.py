@@ -48,7 +48,6 @@ class Batches:
     def _compute_states(self, model: SequenceClassifier, dtype: torch.dtype, progress: bool, name: str):
         was_training = model.training
         model.eval()
-        states = []
         # Longest first in big chunks: little padding, and memory peaks at once.
         order = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])
         chunk = max(self.batch_size, 32)
@@ -61,7 +60,7 @@ class Batches:
             with autocast(self.device, dtype):
                 x = model.prefix_states(ids.to(self.device), attn, self.cache_from)
             for row, i in enumerate(idx):
-                by_index[i] = x[row, : self.lengths[i]].detach()
+                by_index[i] = x[row, : self.lengths[i]].clone()  # compact: no view of the padded batch
         states = [by_index[i] for i in range(len(order))]
         model.train(was_training)
         return states
