@@ -17,8 +17,8 @@ from llmclf.loaders.checkpoint import read_checkpoint_config, save_checkpoint
 from llmclf.loaders.spec import load_model
 from llmclf.loaders.tensors import atomic_write_json
 from llmclf.models.heads import POOLINGS, SequenceClassifier, Trainable, apply_trainable, merge_lora, replace_head
-from llmclf.runtime import autocast, resolve_device, resolve_precision
-from llmclf.training.classifier import Batches, classifier_logits, train_classifier_simple
+from llmclf.runtime import resolve_device, resolve_precision
+from llmclf.training.classifier import Batches, iter_logits, train_classifier_simple
 from llmclf.training.metrics import classification_metrics, plot_confusion_matrix
 from llmclf.training.plots import plot_values
 
@@ -142,7 +142,7 @@ class TextClassifier:
         try:
             self.history_ = train_classifier_simple(
                 classifier, train_batches, val_batches, optimizer, self.epochs, self.eval_freq, self.eval_iter,
-                dtype=dtype, grad_accum=self.grad_accum, patience=self.patience, seed=self.seed,
+                grad_accum=self.grad_accum, patience=self.patience, seed=self.seed,
                 metrics_log=log_file, progress=progress)
         finally:
             if log_file is not None:
@@ -159,14 +159,15 @@ class TextClassifier:
 
     def _encode(self, data: LabelledTexts, with_labels: bool = True,
                 token_ids: list[list[int]] | None = None) -> EncodedTexts:
-        label_ids = None
-        if with_labels:
-            index = {label: i for i, label in enumerate(self.classes_)}
-            unknown = sorted(set(data.labels) - set(index))
-            if unknown:
-                raise DataError(f"{data.source}: labels {unknown} are not among the model's {self.classes_}")
-            label_ids = [index[label] for label in data.labels]
+        label_ids = self._label_ids(data) if with_labels else None
         return encode_texts(data.texts, self.tokenizer_, self.max_length_, label_ids, token_ids)
+
+    def _label_ids(self, data: LabelledTexts) -> list[int]:
+        index = {label: i for i, label in enumerate(self.classes_)}
+        unknown = sorted(set(data.labels) - set(index))
+        if unknown:
+            raise DataError(f"{data.source}: labels {unknown} are not among the model's {self.classes_}")
+        return [index[label] for label in data.labels]
 
     def _plot(self, out_dir: Path) -> None:
         h = self.history_
@@ -201,12 +202,7 @@ class TextClassifier:
         order = sorted(range(len(texts)), key=lambda i: len(enc.ids[i]))  # similar lengths batch together
         enc_sorted = EncodedTexts([enc.ids[i] for i in order], None, enc.truncated)
         batches = self._batches(enc_sorted, batch_size)
-        self.model_.eval()
-        probs = []
-        for inputs, mask, _ in batches.iterate():
-            with autocast(batches.device, resolve_precision(self.precision, batches.device)):
-                logits = classifier_logits(self.model_, batches, inputs, mask)
-            probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+        probs = [torch.softmax(logits, dim=-1).cpu() for logits, _ in iter_logits(self.model_, batches)]
         stacked = torch.cat(probs).numpy()
         out = np.empty_like(stacked)
         out[order] = stacked
@@ -219,8 +215,8 @@ class TextClassifier:
     def evaluate(self, data: LabelledTexts, batch_size: int = 32) -> dict:
         """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, loss and n."""
         self._check_fitted()
+        y_true = self._label_ids(data)  # checked first: unknown labels fail before any inference
         probs = self.predict_proba(data.texts, batch_size)
-        y_true = self._encode(data).labels
         y_pred = probs.argmax(axis=1).tolist()
         picked = probs[np.arange(len(y_true)), y_true]
         loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())

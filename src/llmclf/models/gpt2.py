@@ -188,11 +188,17 @@ class GPTModel(nn.Module):
                       kv_cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm output (B, T, emb_dim) that `out_head` reads."""
         x, mask = self.embed(in_idx, attention_mask, kv_cache)
-        for layer, block in enumerate(self.trf_blocks):
-            x = block(x, mask, kv_cache, layer)
+        x = self.run_blocks(x, mask, kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.length += in_idx.shape[1]
         return self.final_norm(x)
+
+    def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0, stop: int | None = None,
+                   kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Transformer blocks `start:stop` on hidden states x (B, T, C)."""
+        for layer in range(start, len(self.trf_blocks) if stop is None else stop):
+            x = self.trf_blocks[layer](x, mask, kv_cache, layer)
+        return x
 
     def embed(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
               kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -68,8 +68,7 @@ class SequenceClassifier(nn.Module):
         """Run blocks `start:` on hidden states x (B, T, C), then norm, pool and head."""
         if mask is None and attention_mask is not None:
             mask = causal_padding_mask(attention_mask.bool(), x.shape[1])
-        for layer in range(start, len(self.backbone.trf_blocks)):
-            x = self.backbone.trf_blocks[layer](x, mask)
+        x = self.backbone.run_blocks(x, mask, start=start)
         pooled = pool(self.backbone.final_norm(x), attention_mask, self.pooling)
         return self.backbone.out_head(pooled)
 
@@ -77,9 +76,7 @@ class SequenceClassifier(nn.Module):
     def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: int) -> torch.Tensor:
         """Hidden states (B, T, C) after the embedding and blocks `:stop` (for caching frozen layers)."""
         x, mask = self.backbone.embed(input_ids, attention_mask)
-        for layer in range(stop):
-            x = self.backbone.trf_blocks[layer](x, mask)
-        return x
+        return self.backbone.run_blocks(x, mask, stop=stop)
 
 
 class LoRALayer(nn.Module):

@@ -37,6 +37,7 @@ class Batches:
         self.data, self.batch_size, self.pad_id = data, batch_size, pad_id
         self.fixed_length, self.device, self.bucket = fixed_length, device, bucket
         self.cache_from = cache_from
+        self.dtype = dtype
         self.lengths = [fixed_length or len(ids) for ids in data.ids]
         self.states: list[torch.Tensor] | None = None
         if cache_from is not None:
@@ -93,31 +94,39 @@ def classifier_logits(model: SequenceClassifier, batches: Batches, inputs: torch
     return model.forward_from(inputs, attn, start=batches.cache_from)
 
 
-def calc_loss_batch(model: SequenceClassifier, batches: Batches, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+def calc_loss_batch(model: SequenceClassifier, batches: Batches, batch: Batch) -> torch.Tensor:
     inputs, mask, labels = batch
-    with autocast(batches.device, dtype):
+    with autocast(batches.device, batches.dtype):
         logits = classifier_logits(model, batches, inputs, mask)
     return F.cross_entropy(logits.float(), labels.to(logits.device))
 
 
 @torch.no_grad()
-def calc_loss_and_accuracy(model: SequenceClassifier, batches: Batches, dtype: torch.dtype,
+def iter_logits(model: SequenceClassifier, batches: Batches, num_batches: int | None = None):
+    """(float32 logits, labels) per batch, in eval mode and the batches' precision."""
+    was_training = model.training
+    model.eval()
+    try:
+        for inputs, mask, labels in batches.iterate(limit=num_batches):
+            with autocast(batches.device, batches.dtype):
+                logits = classifier_logits(model, batches, inputs, mask)
+            yield logits.float(), labels
+    finally:
+        model.train(was_training)
+
+
+def calc_loss_and_accuracy(model: SequenceClassifier, batches: Batches,
                            num_batches: int | None = None) -> tuple[float, float]:
     """Mean loss (per example) and accuracy over the first `num_batches` batches (all by default).
 
     Unlike the course notes' version, every batch counts (no early return after the first).
     """
-    was_training = model.training
-    model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for inputs, mask, labels in batches.iterate(limit=num_batches):
-        with autocast(batches.device, dtype):
-            logits = classifier_logits(model, batches, inputs, mask).float()
+    for logits, labels in iter_logits(model, batches, num_batches):
         labels = labels.to(logits.device)
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
         count += len(labels)
-    model.train(was_training)
     if count == 0:
         return float("nan"), float("nan")
     return total_loss / count, correct / count
@@ -146,7 +155,7 @@ class ClassifierHistory:
 
 def train_classifier_simple(model: SequenceClassifier, train: Batches, val: Batches,
                             optimizer: torch.optim.Optimizer, num_epochs: int, eval_freq: int, eval_iter: int,
-                            dtype: torch.dtype = torch.float32, grad_accum: int = 1, patience: int | None = None,
+                            grad_accum: int = 1, patience: int | None = None,
                             seed: int = 123, metrics_log: IO[str] | None = None, progress: bool = True,
                             on_eval: Callable[[str], None] | None = None) -> ClassifierHistory:
     """Train; keep the weights of the epoch with the best full validation accuracy.
@@ -172,7 +181,7 @@ def train_classifier_simple(model: SequenceClassifier, train: Batches, val: Batc
         model.train()
         optimizer.zero_grad()
         for batch_no, batch in enumerate(train.iterate(shuffle=True, rng=rng)):
-            loss = calc_loss_batch(model, train, batch, dtype)
+            loss = calc_loss_batch(model, train, batch)
             (loss / grad_accum).backward()
             history.examples_seen += len(batch[2])
             bar.update(1)
@@ -184,8 +193,8 @@ def train_classifier_simple(model: SequenceClassifier, train: Batches, val: Batc
             write({"event": "step", "epoch": epoch + 1, "step": history.global_step,
                    "examples_seen": history.examples_seen, "loss": round(loss.item(), 6)})
             if history.global_step % eval_freq == 0:
-                train_loss, _ = calc_loss_and_accuracy(model, train, dtype, eval_iter)
-                val_loss, _ = calc_loss_and_accuracy(model, val, dtype, eval_iter)
+                train_loss, _ = calc_loss_and_accuracy(model, train, eval_iter)
+                val_loss, _ = calc_loss_and_accuracy(model, val, eval_iter)
                 history.train_losses.append(train_loss)
                 history.val_losses.append(val_loss)
                 history.examples_at_eval.append(history.examples_seen)
@@ -195,9 +204,9 @@ def train_classifier_simple(model: SequenceClassifier, train: Batches, val: Batc
                 say(f"Ep {epoch + 1} (Step {history.global_step:06d}): "
                     f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
 
-        _, train_acc = calc_loss_and_accuracy(model, train, dtype, eval_iter)
-        _, val_acc = calc_loss_and_accuracy(model, val, dtype, eval_iter)
-        _, val_acc_full = calc_loss_and_accuracy(model, val, dtype)
+        _, train_acc = calc_loss_and_accuracy(model, train, eval_iter)
+        _, val_acc = calc_loss_and_accuracy(model, val, eval_iter)
+        _, val_acc_full = calc_loss_and_accuracy(model, val)
         history.train_accs.append(train_acc)
         history.val_accs.append(val_acc)
         history.val_accuracy_full.append(val_acc_full)
