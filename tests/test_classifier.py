@@ -237,3 +237,36 @@ def test_bfloat16_training_runs_and_learns(tiny_lm):
     clf = TextClassifier(str(tiny_lm), trainable="all", epochs=4, lr=3e-3, precision="bfloat16", bucket=True,
                          eval_freq=100).fit(data, data, progress=False)
     assert clf.evaluate(data)["accuracy"] >= 0.9
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_lm):
+    data = _toy_data()
+
+    def run(batch_size: int, grad_accum: int) -> np.ndarray:
+        clf = TextClassifier(str(tiny_lm), trainable="all", epochs=2, lr=1e-3, batch_size=batch_size,
+                             grad_accum=grad_accum, precision="float32", eval_freq=1000)
+        return clf.fit(data, data, progress=False).predict_proba(data.texts)
+
+    np.testing.assert_allclose(run(4, 2), run(8, 1), atol=1e-5)
+
+
+def test_patience_stops_early_and_keeps_the_best_epoch(tiny_lm):
+    data = _toy_data(16)
+    clf = TextClassifier(str(tiny_lm), epochs=10, lr=0.0, patience=2, precision="float32", eval_freq=1000)
+    history = clf.fit(data, data, progress=False).history_
+    assert history.stopped_early and len(history.val_accuracy_full) == 3 and history.best_epoch == 1
+
+
+def test_tsv_input_and_jsonl_output(tmp_path, tiny_lm):
+    from llmclf.predict import predict_file
+
+    data = _toy_data(16)
+    clf = TextClassifier(str(tiny_lm), epochs=1, precision="float32").fit(data, data, progress=False)
+    (tmp_path / "in.tsv").write_text("id\tmessage\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(data.texts)))
+    stats = predict_file(clf, tmp_path / "in.tsv", tmp_path / "out.jsonl", text_col="message", chunk_size=5)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert stats["rows"] == 16 and [r["message"] for r in rows] == data.texts
+    assert [r["label"] for r in rows] == clf.predict(data.texts)
+    with pytest.raises(DataError, match="no column 'text'"):
+        predict_file(clf, tmp_path / "in.tsv", tmp_path / "out2.jsonl")
+    assert not (tmp_path / "out2.jsonl").exists()  # nothing half-written
