@@ -39,8 +39,95 @@ class GPT2Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
 
+    def save(self, directory: str | os.PathLike) -> dict:
+        """Copy the BPE files into `directory` (when they are local); returns config info."""
+        import shutil
+
+        from llmclf.loaders.tensors import atomic_path
+
+        source = Path(self.source)
+        files = find_gpt2_tokenizer_files(source) if source.is_dir() else None
+        if files and source.resolve() != Path(directory).resolve():
+            for src, name in zip(files, ("encoder.json", "vocab.bpe"), strict=True):
+                with atomic_path(Path(directory) / name) as tmp:
+                    shutil.copyfile(src, tmp)
+        return {"kind": "gpt2-bpe"}
+
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(source={self.source!r})"
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` BPE (Llama-family models). No special tokens are added."""
+
+    TOKENIZER_FILE = "tokenizer.json"
+
+    def __init__(self, backend, eos_id: int, pad_id: int | None, source: str) -> None:
+        self.backend = backend  # tokenizers.Tokenizer
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        self.source = source
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> dict:
+        from llmclf.loaders.tensors import atomic_path
+
+        with atomic_path(Path(directory) / self.TOKENIZER_FILE) as tmp:
+            self.backend.save(str(tmp))
+        return {"kind": "hf", "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> HFTokenizer:
+        """Built from the vocabulary and merges in a GGUF file's metadata (via transformers)."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as exc:  # transformers raises many kinds for unusable metadata
+            raise TokenizerError(f"cannot build a tokenizer from {path}: {type(exc).__name__}: {exc}") from exc
+        return cls(tok.backend_tokenizer, tok.eos_token_id, tok.pad_token_id, str(path))
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike, eos_id: int | None = None,
+                 pad_id: int | None = None) -> HFTokenizer:
+        """From `tokenizer.json` (ids of eos/pad from the arguments or `tokenizer_config.json`)."""
+        import json
+
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        file = directory / cls.TOKENIZER_FILE
+        if not file.is_file():
+            raise TokenizerError(f"{directory} has no {cls.TOKENIZER_FILE}")
+        backend = Tokenizer.from_file(str(file))
+        if eos_id is None:
+            config_file = directory / "tokenizer_config.json"
+            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+            eos_token = config.get("eos_token")
+            eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
+            eos_id = backend.token_to_id(eos_token) if eos_token else None
+            if eos_id is None:
+                raise TokenizerError(f"{directory}: no eos_token in tokenizer_config.json")
+        return cls(backend, eos_id, pad_id, str(directory))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(source={self.source!r})"
+
+
+Tokenizer = GPT2Tokenizer | HFTokenizer
 
 
 def find_gpt2_tokenizer_files(directory: str | os.PathLike) -> tuple[Path, Path] | None:
@@ -91,11 +178,11 @@ def _encoding_from_files(vocab: Path, merges: Path) -> tiktoken.Encoding:
                              special_tokens={ENDOFTEXT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
 
 
-def text_to_token_ids(text: str, tokenizer: GPT2Tokenizer) -> torch.Tensor:
+def text_to_token_ids(text: str, tokenizer: Tokenizer) -> torch.Tensor:
     """Token ids of `text` as a (1, T) tensor (the book's helper)."""
     return torch.tensor(tokenizer.encode(text)).unsqueeze(0)
 
 
-def token_ids_to_text(token_ids: torch.Tensor, tokenizer: GPT2Tokenizer) -> str:
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Tokenizer) -> str:
     """Text of a (1, T) or (T,) tensor of token ids (the book's helper)."""
     return tokenizer.decode(token_ids.squeeze(0).tolist())

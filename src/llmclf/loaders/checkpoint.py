@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmclf.config import GPTConfig
 from llmclf.errors import CheckpointError
-from llmclf.loaders.tensors import atomic_path, atomic_save_safetensors, atomic_write_json, read_tensor_file
-from llmclf.tokenizer import GPT2Tokenizer, find_gpt2_tokenizer_files
+from llmclf.loaders.tensors import atomic_save_safetensors, atomic_write_json, read_tensor_file
+from llmclf.tokenizer import Tokenizer
 
 CHECKPOINT_FORMAT = "llmclf"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,7 +38,7 @@ def read_checkpoint_config(path: str | os.PathLike, required: bool = True) -> di
     return config
 
 
-def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenizer: GPT2Tokenizer | None = None,
+def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenizer: Tokenizer | None = None,
                     **extra: Any) -> Path:
     """Write the model's weights and config (plus tokenizer files, when local) to `out_dir`.
 
@@ -49,23 +47,20 @@ def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenize
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(model.state_dict(), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
-    tokenizer_info = None
-    if tokenizer is not None:
-        tokenizer_info = {"kind": "gpt2-bpe"}
-        files = find_gpt2_tokenizer_files(tokenizer.source) if Path(tokenizer.source).is_dir() else None
-        if files and Path(tokenizer.source).resolve() != out_dir.resolve():
-            for src, name in zip(files, ("encoder.json", "vocab.bpe"), strict=True):
-                with atomic_path(out_dir / name) as tmp:
-                    shutil.copyfile(src, tmp)
-    model_cfg: GPTConfig = model.cfg
+    state = model.state_dict()
+    tied = model.out_head.weight is model.tok_emb.weight
+    if tied:  # safetensors stores no shared tensors; loading ties them again
+        state.pop("out_head.weight")
+    atomic_save_safetensors(state, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    tokenizer_info = tokenizer.save(out_dir) if tokenizer is not None else None
     config = {
         "format": CHECKPOINT_FORMAT,
         "format_version": 1,
-        "architecture": "gpt2",
-        "model": model_cfg.to_dict(),
+        "architecture": architecture_of(model),
+        "model": model.cfg.to_dict(),
         "out_features": model.out_head.out_features,
         "out_bias": model.out_head.bias is not None,
+        "tied_out_head": tied,
         "tokenizer": tokenizer_info,
         **extra,
     }
@@ -73,9 +68,18 @@ def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenize
     return out_dir
 
 
+def architecture_of(model: torch.nn.Module) -> str:
+    from llmclf.models.llama import LlamaModel
+
+    return "llama" if isinstance(model, LlamaModel) else "gpt2"
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, state dict) of an llmclf checkpoint directory."""
+    """(config, state dict) of an llmclf checkpoint directory; a tied head is tied again."""
     config = read_checkpoint_config(path)
-    if config.get("architecture") != "gpt2":
+    if config.get("architecture") not in ("gpt2", "llama"):
         raise CheckpointError(f"{path}: unsupported architecture {config.get('architecture')!r}")
-    return config, read_tensor_file(Path(path) / WEIGHTS_FILE)
+    state = read_tensor_file(Path(path) / WEIGHTS_FILE)
+    if config.get("tied_out_head") and "tok_emb.weight" in state:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    return config, state

@@ -211,13 +211,14 @@ class GPTModel(nn.Module):
                 "truncate the input or build the model with a larger --context-length")
         if attention_mask is None:
             positions = torch.arange(past, past + num_tokens, device=in_idx.device)
-            mask = None
         else:
-            attention_mask = attention_mask.bool()
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            mask = causal_padding_mask(attention_mask, num_tokens)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)
-        return self.drop_emb(x), mask
+        return self.drop_emb(x), self.attention_inputs(attention_mask, num_tokens)
+
+    def attention_inputs(self, attention_mask: torch.Tensor | None, num_queries: int) -> torch.Tensor | None:
+        """What the blocks need besides x: the SDPA mask for the last `num_queries` positions."""
+        return None if attention_mask is None else causal_padding_mask(attention_mask.bool(), num_queries)
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from llmclf.errors import ConfigError
-from llmclf.models.gpt2 import GPTModel, causal_padding_mask
+from llmclf.models.gpt2 import GPTModel
 
 POOLINGS = ("last", "mean", "last-position")
 
@@ -66,8 +66,8 @@ class SequenceClassifier(nn.Module):
     def forward_from(self, x: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor | None = None,
                      start: int = 0) -> torch.Tensor:
         """Run blocks `start:` on hidden states x (B, T, C), then norm, pool and head."""
-        if mask is None and attention_mask is not None:
-            mask = causal_padding_mask(attention_mask.bool(), x.shape[1])
+        if mask is None:
+            mask = self.backbone.attention_inputs(attention_mask, x.shape[1])
         x = self.backbone.run_blocks(x, mask, start=start)
         pooled = pool(self.backbone.final_norm(x), attention_mask, self.pooling)
         return self.backbone.out_head(pooled)
