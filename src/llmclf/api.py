@@ -24,6 +24,8 @@ from llmclf.training.plots import plot_values
 
 log = logging.getLogger(__name__)
 
+MAX_LM_WINDOW = 1024  # GPT-2's context; long-context models would otherwise need texts of 8k+ tokens
+
 __all__ = ["load_model", "generate_text", "evaluate_lm", "LMEvalResult", "pretrain"]
 
 
@@ -66,9 +68,10 @@ class LMEvalResult:
 
 def _lm_loaders(model: GPTModel, tokenizer: GPT2Tokenizer, text: str, stride: int | None, batch_size: int,
                 train_ratio: float, seed: int) -> tuple:
-    """The book's loaders: windows of the model's context length, train shuffled with drop_last."""
+    """The book's loaders: windows of the model's context length (at most 1,024 tokens; set a
+    shorter context to change it), train shuffled with drop_last."""
     train_text, val_text = split_text(text, train_ratio)
-    max_length = model.context_length
+    max_length = min(model.context_length, MAX_LM_WINDOW)
     stride = stride or max_length
     generator = torch.Generator().manual_seed(seed)
     train_loader = create_dataloader_v1(train_text, tokenizer, batch_size, max_length, stride, shuffle=True,
@@ -131,7 +134,8 @@ def pretrain(model: GPTModel, tokenizer: GPT2Tokenizer, text: str, out_dir: str 
         log.info("resuming after epoch %d (step %d)", history.epochs_done, history.global_step)
 
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                "eval_freq": eval_freq, "eval_iter": eval_iter, "stride": stride or model.context_length,
+                "eval_freq": eval_freq, "eval_iter": eval_iter,
+                "stride": stride or min(model.context_length, MAX_LM_WINDOW),
                 "train_ratio": train_ratio, "seed": seed, "precision": str(dtype).removeprefix("torch.")}
 
     def save(history: PretrainHistory) -> None:

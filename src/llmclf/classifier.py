@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmclf.config import DEFAULT_MODEL
 from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts, label_order
 from llmclf.errors import ConfigError, DataError, LlmclfError
 from llmclf.loaders.checkpoint import read_checkpoint_config, save_checkpoint
@@ -48,7 +49,7 @@ class TextClassifier:
         cache_frozen: compute frozen layers once per text (exact when they have no dropout).
     """
 
-    def __init__(self, model: str = "gpt2-small", *, trainable: str = "last-block", pooling: str = "last",
+    def __init__(self, model: str = DEFAULT_MODEL, *, trainable: str = "last-block", pooling: str = "last",
                  max_length: int | None = None, epochs: int = 5, batch_size: int = 8, lr: float = 5e-5,
                  weight_decay: float = 0.1, grad_accum: int = 1, eval_freq: int = 50, eval_iter: int = 5,
                  patience: int | None = None, seed: int = 123, precision: str = "auto", bucket: bool = False,

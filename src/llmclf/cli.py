@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmclf import api
+from llmclf.config import DEFAULT_MODEL
 from llmclf.errors import LlmclfError
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.loaders.tensors import atomic_write_json
@@ -66,7 +67,7 @@ def _load(model: str, random_init: bool, seed: int, base_config: Optional[str], 
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    model: ModelOpt = "gpt2-small",
+    model: ModelOpt = DEFAULT_MODEL,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to add.")] = 50,
     temperature: Annotated[float, typer.Option(
         "--temperature", min=0.0, help="0 = greedy; higher = more random sampling.")] = 0.0,
@@ -97,7 +98,7 @@ def generate(
 @app.command("lm-eval")
 def lm_eval(
     text: Annotated[Path, typer.Option("--text", "-t", help="UTF-8 text file to evaluate on.")],
-    model: ModelOpt = "gpt2-small",
+    model: ModelOpt = DEFAULT_MODEL,
     stride: Annotated[Optional[int], typer.Option(
         "--stride", min=1, help="Tokens between window starts (default: the context length).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per batch.")] = 2,
@@ -236,7 +237,7 @@ def train(
     train_file: Annotated[Path, typer.Option("--train", help="Training data (CSV, TSV or JSONL).")],
     val_file: Annotated[Path, typer.Option("--val", help="Validation data (model selection, early stopping).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the trained classifier.")],
-    model: ModelOpt = "gpt2-small",
+    model: ModelOpt = DEFAULT_MODEL,
     test_file: Annotated[Optional[Path], typer.Option("--test", help="Test data, evaluated once at the end.")] = None,
     text_col: TextColOpt = "text",
     label_col: LabelColOpt = "label",

