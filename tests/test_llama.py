@@ -194,3 +194,18 @@ def test_classifier_on_llama_with_cached_layers(tiny_llama):
     cached = Batches(clf, data, 3, 1, None, torch.device("cpu"), torch.float32, cache_from=1)
     torch.testing.assert_close(calc_loss_batch(clf, plain, next(plain.iterate())),
                                calc_loss_batch(clf, cached, next(cached.iterate())), atol=1e-5, rtol=1e-5)
+
+
+def test_llama_classifier_saves_and_reloads_with_its_tokenizer(tmp_path, tiny_hf_dir):
+    from llmclf.classifier import TextClassifier, load_classifier
+    from llmclf.data.classification import LabelledTexts
+
+    path, _ = tiny_hf_dir
+    texts = [f"w{2 + i % 30} w{40 + (i % 2)}" for i in range(32)]
+    data = LabelledTexts(texts, ["a" if i % 2 else "b" for i in range(32)], "toy")
+    clf = TextClassifier(str(path), trainable="last-n:2", epochs=3, lr=3e-3, precision="float32", eval_freq=100)
+    clf.fit(data, data, out_dir=tmp_path / "clf", progress=False)
+    assert clf.evaluate(data)["accuracy"] == 1.0
+    assert (tmp_path / "clf" / "tokenizer.json").is_file()
+    reloaded = load_classifier(tmp_path / "clf", precision="float32")
+    np.testing.assert_allclose(reloaded.predict_proba(texts[:4]), clf.predict_proba(texts[:4]), atol=1e-6)
