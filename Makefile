@@ -26,13 +26,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # Main job: the course's spam classifier, for real. Prepare the SMS Spam Collection (course split),
 # fine-tune the pretrained SmolLM2-135M (packaged GGUF) into a classifier, print test metrics,
-# save the model and classify the course's two messages. The recipe (last 4 blocks + final norm +
+# save the model and classify the course's two messages. The recipe (last 2 blocks + final norm +
 # head, last-token pooling, 3 epochs, lr 1e-4) was chosen on validation data: bench/bench_smollm2_recipes.py.
 demo: setup
 	$(VENV)/bin/llmclf data sms-spam --out $(DEMO_DIR)/sms --source $(SHARED)/data/sms_spam/sms_spam_collection.zip
 	$(VENV)/bin/llmclf train --model smollm2-135m --train $(DEMO_DIR)/sms/train.csv \
 		--val $(DEMO_DIR)/sms/validation.csv --test $(DEMO_DIR)/sms/test.csv --out $(DEMO_DIR)/spam \
-		--trainable last-n:4 --pooling last --lr 1e-4 --epochs 3 --bucket
+		--trainable last-n:2 --pooling last --lr 1e-4 --epochs 3 --bucket
 	$(VENV)/bin/llmclf predict --model $(DEMO_DIR)/spam \
 		"You are a winner you have been specially selected to receive \$$1000 cash or a \$$2000 award." \
 		"Hey, just wanted to check if we're still on for dinner tonight? Let me know!"
