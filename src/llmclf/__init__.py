@@ -1,7 +1,7 @@
 """llmclf: turn pretrained language models into text classifiers."""
 
 from llmclf.api import LMEvalResult, evaluate_lm, generate_text, load_model, pretrain
-from llmclf.classifier import TextClassifier, load_classifier
+from llmclf.classifier import HFClassifier, TextClassifier, load_classifier, make_classifier
 from llmclf.config import GPTConfig
 from llmclf.errors import LlmclfError
 from llmclf.generation import generate, generate_text_simple
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GPTConfig",
     "GPTModel",
+    "HFClassifier",
     "LMEvalResult",
     "LlmclfError",
     "TextClassifier",
@@ -23,6 +24,7 @@ __all__ = [
     "load_classifier",
     "load_gpt2_tokenizer",
     "load_model",
+    "make_classifier",
     "pretrain",
     "text_to_token_ids",
     "token_ids_to_text",

@@ -77,6 +77,9 @@ def architecture_of(model: torch.nn.Module) -> str:
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, state dict) of an llmclf checkpoint directory; a tied head is tied again."""
     config = read_checkpoint_config(path)
+    if config.get("engine") == "hf":
+        raise CheckpointError(f"{path} holds a classifier trained by the Transformers engine; "
+                              "load it with llmclf.load_classifier (or the evaluate/predict/serve commands)")
     if config.get("architecture") not in ("gpt2", "llama"):
         raise CheckpointError(f"{path}: unsupported architecture {config.get('architecture')!r}")
     state = read_tensor_file(Path(path) / WEIGHTS_FILE)

@@ -102,10 +102,11 @@ def calc_loss_batch(model: SequenceClassifier, batches: Batches, batch: Batch) -
 
 
 @torch.no_grad()
-def iter_logits(model: SequenceClassifier, batches: Batches, num_batches: int | None = None):
-    """(float32 logits, labels) per batch, in eval mode and the batches' precision."""
+def iter_logits(model: SequenceClassifier, batches: Batches, num_batches: int | None = None, dropout: bool = False):
+    """(float32 logits, labels) per batch, in the batches' precision; in eval mode unless
+    `dropout` (MC-dropout passes)."""
     was_training = model.training
-    model.eval()
+    model.train(dropout)
     try:
         for inputs, mask, labels in batches.iterate(limit=num_batches):
             with autocast(batches.device, batches.dtype):

