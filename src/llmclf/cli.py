@@ -359,11 +359,32 @@ def predict(
     model: ClfModelOpt,
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
     input_file: Annotated[Optional[Path], typer.Option(
-        "--input", "-i", help="CSV/TSV/JSONL (with --text-col) or plain text, one text per line.")] = None,
+        "--input", "-i", help="CSV/TSV/JSONL (with --text-col) or plain text, one text per line; read in chunks, "
+        "so it may be larger than memory.")] = None,
     output_file: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Write predictions here (.csv or .jsonl), in input order.")] = None,
+        "--output", "-o", help="Write predictions here (.csv, .tsv or .jsonl), in input order. Written as "
+        "OUTPUT.partial, renamed when complete; an interrupted run resumes where it stopped when rerun.")] = None,
     text_col: TextColOpt = "text",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")] = 32,
+    chunk_size: Annotated[int, typer.Option(
+        "--chunk-size", min=1, help="With --input: texts read, classified and saved per step (resume point).")] = 1024,
+    restart: Annotated[bool, typer.Option(
+        "--restart", help="With --input: discard an unfinished OUTPUT.partial instead of resuming it.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="With --input: replace a finished OUTPUT (otherwise an error).")] = False,
+    mc_dropout: Annotated[Optional[int], typer.Option(
+        "--mc-dropout", min=1, help="Monte Carlo dropout: N forward passes with dropout on; adds the standard "
+        "deviation of each probability and a `confident` flag. Default: one deterministic pass.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", min=0.0, max=1.0, help="A prediction is `confident` when its label's probability "
+        "(mean, with --mc-dropout) reaches P.")] = None,
+    dropout_rate: Annotated[Optional[float], typer.Option(
+        "--dropout-rate", min=0.0, max=0.99, help="With --mc-dropout: dropout probability for the passes "
+        "(needed for models trained without dropout, e.g. SmolLM2).")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="With --mc-dropout: random seed, for reproducible (and resumable) passes.")] = None,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="With --input: progress bar with texts/s on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per text.")] = False,
     base_config: BaseConfigOpt = None,
     num_classes: NumClassesOpt = None,
@@ -373,29 +394,111 @@ def predict(
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = None,
 ) -> None:
-    """Classify texts given as arguments or in a file; prints or writes label and probabilities."""
+    """Classify texts given as arguments or in a file; prints or writes label and probabilities.
+
+    With --input/--output the file is streamed and resumable: rerunning an interrupted command
+    continues after the last saved chunk (no row lost or repeated); --restart starts over;
+    a finished OUTPUT is only replaced with --overwrite.
+    """
     _check_precision(precision)
     from llmclf.predict import predict_file
 
     if not texts and input_file is None:
         raise typer.BadParameter("give texts as arguments or --input FILE")
+    if texts and input_file is not None:
+        raise typer.BadParameter("give texts as arguments or --input FILE, not both")
+    if input_file is not None and output_file is None:
+        raise typer.BadParameter("--input needs --output FILE (.csv, .tsv or .jsonl)")
+    if dropout_rate is not None and mc_dropout is None:
+        raise typer.BadParameter("--dropout-rate applies to --mc-dropout passes only", param_hint="--dropout-rate")
+    if threshold is not None and threshold <= 0:
+        raise typer.BadParameter("must be in (0, 1]", param_hint="--threshold")
     clf = _load_classifier(model, base_config, num_classes, pooling, max_length, tokenizer_dir, precision, device)
     if input_file is not None:
-        if output_file is None:
-            raise typer.BadParameter("--input needs --output FILE (.csv or .jsonl)")
-        stats = predict_file(clf, input_file, output_file, text_col=text_col, batch_size=batch_size)
-        typer.echo(f"{stats['rows']} texts classified in {stats['seconds']:.1f} s "
-                   f"({stats['rows'] / max(stats['seconds'], 1e-9):.1f} texts/s) -> {output_file}")
+        stats = predict_file(clf, input_file, output_file, text_col=text_col, batch_size=batch_size,
+                             chunk_size=chunk_size, mc_dropout=mc_dropout, threshold=threshold,
+                             dropout_rate=dropout_rate, seed=seed, restart=restart, overwrite=overwrite,
+                             progress=progress)
+        resumed = f" (resumed after {stats['resumed_from']} rows)" if stats["resumed_from"] else ""
+        typer.echo(f"{stats['new_rows']} texts classified in {stats['seconds']:.1f} s "
+                   f"({stats['texts_per_second']:.1f} texts/s){resumed}; {stats['rows']} rows -> {output_file}")
         return
-    probs = clf.predict_proba(texts, batch_size)
-    for text, row in zip(texts, probs, strict=True):
-        label = clf.classes_[int(row.argmax())]
+    if mc_dropout is not None:
+        records = clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold, batch_size=batch_size,
+                                         dropout_rate=dropout_rate, seed=seed).records()
+    else:
+        probs = clf.predict_proba(texts, batch_size)
+        records = []
+        for row in probs:
+            label = clf.classes_[int(row.argmax())]
+            record = {"label": label, "probabilities": dict(zip(clf.classes_, map(float, row), strict=True))}
+            if threshold is not None:
+                record["confident"] = bool(row.max() >= threshold)
+            records.append(record)
+    for text, record in zip(texts, records, strict=True):
         if as_json:
-            typer.echo(json.dumps({"text": text, "label": label,
-                                   "probabilities": dict(zip(clf.classes_, map(float, row), strict=True))}))
-        else:
-            typer.echo(f"{label}\t{row.max():.4f}\t{text}")
+            typer.echo(json.dumps({"text": text, **record}, ensure_ascii=False))
+            continue
+        p = record["probabilities"][record["label"]]
+        extra = f"\t±{record['std'][record['label']]:.4f}" if "std" in record else ""
+        flag = "" if threshold is None else ("\tconfident" if record["confident"] else "\tuncertain")
+        typer.echo(f"{record['label']}\t{p:.4f}{extra}{flag}\t{text}")
 
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="A classifier directory written by `llmclf train` (either engine).")],
+    host: Annotated[str, typer.Option(
+        "--host", help="Address to bind; the default serves this machine only. Use 0.0.0.0 to expose it "
+        "(then set --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port (0 = any free port).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="LLMCLF_API_KEY", help="Require this key on /v1/* ('Authorization: Bearer KEY' or "
+        "'X-API-Key: KEY'); also read from $LLMCLF_API_KEY.")] = None,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", min=1, help="Texts per forward pass: concurrent requests are merged up to this.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(
+        "--max-wait-ms", min=0.0, help="How long a batch waits for more requests once one arrives.")] = 2.0,
+    max_texts: Annotated[int, typer.Option("--max-texts", min=1, help="Texts per request (413 beyond).")] = 256,
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", min=1, help="Request body size (413 beyond).")] = 1 << 20,
+    max_mc_passes: Annotated[int, typer.Option(
+        "--max-mc-passes", min=1, help="Largest mc_dropout a request may ask for (422 beyond).")] = 50,
+    dropout_rate: Annotated[Optional[float], typer.Option(
+        "--dropout-rate", min=0.0, max=0.99, help="Dropout probability for MC-dropout requests that give none "
+        "(for models trained without dropout).")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = True,
+    max_length: MaxLengthOverrideOpt = None,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Serve a trained classifier over HTTP: REST API (/v1/classify, /v1/model, /healthz), a web page
+    at / and the OpenAPI docs at /docs. Concurrent requests share forward passes (micro-batching)."""
+    _check_precision(precision)
+    import ipaddress
+
+    import uvicorn
+
+    from llmclf.classifier import load_classifier
+    from llmclf.serve import create_app
+
+    clf = load_classifier(model, max_length=max_length, precision=precision, device=device)
+    clf.predict_proba(["warm-up"])  # first-call costs (allocation, kernels) before the first request
+    application = create_app(clf, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             max_texts=max_texts, max_body_bytes=max_body_bytes, max_mc_passes=max_mc_passes,
+                             dropout_rate=dropout_rate)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key:
+        typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
+                    fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"serving {model} ({', '.join(clf.classes_)}) on http://{host}:{port}/  (docs: /docs)", err=True)
+    uvicorn.run(application, host=host, port=port, access_log=access_log, log_level="info",
+                timeout_graceful_shutdown=5)
 
 def main() -> None:
     """Console entry point: expected errors become one line on stderr and exit code 1."""

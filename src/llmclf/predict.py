@@ -1,36 +1,61 @@
-"""Batch prediction over files: streamed in chunks, output in input order, written atomically."""
+"""Batch prediction over files of any size: streamed in chunks, resumable, output in input order.
+
+`predict_file` reads the input a chunk at a time and appends each chunk's predictions to
+`OUTPUT.partial`, flushed to disk, then records the rows and bytes written so far in
+`OUTPUT.partial.json` (an atomic write). If the run is interrupted, the next run with the same
+arguments truncates the partial file to the last recorded chunk (dropping any half-written rows),
+skips that many input rows and continues; at the end the partial file is renamed to OUTPUT. So an
+interrupted and resumed run writes exactly the file an uninterrupted run writes: no row lost or
+duplicated. A finished OUTPUT is never replaced unless `overwrite=True`.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from llmclf.errors import DataError
-from llmclf.loaders.tensors import atomic_path
+from llmclf.loaders.tensors import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+STATE_VERSION = 1
 
 
-def iter_texts(path: Path, text_col: str, chunk_size: int) -> Iterator[list[str]]:
-    """Chunks of texts from CSV/TSV/JSONL (column `text_col`) or plain text (one per line)."""
+def iter_rows(path: Path, text_col: str) -> Iterator[str]:
+    """Texts one at a time from CSV/TSV/JSONL (column `text_col`) or plain text (one per line)."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         reader = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
-                             chunksize=chunk_size)
+                             chunksize=4096)
         for chunk in reader:
             if text_col not in chunk.columns:
-                raise DataError(f"{path} has no column {text_col!r} (columns: {', '.join(chunk.columns)})")
-            yield chunk[text_col].tolist()
+                raise DataError(f"{path} has no column {text_col!r} (columns: {', '.join(chunk.columns)}); "
+                                "choose one with --text-col")
+            yield from chunk[text_col].tolist()
     elif suffix in (".jsonl", ".ndjson"):
-        yield from _chunked(_jsonl_texts(path, text_col), chunk_size)
+        yield from _jsonl_texts(path, text_col)
     else:
         with open(path, encoding="utf-8") as f:
-            yield from _chunked((line.rstrip("\n") for line in f), chunk_size)
+            for line in f:
+                yield line.rstrip("\r\n")
+
+
+def iter_texts(path: Path, text_col: str, chunk_size: int) -> Iterator[list[str]]:
+    """Chunks of `chunk_size` texts (see `iter_rows`)."""
+    yield from _chunked(iter_rows(path, text_col), chunk_size)
 
 
 def _jsonl_texts(path: Path, text_col: str) -> Iterator[str]:
@@ -55,32 +80,188 @@ def _chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def predict_file(clf, input_path: str | os.PathLike, output_path: str | os.PathLike, text_col: str = "text",
-                 batch_size: int = 32, chunk_size: int = 1024) -> dict:
-    """Classify every text of `input_path` into `output_path` (.csv or .jsonl): the text, `label`
-    and one probability column per class, in input order. Returns rows and seconds."""
+def partial_paths(output_path: str | os.PathLike) -> tuple[Path, Path]:
+    """(`OUTPUT.partial`, `OUTPUT.partial.json`): the unfinished output and its checkpoint."""
+    output_path = Path(output_path)
+    return (output_path.with_name(output_path.name + ".partial"),
+            output_path.with_name(output_path.name + ".partial.json"))
+
+
+class _Writer:
+    """Encodes prediction rows as CSV/TSV lines or JSON lines (bytes, so offsets are exact)."""
+
+    def __init__(self, fmt: str, text_col: str, classes: list[str], with_std: bool, with_confident: bool) -> None:
+        self.fmt, self.text_col, self.classes = fmt, text_col, classes
+        self.with_std, self.with_confident = with_std, with_confident
+
+    def columns(self) -> list[str]:
+        return [self.text_col, "label", *(["confident"] if self.with_confident else []),
+                *[f"p_{c}" for c in self.classes], *([f"std_{c}" for c in self.classes] if self.with_std else [])]
+
+    def header(self) -> bytes:
+        return self._csv([self.columns()]) if self.fmt != "jsonl" else b""
+
+    def _csv(self, rows: list[list[Any]]) -> bytes:
+        buf = io.StringIO()
+        csv.writer(buf, delimiter="\t" if self.fmt == "tsv" else ",", lineterminator="\n").writerows(rows)
+        return buf.getvalue().encode("utf-8")
+
+    def encode(self, texts: list[str], labels: list[str], mean: np.ndarray, std: np.ndarray | None,
+               confident: list[bool] | None) -> bytes:
+        if self.fmt == "jsonl":
+            lines = []
+            for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+                record: dict[str, Any] = {self.text_col: text, "label": label}
+                if confident is not None:
+                    record["confident"] = confident[i]
+                record["probabilities"] = {c: float(p) for c, p in zip(self.classes, mean[i], strict=True)}
+                if std is not None:
+                    record["std"] = {c: float(s) for c, s in zip(self.classes, std[i], strict=True)}
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            return "".join(lines).encode("utf-8")
+        rows = []
+        for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+            row: list[Any] = [text, label]
+            if confident is not None:
+                row.append(str(confident[i]).lower())
+            row += [f"{p:.6f}" for p in mean[i]]
+            if std is not None:
+                row += [f"{s:.6f}" for s in std[i]]
+            rows.append(row)
+        return self._csv(rows)
+
+
+def _fingerprint(input_path: Path) -> dict[str, Any]:
+    stat = input_path.stat()
+    return {"input": str(input_path.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
+
+
+def _fsync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def predict_file(clf: Any, input_path: str | os.PathLike, output_path: str | os.PathLike, text_col: str = "text",
+                 batch_size: int = 32, chunk_size: int = 1024, mc_dropout: int | None = None,
+                 threshold: float | None = None, dropout_rate: float | None = None, seed: int | None = None,
+                 restart: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Classify every text of `input_path` into `output_path` (.csv, .tsv or .jsonl), streamed and
+    resumable (see the module docstring).
+
+    Each output row holds the text, `label`, one `p_<class>` probability per class and, with
+    `mc_dropout` passes, the `std_<class>` over the passes and `confident` (the label's mean
+    probability reached `threshold`; also written for one pass when a threshold is given).
+    `seed` makes MC-dropout reproducible (chunk starting at row r uses seed + r).
+
+    Args:
+        restart: discard an unfinished previous run instead of resuming it.
+        overwrite: replace a finished `output_path` (else that is an error).
+        progress: show a progress bar with the throughput (texts/s) on stderr.
+
+    Returns: rows (in the output), new_rows (classified in this call), resumed_from, seconds
+    and texts_per_second (this call's inference and writing).
+    """
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise DataError(f"input file not found: {input_path}")
-    as_jsonl = output_path.suffix.lower() in (".jsonl", ".ndjson")
-    start, rows = time.perf_counter(), 0
-    with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:
-        writer = None
-        if not as_jsonl:
-            writer = csv.writer(out)
-            writer.writerow([text_col, "label", *[f"p_{c}" for c in clf.classes_]])
-        bar = tqdm(desc="predict", unit="text")
-        for texts in iter_texts(input_path, text_col, chunk_size):
-            probs = clf.predict_proba(texts, batch_size)
-            for text, row in zip(texts, probs, strict=True):
-                label = clf.classes_[int(row.argmax())]
-                if as_jsonl:
-                    record = {text_col: text, "label": label,
-                              "probabilities": {c: float(p) for c, p in zip(clf.classes_, row, strict=True)}}
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    fmt = OUTPUT_FORMATS.get(output_path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{output_path}: the output must end in .csv, .tsv or .jsonl")
+    if chunk_size < 1 or batch_size < 1:
+        raise DataError(f"chunk_size and batch_size must be >= 1, got {chunk_size} and {batch_size}")
+    if output_path.exists() and not overwrite:
+        raise DataError(f"{output_path} already exists (a finished run); pass --overwrite to replace it "
+                        "or choose another --output")
+    partial, state_file = partial_paths(output_path)
+    classes = list(clf.classes_)
+    writer = _Writer(fmt, text_col, classes, with_std=mc_dropout is not None,
+                     with_confident=mc_dropout is not None or threshold is not None)
+    backbone = ""
+    try:
+        backbone = str(clf.info().get("backbone", ""))
+    except Exception:  # informational only
+        pass
+    settings = {"version": STATE_VERSION, **_fingerprint(input_path), "text_col": text_col, "format": fmt,
+                "columns": writer.columns(), "model": backbone, "mc_dropout": mc_dropout, "threshold": threshold,
+                "dropout_rate": dropout_rate, "seed": seed}
+
+    if restart:
+        partial.unlink(missing_ok=True)
+        state_file.unlink(missing_ok=True)
+    done_rows, done_bytes = _resume_point(partial, state_file, settings)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    if done_rows is None:  # a fresh start
+        with open(partial, "wb") as f:
+            f.write(writer.header())
+            _fsync(f)
+            done_rows, done_bytes = 0, f.tell()
+        atomic_write_json(state_file, {**settings, "rows": 0, "bytes": done_bytes})
+    else:
+        log.info("resuming %s after %d rows (pass --restart to start over)", partial, done_rows)
+    resumed_from, rows = done_rows, done_rows
+
+    start = time.perf_counter()
+    bar = tqdm(desc="predict", unit="text", initial=rows, disable=not progress, dynamic_ncols=True)
+    try:
+        with open(partial, "r+b") as out:
+            out.truncate(done_bytes)  # drop rows written after the last checkpoint
+            out.seek(done_bytes)
+            texts_iter = iter_rows(input_path, text_col)
+            skipped = sum(1 for _ in zip(range(rows), texts_iter, strict=False))
+            if skipped < rows:
+                raise DataError(f"{input_path} has {skipped} rows but {partial} already holds {rows}: "
+                                "the input changed; pass --restart to start over")
+            for texts in _chunked(texts_iter, chunk_size):
+                if mc_dropout is not None:
+                    result = clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold,
+                                                    batch_size=batch_size, dropout_rate=dropout_rate,
+                                                    seed=None if seed is None else seed + rows)
+                    data = writer.encode(texts, result.labels, result.mean, result.std, result.confident)
                 else:
-                    writer.writerow([text, label, *[f"{p:.6f}" for p in row]])
-            rows += len(texts)
-            bar.update(len(texts))
+                    probs = np.asarray(clf.predict_proba(texts, batch_size))
+                    best = probs.argmax(axis=1)
+                    confident = (None if threshold is None
+                                 else [bool(probs[i, b] >= threshold) for i, b in enumerate(best)])
+                    data = writer.encode(texts, [classes[int(b)] for b in best], probs, None, confident)
+                out.write(data)
+                _fsync(out)
+                rows += len(texts)
+                atomic_write_json(state_file, {**settings, "rows": rows, "bytes": out.tell()})
+                bar.update(len(texts))
+    except BaseException:
         bar.close()
-    return {"rows": rows, "seconds": time.perf_counter() - start}
+        if rows == 0:  # nothing worth keeping
+            partial.unlink(missing_ok=True)
+            state_file.unlink(missing_ok=True)
+        else:
+            log.warning("stopped after %d rows; %s keeps them: rerun the same command to resume "
+                        "(or pass --restart to start over)", rows, partial)
+        raise
+    bar.close()
+    os.replace(partial, output_path)
+    state_file.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    new_rows = rows - resumed_from
+    return {"rows": rows, "new_rows": new_rows, "resumed_from": resumed_from, "seconds": seconds,
+            "texts_per_second": new_rows / seconds if seconds > 0 else 0.0, "output": str(output_path)}
+
+
+def _resume_point(partial: Path, state_file: Path, settings: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(rows, bytes) recorded for an unfinished run with the same settings, or (None, None)."""
+    if not partial.exists():
+        state_file.unlink(missing_ok=True)
+        return None, None
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        log.info("%s has no readable checkpoint (%s); starting over", partial, state_file)
+        return None, None
+    changed = [f"{k}: {state.get(k)!r} then, {v!r} now" for k, v in settings.items() if state.get(k) != v]
+    if changed:
+        raise DataError(f"{partial} is an unfinished run with other settings or input ({'; '.join(changed)}); "
+                        "rerun with the same arguments to resume it, or pass --restart to start over")
+    rows, size = int(state["rows"]), int(state["bytes"])
+    if partial.stat().st_size < size:
+        raise DataError(f"{partial} is shorter ({partial.stat().st_size} bytes) than its checkpoint says "
+                        f"({size} bytes); pass --restart to start over")
+    return rows, size

@@ -1,0 +1,290 @@
+"""The REST app: `POST /v1/classify`, `GET /v1/model`, `GET /healthz`, the page at `/`, docs at `/docs`.
+
+Requests are checked in this order, each failure a JSON `{"detail": ...}`:
+API key (401) -> body size (413) -> JSON and fields (422) -> number of texts (413) -> queue room (503).
+Inference runs in a worker thread through `MicroBatcher`, so the event loop keeps answering.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, Optional
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmclf.errors import LlmclfError
+from llmclf.serve.batching import BatcherClosedError, MicroBatcher, ServerBusyError
+
+log = logging.getLogger("llmclf.serve")
+
+DEFAULT_MAX_TEXTS = 256
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_MC_PASSES = 50
+PROTECTED_PREFIX = "/v1/"
+
+
+class ClassifyRequest(BaseModel):
+    """Texts to classify; optionally Monte Carlo dropout passes and a confidence threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[StrictStr] = Field(description="Texts to classify; results come back in this order.",
+                                   examples=[["You won a free cruise! Reply YES", "See you at dinner"]])
+    mc_dropout: Optional[StrictInt] = Field(
+        None, ge=1, description="Forward passes with dropout active; adds `std` and `confident` to each result.")
+    threshold: Optional[float] = Field(
+        None, gt=0.0, le=1.0, description="A result is `confident` when its label's probability reaches this.")
+    dropout_rate: Optional[float] = Field(
+        None, ge=0.0, lt=1.0, description="With mc_dropout: override the model's dropout probability.")
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    std: Optional[dict[str, float]] = None
+    confident: Optional[bool] = None
+
+
+class ClassifyResponse(BaseModel):
+    results: list[ClassifyResult]
+
+
+def _json_safe(obj: Any) -> Any:
+    """`obj` with NaN/inf as null and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+def _api_key_of(headers: dict[bytes, bytes]) -> str | None:
+    auth = headers.get(b"authorization", b"").decode("latin-1").strip()
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1").strip() if key is not None else None
+
+
+class _Guard:
+    """ASGI middleware run before any body parsing: the API key on `/v1/` paths (401) and the
+    request body size (413, without reading more than `max_body_bytes + 1` bytes)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        if self.api_key and scope["path"].startswith(PROTECTED_PREFIX):
+            given = _api_key_of(headers)
+            if given is None or not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                why = "missing API key" if given is None else "wrong API key"
+                response = _error(401, f"{why}: send the header 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                                  headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        too_big = _error(413, f"request body exceeds {self.max_body_bytes} bytes (the server's --max-body-bytes); "
+                              "send fewer or shorter texts per request")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await too_big(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await too_big(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    """One readable line for pydantic errors: `texts[2]: Input should be a valid string; ...`."""
+    parts = []
+    for err in errors[:5]:
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append(f"malformed JSON ({err.get('ctx', {}).get('error', err.get('msg'))}); "
+                         'send {"texts": ["..."]}')
+            continue
+        where = ""
+        for p in loc:
+            where += f"[{p}]" if isinstance(p, int) else (f".{p}" if where else str(p))
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "missing" and where:
+            msg = "field required"
+        elif err.get("type") == "extra_forbidden":
+            msg = "unknown field (allowed: texts, mc_dropout, threshold, dropout_rate)"
+        elif err.get("type") == "model_attributes_type":
+            msg = 'the body must be a JSON object such as {"texts": ["..."]} (Content-Type: application/json)'
+        parts.append(f"{where}: {msg}" if where else msg)
+    if len(errors) > 5:
+        parts.append(f"... and {len(errors) - 5} more")
+    return "; ".join(parts)
+
+
+def _page(config: dict[str, Any]) -> str:
+    html = resources.files("llmclf.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    return html.replace("__LLMCLF_CONFIG__", json.dumps(config).replace("</", "<\\/"))
+
+
+def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max_wait_ms: float = 2.0,
+               max_texts: int = DEFAULT_MAX_TEXTS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_mc_passes: int = DEFAULT_MAX_MC_PASSES, max_queue: int | None = None,
+               dropout_rate: float | None = None) -> FastAPI:
+    """The FastAPI app serving classifier `clf` (anything with `classes_`, `predict_proba`,
+    `predict_mc_dropout` and `info`, e.g. from `load_classifier`).
+
+    Args:
+        api_key: when set, `/v1/*` needs `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+        max_batch: texts per forward pass; concurrent requests are merged up to this.
+        max_wait_ms: how long the batcher waits for more requests once one arrives.
+        max_texts: texts per request (413 beyond). max_body_bytes: request body size (413 beyond).
+        max_mc_passes: the largest `mc_dropout` a request may ask for (422 beyond).
+        max_queue: texts waiting for inference before requests get 503 (default 64 batches).
+        dropout_rate: MC-dropout rate for requests that give none (for models trained without dropout).
+    """
+    for name, value in (("max_batch", max_batch), ("max_texts", max_texts), ("max_body_bytes", max_body_bytes),
+                        ("max_mc_passes", max_mc_passes)):
+        if value < 1:
+            raise LlmclfError(f"{name} must be >= 1, got {value}")
+    classes = list(clf.classes_)
+    info = _json_safe(clf.info())
+
+    def run(key: Any, texts: list[str]) -> list[Any]:
+        if key is None:
+            return list(clf.predict_proba(texts, batch_size=max_batch))
+        _, passes, rate = key
+        result = clf.predict_mc_dropout(texts, passes=passes, batch_size=max_batch, dropout_rate=rate)
+        return list(zip(result.mean, result.std, strict=True))
+
+    batcher = MicroBatcher(run, max_batch=max_batch, max_wait=max_wait_ms / 1000,
+                           max_queue=max_queue if max_queue is not None else 64 * max_batch)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.close()
+
+    app = FastAPI(title="llmclf", version="1", lifespan=lifespan,
+                  description=f"Text classifier `{info.get('backbone', '')}`; labels: {', '.join(classes)}. "
+                              + ("Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`."
+                                 if api_key else ""))
+    app.state.batcher = batcher
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    page = _page({"auth": bool(api_key), "labels": classes, "backbone": info.get("backbone", ""),
+                  "max_texts": max_texts, "max_mc_passes": max_mc_passes})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return _error(422, _validation_message(exc.errors()), errors=_json_safe(errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/healthz", summary="Liveness and batching counters")
+    async def healthz() -> dict[str, Any]:
+        s = batcher.stats
+        return {"status": "ok", "queued_texts": batcher.queued_texts, "batches": s.batches, "texts": s.texts,
+                "largest_batch": s.largest_batch, "busy_seconds": round(s.busy_seconds, 3)}
+
+    @app.get("/v1/model", summary="Labels, backbone, engine, max_length, training metrics, limits")
+    async def model_info() -> dict[str, Any]:
+        return {**info, "serving": {"max_texts": max_texts, "max_batch": max_batch, "max_mc_passes": max_mc_passes,
+                                    "max_body_bytes": max_body_bytes, "auth": bool(api_key)}}
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
+              summary="Classify texts (results in input order)",
+              responses={401: {"description": "Missing or wrong API key"},
+                         413: {"description": "Too many texts or too large a body"},
+                         422: {"description": "Malformed JSON or invalid fields"},
+                         503: {"description": "Queue full or shutting down; retry later"}})
+    async def classify(request: ClassifyRequest) -> dict[str, Any]:
+        n = len(request.texts)
+        if n > max_texts:
+            raise HTTPException(413, f"{n} texts in one request; the limit is {max_texts} (--max-texts): "
+                                     "split them over several requests")
+        if request.mc_dropout is not None and request.mc_dropout > max_mc_passes:
+            raise HTTPException(422, f"mc_dropout: {request.mc_dropout} passes asked; the limit is "
+                                     f"{max_mc_passes} (--max-mc-passes)")
+        rate = request.dropout_rate if request.dropout_rate is not None else dropout_rate
+        key = None if request.mc_dropout is None else ("mc", request.mc_dropout, rate)
+        try:
+            rows = await batcher.submit(request.texts, key)
+        except ServerBusyError as exc:
+            raise HTTPException(503, f"server busy: {exc}", headers={"Retry-After": "1"}) from None
+        except BatcherClosedError as exc:
+            raise HTTPException(503, str(exc)) from None
+        except LlmclfError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except Exception as exc:
+            log.exception("inference failed")
+            raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+        results = []
+        for row in rows:
+            mean, std = row if key is not None else (row, None)
+            best = int(np.argmax(mean))
+            result: dict[str, Any] = {"label": classes[best],
+                                      "probabilities": dict(zip(classes, map(float, mean), strict=True))}
+            if std is not None:
+                result["std"] = dict(zip(classes, map(float, std), strict=True))
+            if std is not None or request.threshold is not None:
+                result["confident"] = request.threshold is None or bool(mean[best] >= request.threshold)
+            results.append(result)
+        return {"results": results}
+
+    return app

@@ -1,0 +1,44 @@
+"""A tiny trained GPT-2 classifier (pos/neg toy data) shared by the serving and batch-prediction tests.
+
+Trained once per pytest session (a few seconds) into the session's base temp directory; later
+callers in the same session load the saved directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = {"pos": "great wonderful happy", "neg": "awful terrible sad"}
+POSITIVE, NEGATIVE = "today: great wonderful happy", "today: awful terrible sad"
+
+
+def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """The directory of a tiny GPT-2 classifier (labels neg, pos; dropout 0.1) saved by `fit`."""
+    out = tmp_path_factory.getbasetemp() / "llmclf-tiny-classifier"
+    if (out / "config.json").is_file():
+        return out
+    from llmclf.config import GPTConfig
+    from llmclf.data.classification import LabelledTexts
+    from llmclf.engines.scratch import TextClassifier
+    from llmclf.loaders.checkpoint import save_checkpoint
+    from llmclf.models.gpt2 import GPTModel
+    from llmclf.tokenizer import load_gpt2_tokenizer
+
+    tokenizer = load_gpt2_tokenizer(os.environ.get("LLMCLF_GPT2_TOKENIZER_DIR", shared_dir / "tokenizers" / "gpt2"))
+    torch.manual_seed(0)
+    lm = save_checkpoint(out.with_name(out.name + "-lm"),
+                         GPTModel(GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)),
+                         tokenizer)
+    labels = ["pos" if i % 2 else "neg" for i in range(32)]
+    data = LabelledTexts([f"item {i}: {WORDS[lab]}" for i, lab in enumerate(labels)], labels, "toy")
+    clf = TextClassifier(str(lm), trainable="all", epochs=3, lr=3e-3, batch_size=8, eval_freq=1000,
+                         precision="float32")
+    clf.fit(data, data, progress=False)
+    tmp = out.with_name(out.name + ".tmp")
+    clf.save(tmp)
+    tmp.rename(out)  # complete or absent
+    return out
