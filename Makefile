@@ -10,7 +10,7 @@ export LLMCLF_GPT2_TOKENIZER_DIR ?= $(SHARED)/tokenizers/gpt2
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo demo-lm test test-slow lint bench clean
+.PHONY: setup browser demo demo-lm serve test test-slow lint bench bench-serve bench-predict clean
 
 setup: $(VENV)/.installed
 
@@ -43,7 +43,23 @@ demo-lm: setup
 		--no-qkv-bias --text $(SHARED)/data/the_verdict/the-verdict.txt --out $(DEMO_DIR)/lm --epochs 10
 	$(VENV)/bin/llmclf generate --model $(DEMO_DIR)/lm --prompt "Every effort moves you" --max-new-tokens 25
 
-test: setup
+# Debian's Chromium for the browser test (tests/test_browser.py). CI (CI=true, root) installs it;
+# elsewhere a missing browser only skips that test, with the reason.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$CI" = "true" ] && [ "$$(id -u)" = "0" ]; then \
+			echo "installing chromium (apt-get) for the browser test"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else \
+			echo "note: /usr/bin/chromium is missing, so tests/test_browser.py will be skipped (apt-get install chromium)"; \
+		fi; \
+	fi
+
+# Serve the demo's classifier (after `make demo`): page at http://127.0.0.1:8000/, API docs at /docs.
+serve: setup
+	$(VENV)/bin/llmclf serve --model $(DEMO_DIR)/spam
+
+test: setup browser
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q
 
@@ -52,6 +68,13 @@ test-slow: setup  # exit code 5 = no slow tests collected yet
 
 bench: setup
 	$(PY) bench/bench_gpt2_speed.py
+
+# Load benchmark of `llmclf serve` (GPT-2-small-sized and MiniLM classifiers) and batch-predict throughput.
+bench-serve: setup
+	$(PY) bench/bench_serve.py
+
+bench-predict: setup
+	$(PY) bench/bench_predict.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
