@@ -10,7 +10,7 @@ export LLMCLF_GPT2_TOKENIZER_DIR ?= $(SHARED)/tokenizers/gpt2
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup browser demo demo-lm serve test test-slow lint bench bench-serve bench-predict clean
+.PHONY: setup browser demo demo-imdb demo-lm serve test test-slow lint bench bench-serve bench-predict clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,18 @@ demo: setup
 	$(VENV)/bin/llmclf predict --model $(DEMO_DIR)/spam \
 		"You are a winner you have been specially selected to receive \$$1000 cash or a \$$2000 award." \
 		"Hey, just wanted to check if we're still on for dinner tonight? Let me know!"
+
+# The course's Hugging Face path: all-MiniLM-L6-v2 on balanced IMDB (80/20, seed 42) with Trainer.
+demo-imdb: setup
+	$(VENV)/bin/llmclf data split $(SHARED)/data/imdb/imdb_train_1000_balanced.csv --out $(DEMO_DIR)/imdb \
+		--ratios 0.8,0.2,0 --seed 42
+	$(VENV)/bin/llmclf train --model all-minilm-l6-v2 --train $(DEMO_DIR)/imdb/train.csv \
+		--val $(DEMO_DIR)/imdb/validation.csv --test $(DEMO_DIR)/imdb/validation.csv --out $(DEMO_DIR)/imdb-minilm \
+		--epochs 5 --batch-size 8 --lr 5e-5 --weight-decay 0.005 --warmup 0.1 --grad-accum 4 --eval-freq 50 --seed 42
+	$(VENV)/bin/llmclf predict --model $(DEMO_DIR)/imdb-minilm --mc-dropout 5 --threshold 0.6 \
+		"This movie was absolutely fantastic! Great acting and amazing plot." \
+		"Terrible waste of time. The story made no sense and the acting was awful." \
+		"It was okay, not great but not terrible either. Somewhat entertaining."
 
 # The book's language-model half: pretrain GPT-2 small from scratch on The Verdict (chapter 5).
 demo-lm: setup

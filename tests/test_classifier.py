@@ -63,6 +63,22 @@ def test_any_labelled_format_and_split(tmp_path):
         read_labelled(tmp_path / "bad.csv")
 
 
+def test_a_zero_share_gives_the_usual_80_20_split(tmp_path, shared_dir):
+    from sklearn.model_selection import train_test_split
+
+    data = read_labelled(shared_dir / "data/imdb/imdb_train_1000_balanced.csv")
+    train, val, test = split_labelled(data, (0.8, 0.2, 0.0), seed=42)
+    assert (len(train), len(val), len(test)) == (800, 200, 0)
+    _, expected = train_test_split(data.texts, test_size=0.2, random_state=42)  # the course's split
+    assert val.texts == expected
+    result = runner.invoke(app, ["data", "split", str(shared_dir / "data/imdb/imdb_train_1000_balanced.csv"),
+                                 "--out", str(tmp_path), "--ratios", "0.8,0.2,0", "--seed", "42"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv", "validation.csv"]
+    with pytest.raises(DataError, match="too few"):
+        split_labelled(LabelledTexts(["a", "b"], ["x", "y"]), (0.5, 0.3, 0.2))
+
+
 def test_pooling_finds_the_last_real_token_on_either_side():
     hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])

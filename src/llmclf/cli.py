@@ -13,6 +13,7 @@ import typer
 
 from llmclf import api
 from llmclf.config import DEFAULT_MODEL
+from llmclf.engines.base import TEST_METRICS_FILE
 from llmclf.errors import LlmclfError
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.loaders.tensors import atomic_write_json
@@ -210,7 +211,8 @@ def data_sms_spam(
 def data_split(
     file: Annotated[Path, typer.Argument(help="CSV, TSV or JSONL file with a header.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
-    ratios: Annotated[str, typer.Option("--ratios", help="train,validation,test shares.")] = "0.7,0.1,0.2",
+    ratios: Annotated[str, typer.Option(
+        "--ratios", help="train,validation,test shares; a 0 share writes no file (0.8,0.2,0 = 80/20).")] = "0.7,0.1,0.2",
     stratify: Annotated[bool, typer.Option("--stratify", help="Keep label proportions in every split.")] = False,
     seed: SeedOpt = DEFAULT_SEED,
     text_col: TextColOpt = "text",
@@ -225,6 +227,9 @@ def data_split(
         raise typer.BadParameter(f"{ratios!r} is not three comma-separated numbers", param_hint="--ratios") from None
     parts = split_labelled(read_labelled(file, text_col, label_col), shares, stratify, seed)
     for name, part in zip(("train", "validation", "test"), parts, strict=True):
+        if len(part) == 0:
+            typer.echo(f"{name:10s}      0 rows (share 0: no file written)")
+            continue
         write_labelled(part, out / f"{name}.csv")
         typer.echo(f"{name:10s} {len(part):6d} rows")
     typer.echo(f"written to {out}/")
@@ -238,31 +243,48 @@ def train(
     val_file: Annotated[Path, typer.Option("--val", help="Validation data (model selection, early stopping).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the trained classifier.")],
     model: ModelOpt = DEFAULT_MODEL,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="scratch (llmclf's GPT-2/Llama code) | hf (transformers Trainer, encoder models) | "
+        "auto (hf for encoders such as all-minilm-l6-v2 or BERT directories, else scratch).")] = "auto",
     test_file: Annotated[Optional[Path], typer.Option("--test", help="Test data, evaluated once at the end.")] = None,
     text_col: TextColOpt = "text",
     label_col: LabelColOpt = "label",
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training data.")] = 5,
+    epochs: Annotated[Optional[int], typer.Option(
+        "--epochs", min=1, help="Passes over the training data [default: 5 scratch, 3 hf].")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per batch.")] = 8,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 5e-5,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = 0.1,
-    trainable: Annotated[str, typer.Option(
-        "--trainable", help="head | last-block (last block + final norm + head) | last-n:N | all | "
-        "lora[:rank[:alpha]]")] = "last-block",
-    pooling: Annotated[str, typer.Option(
-        "--pooling", help="last (last real token) | mean | last-position (the course's fixed padding).")] = "last",
+    weight_decay: Annotated[Optional[float], typer.Option(
+        "--weight-decay", min=0.0, help="AdamW weight decay [default: 0.1 scratch (the course's), 0.0 hf].")] = None,
     max_length: Annotated[Optional[int], typer.Option(
         "--max-length", min=1, help="Tokens per text (default: longest training text, capped at the context).")] = None,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimizer step.")] = 1,
-    eval_freq: Annotated[int, typer.Option("--eval-freq", min=1, help="Evaluate every N steps.")] = 50,
-    eval_iter: Annotated[int, typer.Option("--eval-iter", min=1, help="Batches per evaluation.")] = 5,
+    eval_freq: Annotated[Optional[int], typer.Option(
+        "--eval-freq", min=1, help="Evaluate every N optimizer steps [default: 50 scratch; hf: every epoch].")] = None,
     patience: Annotated[Optional[int], typer.Option(
-        "--patience", min=1, help="Stop after N epochs without validation gain.")] = None,
-    bucket: Annotated[bool, typer.Option("--bucket", help="Batch texts of similar length together.")] = False,
+        "--patience", min=1, help="Early stopping: N epochs (scratch) or evaluations (hf) without gain.")] = None,
+    trainable: Annotated[Optional[str], typer.Option(
+        "--trainable", help="scratch: head | last-block (last block + final norm + head) | last-n:N | all | "
+        "lora[:rank[:alpha]] [default: last-block]")] = None,
+    pooling: Annotated[Optional[str], typer.Option(
+        "--pooling", help="scratch: last (last real token) | mean | last-position (the course's fixed padding) "
+        "[default: last]")] = None,
+    eval_iter: Annotated[Optional[int], typer.Option(
+        "--eval-iter", min=1, help="scratch: batches per loss evaluation [default: 5].")] = None,
+    bucket: Annotated[bool, typer.Option("--bucket", help="scratch: batch texts of similar length together.")] = False,
     no_cache: Annotated[bool, typer.Option(
-        "--no-cache", help="Run frozen layers every step instead of once per text.")] = False,
+        "--no-cache", help="scratch: run frozen layers every step instead of once per text.")] = False,
+    warmup: Annotated[Optional[float], typer.Option(
+        "--warmup", min=0.0, max=0.99,
+        help="hf: share of steps for learning-rate warmup (0.1 = 10 %) [default: 0].")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(
+        "--eval-batch-size", min=1, help="hf: texts per evaluation batch [default: --batch-size].")] = None,
+    best_metric: Annotated[Optional[str], typer.Option(
+        "--best-metric", help="hf: f1 | accuracy | precision | recall | loss, for keeping the best model "
+        "[default: f1].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final metrics as one JSON object.")] = False,
     random_init: RandomInitOpt = False,
-    seed: SeedOpt = DEFAULT_SEED,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Random seed (head init, data order) [default: 123 scratch (the book's), 42 hf].")] = None,
     base_config: BaseConfigOpt = None,
     context_length: ContextLengthOpt = None,
     drop_rate: DropRateOpt = None,
@@ -271,30 +293,56 @@ def train(
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = None,
 ) -> None:
-    """Fine-tune a language model into a text classifier (new head on the pooled token)."""
+    """Fine-tune a pretrained model into a text classifier and save it to --out.
+
+    Two engines, one interface: `scratch` puts a new head on llmclf's own GPT-2/Llama models
+    (chosen layers trainable, frozen layers cached); `hf` fine-tunes encoders (BERT family,
+    all-minilm-l6-v2) with transformers' Trainer. Options marked scratch: or hf: apply to one.
+    """
     _check_precision(precision)
-    from llmclf.classifier import TextClassifier, evaluation_report
+    from llmclf.classifier import evaluation_report, make_classifier
     from llmclf.data.classification import read_labelled
+    from llmclf.engines import ENGINES, choose_engine
+
+    if engine not in ("auto", *ENGINES):
+        raise typer.BadParameter(f"{engine!r} is not auto, scratch or hf", param_hint="--engine")
+    engine = choose_engine(model) if engine == "auto" else engine
+    common = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+              "max_length": max_length, "grad_accum": grad_accum, "patience": patience, "seed": seed,
+              "precision": precision, "device": device}
+    scratch_only = {"--trainable": trainable, "--pooling": pooling, "--eval-iter": eval_iter, "--bucket": bucket,
+                    "--no-cache": no_cache, "--random-init": random_init, "--base-config": base_config,
+                    "--context-length": context_length, "--drop-rate": drop_rate, "--qkv-bias": qkv_bias,
+                    "--tokenizer-dir": tokenizer_dir}
+    hf_only = {"--warmup": warmup, "--eval-batch-size": eval_batch_size, "--best-metric": best_metric}
+    wrong = [name for name, value in (hf_only if engine == "scratch" else scratch_only).items()
+             if value not in (None, False)]
+    if wrong:
+        raise typer.BadParameter(f"{', '.join(wrong)} do(es) not apply to the {engine} engine")
+    if engine == "hf":
+        options = {**common, "eval_steps": eval_freq, "warmup": warmup, "eval_batch_size": eval_batch_size,
+                   "best_metric": best_metric}
+    else:
+        options = {**common, "eval_freq": eval_freq, "trainable": trainable, "pooling": pooling,
+                   "eval_iter": eval_iter, "bucket": bucket, "cache_frozen": not no_cache,
+                   "model_options": {"random_init": random_init, "seed": seed, "base_config": base_config,
+                                     "context_length": context_length, "drop_rate": drop_rate,
+                                     "qkv_bias": qkv_bias, "tokenizer_dir": tokenizer_dir}}
+    clf = make_classifier(model, engine, **{k: v for k, v in options.items() if v is not None})
 
     train_data = read_labelled(train_file, text_col, label_col)
     val_data = read_labelled(val_file, text_col, label_col)
     test_data = read_labelled(test_file, text_col, label_col) if test_file else None
-    clf = TextClassifier(
-        model, trainable=trainable, pooling=pooling, max_length=max_length, epochs=epochs, batch_size=batch_size,
-        lr=lr, weight_decay=weight_decay, grad_accum=grad_accum, eval_freq=eval_freq, eval_iter=eval_iter,
-        patience=patience, seed=seed, precision=precision, bucket=bucket, cache_frozen=not no_cache, device=device,
-        model_options={"random_init": random_init, "seed": seed, "base_config": base_config,
-                       "context_length": context_length, "drop_rate": drop_rate, "qkv_bias": qkv_bias,
-                       "tokenizer_dir": tokenizer_dir})
     clf.fit(train_data, val_data, out_dir=out)
-    result = {"validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1), "out": str(out)}
+    result = {"engine": engine, "validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1),
+              "out": str(out)}
     if test_data is not None:
         result["test"] = evaluation_report(clf, test_data, plots_dir=out)
-        atomic_write_json(out / "test_metrics.json", result["test"])
+        atomic_write_json(out / TEST_METRICS_FILE, result["test"])
     if as_json:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"trained in {clf.train_seconds_:.1f} s; saved to {out}/")
+    typer.echo(f"trained in {clf.train_seconds_:.1f} s ({engine} engine); saved to {out}/")
     for split in ("validation", "test"):
         if split in result:
             m = result[split]

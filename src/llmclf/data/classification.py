@@ -82,19 +82,26 @@ def write_labelled(data: LabelledTexts, path: str | os.PathLike) -> None:
 
 def split_labelled(data: LabelledTexts, ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
                    stratify: bool = False, seed: int = 123) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
-    """Shuffle and split into train/validation/test by `ratios` (optionally stratified by label)."""
+    """Shuffle and split into train/validation/test by `ratios` (optionally stratified by label).
+    A share of 0 gives an empty part: `(0.8, 0.2, 0)` is the usual 80/20 train/evaluation split,
+    identical to scikit-learn's `train_test_split(test_size=0.2, random_state=seed)`."""
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise DataError(f"ratios must be three non-negative numbers summing to 1, got {ratios}")
     index = list(range(len(data)))
     n_test = round(len(index) * ratios[2])
     n_val = round(len(index) * ratios[1])
-    if n_test == 0 or n_val == 0 or len(index) - n_test - n_val == 0:
+    if (ratios[2] > 0 and n_test == 0) or (ratios[1] > 0 and n_val == 0) or len(index) - n_test - n_val <= 0:
         raise DataError(f"{len(index)} rows are too few for the split {ratios}")
-    strat = data.labels if stratify else None
+
+    def split(ids: list[int], n: int) -> tuple[list[int], list[int]]:
+        if n == 0:
+            return ids, []
+        strat = [data.labels[i] for i in ids] if stratify else None
+        return train_test_split(ids, test_size=n, random_state=seed, stratify=strat)
+
     try:
-        rest, test = train_test_split(index, test_size=n_test, random_state=seed, stratify=strat)
-        strat_rest = [data.labels[i] for i in rest] if stratify else None
-        train, val = train_test_split(rest, test_size=n_val, random_state=seed, stratify=strat_rest)
+        rest, test = split(index, n_test)
+        train, val = split(rest, n_val)
     except ValueError as exc:
         raise DataError(f"cannot split {data.source}: {exc}") from exc
 

@@ -150,7 +150,8 @@ class HFClassifier(BaseClassifier):
         eval_steps: evaluate (and save a candidate) every N optimizer steps; None = every epoch.
         best_metric: f1 | accuracy | precision | recall | loss, for `load_best_model_at_end`.
         patience: early stopping after N evaluations without improvement.
-        max_length: tokens per text (default: the longest training text, capped at the model's limit).
+        max_length: tokens per text (default: the longest training text, capped at the model's limit;
+            256 for all-MiniLM-L6-v2, its sentence-transformers `max_seq_length`).
         precision: auto | float32 | bfloat16 (bf16 mixed precision where the hardware is fast).
     """
 
@@ -246,10 +247,12 @@ class HFClassifier(BaseClassifier):
         source = resolve_hf_model(self.model)
         set_seed(self.seed)  # the new head's initialisation
         model, self.tokenizer_ = load_sequence_classifier(source, self.classes_)
-        limit = min(self.tokenizer_.model_max_length, getattr(model.config, "max_position_embeddings", 512))
-        train_enc = self.tokenizer_(train.texts, truncation=False)
-        longest = max(len(ids) for ids in train_enc["input_ids"])
-        self.max_length_ = min(self.max_length or longest, limit)
+        hard_limit, trained_limit = _length_limits(source, model, self.tokenizer_)
+        if self.max_length:
+            self.max_length_ = min(self.max_length, hard_limit)
+        else:
+            train_enc = self.tokenizer_(train.texts, truncation=False, verbose=False)
+            self.max_length_ = min(max(len(ids) for ids in train_enc["input_ids"]), trained_limit)
         train_set = self._dataset(train, "training")
         val_set = self._dataset(val, "validation")
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -400,6 +403,17 @@ class HFClassifier(BaseClassifier):
         clf.model_ = model.to(resolve_device(device)).eval()
         clf.config_ = config
         return clf
+
+
+def _length_limits(source: str, model, tokenizer) -> tuple[int, int]:
+    """(hard, trained) input limits: what the tokenizer and position embeddings allow, and what the
+    model was trained for (sentence-transformers' `max_seq_length`, 256 for all-MiniLM-L6-v2)."""
+    hard = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
+    try:
+        st_config = json.loads((Path(source) / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        return hard, min(hard, int(st_config["max_seq_length"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return hard, hard  # not a sentence-transformers directory
 
 
 def _best_step(state) -> int | None:
