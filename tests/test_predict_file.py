@@ -223,3 +223,15 @@ def test_cli_predict_texts_with_mc_dropout_and_threshold(clf_dir):
 
     bad = runner.invoke(app, ["predict", "--model", str(clf_dir), "--dropout-rate", "0.2", POSITIVE])
     assert bad.exit_code == 2 and "--mc-dropout" in bad.output
+
+
+def test_two_runs_never_write_the_same_output(tmp_path, clf):
+    fcntl = pytest.importorskip("fcntl")
+    src = write_input(tmp_path / "in.csv", TEXTS[:4])
+    out = tmp_path / "out.csv"
+    with open(tmp_path / "out.csv.lock", "a") as held:  # as a running predict holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="another run is writing"):
+            predict_file(clf, src, out, progress=False)
+    assert predict_file(clf, src, out, progress=False)["rows"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv"]

@@ -11,6 +11,7 @@ duplicated. A finished OUTPUT is never replaced unless `overwrite=True`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,6 +21,11 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs on one output are not detected
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import pandas as pd
@@ -131,6 +137,24 @@ class _Writer:
         return self._csv(rows)
 
 
+@contextlib.contextmanager
+def _exclusive(output_path: Path) -> Iterator[None]:
+    """Hold `OUTPUT.lock` so that two runs never write the same output at once."""
+    lock = output_path.with_name(output_path.name + ".lock")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DataError(f"another run is writing {output_path} (it holds {lock}); wait for it to finish "
+                                "or choose another --output") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def _fingerprint(input_path: Path) -> dict[str, Any]:
     stat = input_path.stat()
     return {"input": str(input_path.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
@@ -169,6 +193,14 @@ def predict_file(clf: Any, input_path: str | os.PathLike, output_path: str | os.
         raise DataError(f"{output_path}: the output must end in .csv, .tsv or .jsonl")
     if chunk_size < 1 or batch_size < 1:
         raise DataError(f"chunk_size and batch_size must be >= 1, got {chunk_size} and {batch_size}")
+    with _exclusive(output_path):
+        return _predict_file(clf, input_path, output_path, fmt, text_col, batch_size, chunk_size, mc_dropout,
+                             threshold, dropout_rate, seed, restart, overwrite, progress)
+
+
+def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_col: str, batch_size: int,
+                  chunk_size: int, mc_dropout: int | None, threshold: float | None, dropout_rate: float | None,
+                  seed: int | None, restart: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
     if output_path.exists() and not overwrite:
         raise DataError(f"{output_path} already exists (a finished run); pass --overwrite to replace it "
                         "or choose another --output")
