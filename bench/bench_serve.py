@@ -77,11 +77,12 @@ def free_port() -> int:
 class Server:
     """`llmclf serve` in a subprocess on a free loopback port; stopped on exit."""
 
-    def __init__(self, model_dir: Path, max_batch: int, log: Path) -> None:
+    def __init__(self, model_dir: Path, max_batch: int, max_wait_ms: float, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "llmclf", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--max-batch", str(max_batch), "--no-access-log"]
+                    "--port", str(self.port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
+                    "--no-access-log"]
         self.log = log
 
     def __enter__(self) -> Server:
@@ -162,16 +163,19 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=20_000, help="request cap of each run")
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the server's --max-wait-ms")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_serve.json")
     args = parser.parse_args()
     if not 0 < args.seconds <= 600 or not 0 < args.max_requests <= 1_000_000:
         raise SystemExit("--seconds must be in (0, 600] and --max-requests in (0, 1e6]")
 
     texts = sms_texts()
-    report = {"machine": f"{os.cpu_count()} cores", "load_average": os.getloadavg(), "runs": []}
+    report = {"machine": f"{os.cpu_count()} cores", "load_average": os.getloadavg(), "max_batch": args.max_batch,
+              "max_wait_ms": args.max_wait_ms, "runs": []}
     for name in args.models.split(","):
         model_dir = build_classifier(name)
-        with Server(model_dir, args.max_batch, REPO / "runs" / f"bench_serve_{name}.log") as server:
+        log = REPO / "runs" / f"bench_serve_{name}.log"
+        with Server(model_dir, args.max_batch, args.max_wait_ms, log) as server:
             asyncio.run(load(server.url, texts, 4, 3, 200, args.texts_per_request))  # warm-up
             for clients in (int(c) for c in args.clients.split(",")):
                 result = asyncio.run(load(server.url, texts, clients, args.seconds, args.max_requests,

@@ -4,8 +4,9 @@ Every request puts a job (its texts and a future) on a queue. One worker task ta
 job, adds every queued job of the same kind (deterministic, or MC-dropout with the same passes
 and dropout rate) while the batch stays within `max_batch` texts, runs the blocking inference in
 a single worker thread and hands each job its rows. While a batch runs, new requests queue up and
-form the next batch, so batches grow with the load; `max_wait` (default 2 ms) lets requests that
-arrive a moment apart join the same batch even when the server is idle.
+form the next batch, so batches grow with the load. Before each batch the worker waits up to
+`max_wait` (default 2 ms; not at all once `max_batch` texts wait) so that requests arriving a
+moment apart, such as those of clients the previous batch just answered, share the batch.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class MicroBatcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_texts = 0
         self._wakeup: asyncio.Event | None = None
+        self._full = asyncio.Event()  # set when a full batch is waiting
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
@@ -80,6 +82,7 @@ class MicroBatcher:
         if self._worker is None or self._worker.done():
             self._closed = False
             self._wakeup = asyncio.Event()
+            self._full = asyncio.Event()
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmclf-infer")
             self._worker = asyncio.get_running_loop().create_task(self._loop(), name="llmclf-batcher")
 
@@ -117,6 +120,8 @@ class MicroBatcher:
         self._queued_texts += len(texts)
         assert self._wakeup is not None
         self._wakeup.set()
+        if self._queued_texts >= self.max_batch:
+            self._full.set()
         return await job.future
 
     def _take_batch(self) -> list[_Job]:
@@ -141,15 +146,18 @@ class MicroBatcher:
     async def _loop(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        idle = True
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                idle = True
-            if idle and self.max_wait > 0:
-                await asyncio.sleep(self.max_wait)  # let requests arriving together join
-            idle = False
+            if self.max_wait > 0 and self._queued_texts < self.max_batch and not self._solo:
+                # Let requests arriving together (or from clients the last batch just answered) join,
+                # unless a full batch is already waiting.
+                self._full.clear()
+                try:
+                    await asyncio.wait_for(self._full.wait(), self.max_wait)
+                except asyncio.TimeoutError:
+                    pass
             batch = [job for job in self._take_batch() if not job.future.cancelled()]
             texts = [t for job in batch for t in job.texts]
             if not texts:
