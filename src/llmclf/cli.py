@@ -212,7 +212,8 @@ def data_split(
     file: Annotated[Path, typer.Argument(help="CSV, TSV or JSONL file with a header.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
     ratios: Annotated[str, typer.Option(
-        "--ratios", help="train,validation,test shares; a 0 share writes no file (0.8,0.2,0 = 80/20).")] = "0.7,0.1,0.2",
+        "--ratios", help="train,validation,test shares; a 0 share writes no file (0.8,0.2,0 = 80/20).",
+    )] = "0.7,0.1,0.2",
     stratify: Annotated[bool, typer.Option("--stratify", help="Keep label proportions in every split.")] = False,
     seed: SeedOpt = DEFAULT_SEED,
     text_col: TextColOpt = "text",
