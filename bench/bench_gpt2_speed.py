@@ -2,7 +2,9 @@
 
 Prints forward+backward training throughput (tokens/s) at batch 8 x 256 tokens for the book's
 model (float32, as the book runs it) and ours (float32, and the product's default precision),
-then greedy generation throughput with and without the KV cache.
+then greedy generation throughput with and without the KV cache. It also measures this
+machine's matmul throughput at the default precision and prints the ceiling it sets: the
+tokens/s that any implementation could reach if every FLOP of the step ran at that speed.
 
     python bench/bench_gpt2_speed.py [--steps 3] [--new-tokens 200]
 """
@@ -39,6 +41,25 @@ def train_throughput(model: torch.nn.Module, dtype: torch.dtype, steps: int, bat
         if step:
             times.append(time.perf_counter() - start)
     return batch * seq * len(times) / sum(times)
+
+
+def matmul_flops(dtype: torch.dtype, m: int = 2048, k: int = 768, n: int = 3072, repeats: int = 20) -> float:
+    """FLOP/s of one GEMM of a GPT-2-small feed-forward layer's shape, the best of `repeats`."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    best = float("inf")
+    with autocast(torch.device("cpu"), dtype):
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+def step_flops(cfg: GPTConfig, tokens: int) -> float:
+    """Matmul FLOPs of forward + backward (6 per weight per token) plus attention scores."""
+    block = 12 * cfg.emb_dim**2  # W_query, W_key, W_value, out_proj (4 d^2) + feed-forward (8 d^2)
+    weights = cfg.n_layers * block + cfg.emb_dim * cfg.vocab_size  # + out_head
+    return 6 * weights * tokens
 
 
 def generation_throughput(model: GPTModel, dtype: torch.dtype, new_tokens: int, use_kv_cache: bool) -> float:
@@ -81,6 +102,12 @@ def main() -> None:
         print(f"  llmclf GPTModel  {str(dtype).removeprefix('torch.'):9s} {results[dtype]:8.1f} tokens/s"
               f"   ratio vs book {results[dtype] / book_tps:5.2f}x")
     print(f"ratio at the default precision ({default_dtype}): {results[default_dtype] / book_tps:.2f}x")
+    flops = matmul_flops(default_dtype)
+    ceiling = args.batch_size * args.seq_len / (step_flops(cfg, args.batch_size * args.seq_len) / flops)
+    print(f"hardware ceiling: a {str(default_dtype).removeprefix('torch.')} GEMM runs at {flops / 1e9:.0f} GFLOP/s "
+          f"here, so a step's {step_flops(cfg, args.batch_size * args.seq_len) / 1e12:.2f} TFLOP allow at most "
+          f"{ceiling:.0f} tokens/s = {ceiling / book_tps:.2f}x the book (ours reaches "
+          f"{results[default_dtype] / ceiling:.0%} of it)")
 
     print(f"greedy generation, {args.new_tokens} new tokens after a 4-token prompt ({default_dtype}):")
     with_cache = generation_throughput(ours, default_dtype, args.new_tokens, True)

@@ -214,7 +214,20 @@ def test_bad_options_and_engine_mixups(tiny_bert: Path, review_files: Path, trai
         from llmclf.loaders.spec import load_model
 
         load_model(trained_dir)
+    result = runner.invoke(app, ["train", *args[3:], "--engine", "hf"])  # the default model is a scratch decoder
+    assert isinstance(result.exception, ConfigError) and "decoder for the scratch engine" in str(result.exception)
+    with pytest.raises(CheckpointError, match="no local directory of that name either"):
+        HFClassifier("runs/no-such-model", epochs=1).fit(_reviews(8, 1), _reviews(8, 2), progress=False)
     assert not (tmp_path / "x").exists()  # option errors come before any output is written
+
+
+def test_loaded_max_length_is_capped_and_fresh_models_report_metrics(tiny_bert: Path, trained_dir: Path):
+    loaded = load_classifier(trained_dir, max_length=100_000)
+    assert loaded.max_length_ == 64  # the tiny BERT's position embeddings
+    assert loaded.predict_proba(["word " * 500]).shape == (1, 2)  # truncated, not an index error
+
+    clf = HFClassifier(str(tiny_bert), epochs=1).fit(_reviews(8, 1), _reviews(8, 2), progress=False)
+    assert clf.info()["metrics"]["validation"]["n"] == 8  # what `serve` shows for a model fitted in-process
 
 
 @pytest.mark.slow

@@ -235,3 +235,55 @@ def test_two_runs_never_write_the_same_output(tmp_path, clf):
             predict_file(clf, src, out, progress=False)
     assert predict_file(clf, src, out, progress=False)["rows"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv"]
+
+
+def test_a_lock_file_removed_by_the_previous_run_is_not_trusted(tmp_path, clf, monkeypatch):
+    """Run B opens OUTPUT.lock; run A, finishing, removes it; run C creates and locks a new one.
+    B then gets the lock of the removed file, and must not take that for the right to write."""
+    fcntl = pytest.importorskip("fcntl")
+    import llmclf.predict as predict_module
+
+    src = write_input(tmp_path / "in.csv", TEXTS[:4])
+    out = tmp_path / "out.csv"
+    lock = tmp_path / "out.csv.lock"
+    real_open, run_c = open, []
+
+    def open_then_lose_the_race(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        if str(path) == str(lock) and not run_c:
+            lock.unlink()  # run A is done
+            run_c.append(real_open(lock, "a"))  # run C starts
+            fcntl.flock(run_c[0].fileno(), fcntl.LOCK_EX)
+        return f
+
+    monkeypatch.setattr(predict_module, "open", open_then_lose_the_race, raising=False)
+    try:
+        with pytest.raises(DataError, match="another run is writing"):
+            predict_file(clf, src, out, progress=False)
+    finally:
+        run_c[0].close()
+    assert not out.exists()
+
+
+def test_a_run_is_not_resumed_with_another_model(tmp_path, clf, clf_dir):
+    from llmclf.classifier import load_classifier
+
+    other = load_classifier(clf_dir, precision="float32")
+    other.config_ = {**other.config_, "metrics": {"validation": {"accuracy": 0.5}}}  # another fine-tune
+    src = write_input(tmp_path / "in.csv")
+    out = tmp_path / "out.csv"
+    with pytest.raises(Interrupted):
+        predict_file(Interrupting(clf, stop_at=2), src, out, chunk_size=4, progress=False)
+    with pytest.raises(DataError, match="other settings.*model"):
+        predict_file(other, src, out, chunk_size=4, progress=False)
+
+
+def test_mc_dropout_runs_resume_only_with_the_same_chunk_size(tmp_path, clf):
+    src = write_input(tmp_path / "in.csv")
+    out = tmp_path / "out.csv"
+    options = {"mc_dropout": 2, "dropout_rate": 0.2, "seed": 1}
+    with pytest.raises(Interrupted):
+        predict_file(Interrupting(clf, stop_at=2), src, out, chunk_size=4, progress=False, **options)
+    with pytest.raises(DataError, match="chunk_size"):
+        predict_file(clf, src, out, chunk_size=5, progress=False, **options)
+    assert predict_file(clf, src, out, chunk_size=4, progress=False, **options)["resumed_from"] == 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -139,25 +140,47 @@ class _Writer:
 
 @contextlib.contextmanager
 def _exclusive(output_path: Path) -> Iterator[None]:
-    """Hold `OUTPUT.lock` so that two runs never write the same output at once."""
+    """Hold `OUTPUT.lock` so that two runs never write the same output at once.
+
+    The lock file is removed when the run ends, so a run that opened it just before must check,
+    once it holds the lock, that the file it locked is still the one at that path.
+    """
     lock = output_path.with_name(output_path.name + ".lock")
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DataError(f"another run is writing {output_path} (it holds {lock}); wait for it to finish "
-                                "or choose another --output") from None
+    while True:
+        f = open(lock, "a")  # closed in the finally below, or on retry
+        if fcntl is None:
+            break
         try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise DataError(f"another run is writing {output_path} (it holds {lock}); wait for it to finish "
+                            "or choose another --output") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the previous holder removed the file we locked: lock the new one
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        f.close()
 
 
 def _fingerprint(input_path: Path) -> dict[str, Any]:
     stat = input_path.stat()
     return {"input": str(input_path.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
+
+
+def _model_fingerprint(clf: Any) -> str:
+    """Backbone plus a hash of what the classifier knows of its training (labels, metrics, ...),
+    so that a run is not resumed with another fine-tuned model of the same backbone."""
+    info = clf.info()
+    digest = hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{info.get('backbone', '')}#{digest}"
 
 
 def _fsync(f) -> None:
@@ -208,14 +231,11 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
     classes = list(clf.classes_)
     writer = _Writer(fmt, text_col, classes, with_std=mc_dropout is not None,
                      with_confident=mc_dropout is not None or threshold is not None)
-    backbone = ""
-    try:
-        backbone = str(clf.info().get("backbone", ""))
-    except Exception:  # informational only
-        pass
     settings = {"version": STATE_VERSION, **_fingerprint(input_path), "text_col": text_col, "format": fmt,
-                "columns": writer.columns(), "model": backbone, "mc_dropout": mc_dropout, "threshold": threshold,
-                "dropout_rate": dropout_rate, "seed": seed}
+                "columns": writer.columns(), "model": _model_fingerprint(clf), "mc_dropout": mc_dropout,
+                "threshold": threshold, "dropout_rate": dropout_rate, "seed": seed,
+                # MC-dropout seeds follow chunk starts, so another chunk size would give other rows
+                "chunk_size": chunk_size if mc_dropout is not None else None}
 
     if restart:
         partial.unlink(missing_ok=True)

