@@ -230,7 +230,7 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
     @app.exception_handler(Exception)
     async def _crash(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -273,7 +273,9 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
             raise HTTPException(422, str(exc)) from None
         except Exception as exc:
             log.exception("inference failed")
-            raise HTTPException(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+            # The message stays in the server log: exception texts can show paths and internals.
+            raise HTTPException(500, f"inference failed ({type(exc).__name__}); the server log has the details"
+                                ) from None
         results = []
         for row in rows:
             mean, std = row if key is not None else (row, None)
