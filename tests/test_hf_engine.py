@@ -22,7 +22,8 @@ runner = CliRunner()
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "plot", "was", "very", "acting"]
 
 
-def _tiny_bert_dir(path: Path, vocab_size: int | None = None, num_labels: int | None = None) -> Path:
+def _tiny_bert_dir(path: Path, vocab_size: int | None = None, num_labels: int | None = None,
+                   dropout: float = 0.1) -> Path:
     """A tiny random BERT (or BertForSequenceClassification with `num_labels`) with a WordPiece
     tokenizer, saved the way Hugging Face models are shipped."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
@@ -32,7 +33,8 @@ def _tiny_bert_dir(path: Path, vocab_size: int | None = None, num_labels: int | 
     tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
     assert tokenizer.unk_token_id not in tokenizer("the movie was good")["input_ids"]
     config = BertConfig(vocab_size=vocab_size or len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     if num_labels:
         config.num_labels = num_labels
         model = BertForSequenceClassification(config)
@@ -219,6 +221,24 @@ def test_bad_options_and_engine_mixups(tiny_bert: Path, review_files: Path, trai
     with pytest.raises(CheckpointError, match="no local directory of that name either"):
         HFClassifier("runs/no-such-model", epochs=1).fit(_reviews(8, 1), _reviews(8, 2), progress=False)
     assert not (tmp_path / "x").exists()  # option errors come before any output is written
+
+
+def test_gradient_accumulation_gives_the_loss_of_the_larger_batch(tmp_path: Path):
+    """Batch 2 x 4 accumulation steps trains and logs like batch 8: Trainer must divide the loss by
+    the accumulation steps even though BERT's head accepts **kwargs (huggingface/transformers#47688)."""
+    bert = _tiny_bert_dir(tmp_path / "bert", dropout=0.0)
+    train, val = _reviews(32, 1), _reviews(8, 2)
+
+    def logged_losses(batch_size: int, grad_accum: int) -> list[float]:
+        clf = HFClassifier(str(bert), epochs=2, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3,
+                           precision="float32")
+        clf.fit(train, val, progress=False)
+        return [entry["loss"] for entry in clf.history_["log_history"] if "loss" in entry]
+
+    big, accumulated = logged_losses(8, 1), logged_losses(2, 4)
+    assert len(big) == len(accumulated) >= 2
+    assert accumulated == pytest.approx(big, rel=1e-4)
+    assert big[0] < 1.0  # about ln 2 for an untrained 2-class head, not 4 x ln 2
 
 
 def test_loaded_max_length_is_capped_and_fresh_models_report_metrics(tiny_bert: Path, trained_dir: Path):

@@ -287,6 +287,11 @@ class HFClassifier(BaseClassifier):
                               data_collator=DataCollatorWithPadding(self.tokenizer_),
                               processing_class=self.tokenizer_, compute_metrics=_compute_metrics,
                               callbacks=callbacks)
+            # Sequence-classification heads take **kwargs but average their loss per batch, ignoring
+            # num_items_in_batch; Trainer then skips its division by the accumulation steps, and
+            # with --grad-accum N the loss (and gradient) is N times too large
+            # (huggingface/transformers#47688). Telling it the truth restores the mean loss.
+            trainer.model_accepts_loss_kwargs = False
             trainer.train()
             self.history_ = {"log_history": trainer.state.log_history,
                              "best_metric": trainer.state.best_metric, "best_step": _best_step(trainer.state),
