@@ -5,7 +5,9 @@ written by `llmclf data sms-spam`) with the course's Trainer settings (5 epochs,
 weight decay 0.005, 10 % warmup, gradient accumulation 4, evaluation every 50 steps, best model by
 F1), each run in a fresh process, and prints wall time and test accuracy/F1 of each:
 
-- `plain`: the hand-written script below (what the course does), float32;
+- `plain`: the hand-written script below (what the course does), float32. Like any such script
+  with current transformers, it trains with gradient accumulation on a loss 4 times too large
+  (huggingface/transformers#47688), which llmclf corrects; times are comparable, accuracies may differ;
 - `llmclf-fp32`: `HFClassifier` with the same settings, float32 (the overhead comparison);
 - `llmclf-auto`: `HFClassifier` with llmclf's default precision (bf16 on AMX CPUs).
 
