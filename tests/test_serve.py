@@ -356,13 +356,17 @@ def test_a_full_queue_is_503_and_shutdown_fails_waiting_requests():
 def test_model_info_docs_and_page(tiny_clf):
     async def go():
         async with client(create_app(tiny_clf, max_texts=7)) as c:
-            return [await c.get(p) for p in ("/v1/model", "/docs", "/openapi.json", "/", "/nowhere")]
+            return [await c.get(p) for p in ("/v1/model", "/docs", "/openapi.json", "/", "/nowhere",
+                                             "/docs-assets/swagger-ui-bundle.js")]
 
-    info, docs, schema, page, missing = run(go())
+    info, docs, schema, page, missing, swagger_js = run(go())
     body = info.json()
     assert body["labels"] == ["neg", "pos"] and body["engine"] == "scratch" and body["max_length"] >= 1
     assert "backbone" in body and "metrics" in body and body["serving"]["max_texts"] == 7
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assets = re.findall(r"""(?:src|href)=["']?([^"' >]+)""", docs.text)  # Swagger UI from this server, no CDN
+    assert assets and all(a.startswith("http://test/docs-assets/") for a in assets), assets
+    assert swagger_js.status_code == 200 and "SwaggerUIBundle" in swagger_js.text
     assert "/v1/classify" in schema.json()["paths"]
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # no external assets

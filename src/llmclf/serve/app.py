@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_swagger import patch_fastapi
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -208,7 +209,7 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
         yield
         await batcher.close()
 
-    app = FastAPI(title="llmclf", version="1", lifespan=lifespan,
+    app = FastAPI(title="llmclf", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Text classifier `{info.get('backbone', '')}`; labels: {', '.join(classes)}. "
                               + ("Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`."
                                  if api_key else ""))
@@ -231,6 +232,11 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
     async def _crash(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    # Swagger UI 5 from the installed fastapi-swagger package instead of FastAPI's CDN: /docs works offline.
+    patch_fastapi(app, docs_url="/docs", redirect_from_root_to_docs=False, title="llmclf API",
+                  swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+                  swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
