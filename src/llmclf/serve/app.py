@@ -210,6 +210,7 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
         await batcher.close()
 
     app = FastAPI(title="llmclf", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None,
                   description=f"Text classifier `{info.get('backbone', '')}`; labels: {', '.join(classes)}. "
                               + ("Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`."
                                  if api_key else ""))
