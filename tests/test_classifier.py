@@ -286,3 +286,24 @@ def test_tsv_input_and_jsonl_output(tmp_path, tiny_lm):
     with pytest.raises(DataError, match="no column 'text'"):
         predict_file(clf, tmp_path / "in.tsv", tmp_path / "out2.jsonl")
     assert not (tmp_path / "out2.jsonl").exists()  # nothing half-written
+
+
+def assert_one_position_head_matches_the_full_forward(backbone: torch.nn.Module) -> None:
+    """The classifier's last block finishes only the pooled rows; its logits must equal reading the
+    pooled rows of the full forward (every position through every block), as the course does."""
+    rng = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, backbone.tok_emb.num_embeddings, (3, 7), generator=rng)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1]])  # right, left
+    for pooling, attn in (("last", mask), ("last-position", None)):
+        clf = SequenceClassifier(replace_head(backbone, 2), pooling).eval()
+        with torch.no_grad():
+            full = clf.backbone.out_head(pool(clf.backbone.hidden_states(ids, attn), attn, pooling))
+            torch.testing.assert_close(clf(ids, mask), full, atol=1e-5, rtol=1e-5)
+            # blocks 1: from cached states, as training with cached frozen layers runs them
+            x, inputs = clf.backbone.embed(ids, attn)
+            states = clf.backbone.run_blocks(x, inputs, stop=1)
+            torch.testing.assert_close(clf.forward_from(states, attn, start=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_classifier_finishes_only_the_pooled_rows_in_its_last_block(tiny_model):
+    assert_one_position_head_matches_the_full_forward(tiny_model)

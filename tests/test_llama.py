@@ -209,3 +209,9 @@ def test_llama_classifier_saves_and_reloads_with_its_tokenizer(tmp_path, tiny_hf
     assert (tmp_path / "clf" / "tokenizer.json").is_file()
     reloaded = load_classifier(tmp_path / "clf", precision="float32")
     np.testing.assert_allclose(reloaded.predict_proba(texts[:4]), clf.predict_proba(texts[:4]), atol=1e-6)
+
+
+def test_llama_classifier_finishes_only_the_pooled_rows_in_its_last_block(tiny_llama):
+    from test_classifier import assert_one_position_head_matches_the_full_forward
+
+    assert_one_position_head_matches_the_full_forward(tiny_llama)

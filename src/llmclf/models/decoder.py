@@ -76,6 +76,11 @@ class DecoderModel(nn.Module):
         return x
 
 
+def rows_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The row of each sequence at its position: x (B, T, C), positions (B,) -> (B, 1, C)."""
+    return x[torch.arange(x.shape[0], device=x.device), positions][:, None]
+
+
 def causal_padding_mask(attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
     """Boolean SDPA mask (B, 1, T, S): causal, padding keys hidden, True = may attend.
 

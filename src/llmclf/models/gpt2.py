@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from llmclf.config import GPTConfig
 from llmclf.errors import ConfigError
-from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask
+from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, rows_at
 
 
 class LayerNorm(nn.Module):
@@ -113,8 +113,14 @@ class TransformerBlock(nn.Module):
         self.drop_resid = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop_resid(self.att(self.norm1(x), mask, kv_cache, layer))
+                kv_cache: KVCache | None = None, layer: int = 0,
+                only_at: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `only_at` (B,) position indices, only those rows (B, 1, C)
+        go on after attention, which saves the feed-forward of every other position."""
+        shortcut, att = x, self.att(self.norm1(x), mask, kv_cache, layer)
+        if only_at is not None:
+            shortcut, att = rows_at(shortcut, only_at), rows_at(att, only_at)
+        x = shortcut + self.drop_resid(att)
         x = x + self.drop_resid(self.ff(self.norm2(x)))
         return x
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from llmclf.errors import ConfigError
+from llmclf.models.decoder import rows_at
 from llmclf.models.gpt2 import GPTModel
 
 POOLINGS = ("last", "mean", "last-position")
@@ -33,10 +34,17 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
     if pooling == "mean":
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     if pooling == "last":
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        last = (positions * attention_mask.long()).argmax(dim=1)  # index of the last real token
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return rows_at(hidden, last_positions(attention_mask, pooling, *hidden.shape[:2], hidden.device))[:, 0]
     raise ConfigError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def last_positions(attention_mask: torch.Tensor | None, pooling: str, batch: int, length: int,
+                   device: torch.device) -> torch.Tensor:
+    """(B,) index of the position that `last` or `last-position` pooling reads."""
+    if pooling == "last-position" or attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=device)
+    return (positions * attention_mask.to(device).long()).argmax(dim=1)  # index of the last real token
 
 
 class SequenceClassifier(nn.Module):
@@ -65,12 +73,21 @@ class SequenceClassifier(nn.Module):
 
     def forward_from(self, x: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor | None = None,
                      start: int = 0) -> torch.Tensor:
-        """Run blocks `start:` on hidden states x (B, T, C), then norm, pool and head."""
+        """Run blocks `start:` on hidden states x (B, T, C), then norm, pool and head.
+
+        With a one-position pooling (`last`, `last-position`) the last block finishes only the
+        pooled row after its attention: the head never reads the others.
+        """
         if mask is None:
             mask = self.backbone.attention_inputs(attention_mask, x.shape[1])
-        x = self.backbone.run_blocks(x, mask, start=start)
-        pooled = pool(self.backbone.final_norm(x), attention_mask, self.pooling)
-        return self.backbone.out_head(pooled)
+        n_layers = len(self.backbone.trf_blocks)
+        if self.pooling == "mean" or start >= n_layers:
+            x = self.backbone.run_blocks(x, mask, start=start)
+            return self.backbone.out_head(pool(self.backbone.final_norm(x), attention_mask, self.pooling))
+        x = self.backbone.run_blocks(x, mask, start=start, stop=n_layers - 1)
+        pooled_at = last_positions(attention_mask, self.pooling, *x.shape[:2], x.device)
+        x = self.backbone.trf_blocks[-1](x, mask, only_at=pooled_at)  # (B, 1, C)
+        return self.backbone.out_head(self.backbone.final_norm(x[:, 0]))
 
     @torch.no_grad()
     def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmclf.config import LlamaConfig
-from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask
+from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, rows_at
 
 
 class AttentionInputs(NamedTuple):
@@ -99,8 +99,12 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.emb_dim, eps=cfg.rms_eps)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.att(self.norm1(x), inputs, kv_cache, layer)
+                layer: int = 0, only_at: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), or only the rows at `only_at` (B,) after attention: (B, 1, C)."""
+        shortcut, att = x, self.att(self.norm1(x), inputs, kv_cache, layer)
+        if only_at is not None:
+            shortcut, att = rows_at(shortcut, only_at), rows_at(att, only_at)
+        x = shortcut + att
         return x + self.ff(self.norm2(x))
 
 
