@@ -177,6 +177,19 @@ def test_fit_learns_saves_and_reloads(tmp_path, tiny_lm):
     assert events.count("epoch") == 4 and "eval" in events and "step" in events
 
 
+def test_fit_reports_the_validation_metrics_that_evaluate_gives(tiny_lm):
+    # fit computes them from its cached validation states instead of another full pass
+    data = _toy_data()
+    val = LabelledTexts(["great", "sad day", "item: awful", "wonderful happy", "terrible", "fine"],
+                        ["pos", "neg", "neg", "pos", "neg", "pos"], "val")
+    clf = TextClassifier(str(tiny_lm), trainable="last-block", epochs=1, precision="float32").fit(data, val,
+                                                                                                  progress=False)
+    expected = clf.evaluate(val)
+    assert clf.val_metrics_["confusion_matrix"] == expected["confusion_matrix"]
+    assert clf.val_metrics_["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert clf.val_metrics_["n"] == 6
+
+
 def test_same_seed_same_result(tiny_lm):
     data = _toy_data(24)
 

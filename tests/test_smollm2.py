@@ -40,3 +40,16 @@ def test_logits_equal_transformers_from_the_same_gguf(smollm2):
     ids = torch.tensor([tokenizer.encode("You are a winner you have been specially selected to receive $1000 cash.")])
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-3
+
+
+def test_tokenizer_matches_transformers_autotokenizer_on_the_same_gguf(smollm2):
+    from llmclf.loaders.llama import packaged_gguf
+
+    transformers = pytest.importorskip("transformers")
+    path = packaged_gguf("smollm2-135m")
+    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _, tokenizer = smollm2
+    assert (tokenizer.eos_id, tokenizer.pad_id) == (reference.eos_token_id, reference.pad_token_id)
+    texts = ["You are a winner you have been specially selected to receive $1000 cash or a $2000 award.",
+             "  Hey,\n\njust checking?? 123 é ü 😀", "<|im_start|>user\nhi<|im_end|>"]
+    assert tokenizer.encode_batch(texts) == [reference(t, add_special_tokens=False)["input_ids"] for t in texts]

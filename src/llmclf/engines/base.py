@@ -158,7 +158,9 @@ class BaseClassifier:
         """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, loss and n."""
         self._check_fitted()
         y_true = self._label_ids(data)  # checked first: unknown labels fail before any inference
-        probs = self.predict_proba(data.texts, batch_size)
+        return self._metrics(y_true, self.predict_proba(data.texts, batch_size))
+
+    def _metrics(self, y_true: list[int], probs: np.ndarray) -> dict:
         y_pred = probs.argmax(axis=1).tolist()
         picked = probs[np.arange(len(y_true)), y_true]
         loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()) if y_true else float("nan")

@@ -150,7 +150,10 @@ class TextClassifier(BaseClassifier):
         self.model_ = classifier.eval()
         self.train_seconds_ = time.perf_counter() - start
         self.n_trainable_ = n_trainable
-        self.val_metrics_ = self.evaluate(val)
+        # From the validation batches already built (with their cached frozen states): the same
+        # metrics as `self.evaluate(val)` without another pass through the frozen layers.
+        val_probs = torch.cat([torch.softmax(logits, dim=-1) for logits, _ in iter_logits(classifier, val_batches)])
+        self.val_metrics_ = self._metrics(val_enc.labels, val_probs.cpu().numpy())
         if out_dir is not None:
             self.save(out_dir)
             self._plot(Path(out_dir))
