@@ -20,6 +20,7 @@ from llmclf.data.classification import (
     read_labelled,
     read_sms_spam,
     split_labelled,
+    write_labelled,
 )
 from llmclf.errors import ConfigError, DataError
 from llmclf.loaders.checkpoint import save_checkpoint
@@ -188,6 +189,29 @@ def test_fit_reports_the_validation_metrics_that_evaluate_gives(tiny_lm):
     assert clf.val_metrics_["confusion_matrix"] == expected["confusion_matrix"]
     assert clf.val_metrics_["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert clf.val_metrics_["n"] == 6
+
+
+def test_a_template_wraps_every_text_in_training_and_after_reloading(tmp_path, tiny_lm):
+    data = _toy_data()
+    with pytest.raises(ConfigError, match="template must contain {text}"):
+        TextClassifier(str(tiny_lm), template="Message:").fit(data, data, progress=False)
+    path = tmp_path / "data.csv"
+    write_labelled(data, path)
+    result = runner.invoke(app, ["train", "--model", str(tiny_lm), "--train", str(path), "--val", str(path),
+                                 "--out", str(tmp_path / "bad"), "--template", "no placeholder"])
+    assert isinstance(result.exception, ConfigError) and "template must contain {text}" in str(result.exception)
+    result = runner.invoke(app, ["train", "--model", str(tiny_lm), "--train", str(path), "--val", str(path),
+                                 "--out", str(tmp_path / "clf"), "--epochs", "1", "--precision", "float32",
+                                 "--template", "SMS: {text}\\nSpam?"])
+    assert result.exit_code == 0, result.output
+    clf = load_classifier(tmp_path / "clf", precision="float32")
+    assert clf.template == "SMS: {text}\nSpam?"
+    tokenizer = clf.tokenizer_
+    wrapped = clf._encode(LabelledTexts(["great day"], []), with_labels=False).ids[0]
+    assert wrapped == tokenizer.encode("SMS: great day\nSpam?")
+    templated = clf.predict_proba(["great day", "sad"])
+    clf.template = None
+    assert not np.allclose(clf.predict_proba(["great day", "sad"]), templated)
 
 
 def test_same_seed_same_result(tiny_lm):

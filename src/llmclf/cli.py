@@ -274,6 +274,9 @@ def train(
     bucket: Annotated[bool, typer.Option("--bucket", help="scratch: batch texts of similar length together.")] = False,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="scratch: run frozen layers every step instead of once per text.")] = False,
+    template: Annotated[Optional[str], typer.Option(
+        "--template", help="scratch: what the model reads per text, {text} marking the text; \\n is a newline. "
+        "E.g. an instruction in the model's chat format (see README). Saved with the model.")] = None,
     warmup: Annotated[Optional[float], typer.Option(
         "--warmup", min=0.0, max=0.99,
         help="hf: share of steps for learning-rate warmup (0.1 = 10 %) [default: 0].")] = None,
@@ -314,7 +317,7 @@ def train(
     scratch_only = {"--trainable": trainable, "--pooling": pooling, "--eval-iter": eval_iter, "--bucket": bucket,
                     "--no-cache": no_cache, "--random-init": random_init, "--base-config": base_config,
                     "--context-length": context_length, "--drop-rate": drop_rate, "--qkv-bias": qkv_bias,
-                    "--tokenizer-dir": tokenizer_dir}
+                    "--tokenizer-dir": tokenizer_dir, "--template": template}
     hf_only = {"--warmup": warmup, "--eval-batch-size": eval_batch_size, "--best-metric": best_metric}
     wrong = [name for name, value in (hf_only if engine == "scratch" else scratch_only).items()
              if value not in (None, False)]
@@ -326,6 +329,7 @@ def train(
     else:
         options = {**common, "eval_freq": eval_freq, "trainable": trainable, "pooling": pooling,
                    "eval_iter": eval_iter, "bucket": bucket, "cache_frozen": not no_cache,
+                   "template": template.replace("\\n", "\n") if template is not None else None,
                    "model_options": {"random_init": random_init, "seed": seed, "base_config": base_config,
                                      "context_length": context_length, "drop_rate": drop_rate,
                                      "qkv_bias": qkv_bias, "tokenizer_dir": tokenizer_dir}}

@@ -26,6 +26,8 @@ from llmclf.training.plots import plot_values
 
 log = logging.getLogger(__name__)
 
+TEXT_FIELD = "{text}"
+
 __all__ = ["NotFittedError", "TextClassifier"]
 
 
@@ -43,6 +45,9 @@ class TextClassifier(BaseClassifier):
         pooling: last (last real token) | mean | last-position (the course's fixed-length padding).
         max_length: tokens per text (default: the longest training text, capped at the context).
         cache_frozen: compute frozen layers once per text (exact when they have no dropout).
+        template: what the model reads for each text, with `{text}` where the text goes (e.g. an
+            instruction in the model's chat format); applied in training and prediction, saved
+            with the model. None: the text alone.
     """
 
     engine = "scratch"
@@ -51,7 +56,7 @@ class TextClassifier(BaseClassifier):
                  max_length: int | None = None, epochs: int = 5, batch_size: int = 8, lr: float = 5e-5,
                  weight_decay: float = 0.1, grad_accum: int = 1, eval_freq: int = 50, eval_iter: int = 5,
                  patience: int | None = None, seed: int = 123, precision: str = "auto", bucket: bool = False,
-                 cache_frozen: bool = True, device: str | None = None,
+                 cache_frozen: bool = True, template: str | None = None, device: str | None = None,
                  model_options: dict[str, Any] | None = None) -> None:
         self.model = model
         self.trainable = trainable
@@ -69,6 +74,7 @@ class TextClassifier(BaseClassifier):
         self.precision = precision
         self.bucket = bucket
         self.cache_frozen = cache_frozen
+        self.template = template
         self.device = device
         self.model_options = model_options or {}
 
@@ -83,6 +89,8 @@ class TextClassifier(BaseClassifier):
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 1:
             problems.append(f"max_length must be >= 1, got {self.max_length}")
+        if self.template is not None and TEXT_FIELD not in self.template:
+            problems.append(f"template must contain {TEXT_FIELD} where the text goes, got {self.template!r}")
         if self.patience is not None and self.patience < 1:
             problems.append(f"patience must be >= 1, got {self.patience}")
         try:
@@ -116,7 +124,7 @@ class TextClassifier(BaseClassifier):
         n_total = sum(p.numel() for p in classifier.parameters())
         log.info("trainable parameters: %s of %s (%s)", f"{n_trainable:,}", f"{n_total:,}", self.trainable)
 
-        train_ids = self.tokenizer_.encode_batch(train.texts)
+        train_ids = self.tokenizer_.encode_batch(self._model_inputs(train.texts))
         longest = max(len(ids) for ids in train_ids)
         self.max_length_ = min(self.max_length or longest, backbone.context_length)
         train_enc, val_enc = self._encode(train, token_ids=train_ids), self._encode(val)
@@ -162,7 +170,12 @@ class TextClassifier(BaseClassifier):
     def _encode(self, data: LabelledTexts, with_labels: bool = True,
                 token_ids: list[list[int]] | None = None) -> EncodedTexts:
         label_ids = self._label_ids(data) if with_labels else None
-        return encode_texts(data.texts, self.tokenizer_, self.max_length_, label_ids, token_ids)
+        return encode_texts(self._model_inputs(data.texts), self.tokenizer_, self.max_length_, label_ids, token_ids)
+
+    def _model_inputs(self, texts: list[str]) -> list[str]:
+        if self.template is None:
+            return texts
+        return [self.template.replace(TEXT_FIELD, text) for text in texts]
 
     def _plot(self, out_dir: Path) -> None:
         h = self.history_
@@ -213,7 +226,7 @@ class TextClassifier(BaseClassifier):
             atomic_write_json(out_dir / HISTORY_FILE, history.to_dict())
         settings = {k: getattr(self, k) for k in ("trainable", "epochs", "batch_size", "lr", "weight_decay",
                                                   "grad_accum", "eval_freq", "eval_iter", "patience", "seed",
-                                                  "precision", "bucket")}
+                                                  "precision", "bucket", "template")}
         save_checkpoint(
             out_dir, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
             backbone=str(self.model), labels=self.classes_, max_length=self.max_length_, pooling=self.model_.pooling,
@@ -243,6 +256,7 @@ class TextClassifier(BaseClassifier):
             raise ConfigError(f"{path} is a language model (its head has {n_out} outputs), not a classifier")
         clf = cls(str(config.get("backbone", path)), pooling=pooling or config.get("pooling", "last"),
                   precision=precision, device=device)
+        clf.template = (config.get("training") or {}).get("template")
         clf.classes_ = labels or config.get("labels") or [str(i) for i in range(n_out)]
         if len(clf.classes_) != n_out:
             raise ConfigError(f"{len(clf.classes_)} labels given for a head with {n_out} outputs")

@@ -3,6 +3,7 @@ cached frozen layers, mixed precision, early stopping and a metrics log."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -45,6 +46,16 @@ class Batches:
 
     def __len__(self) -> int:
         return -(-len(self.data.ids) // self.batch_size)
+
+    def subset(self, indices: list[int], bucket: bool | None = None) -> Batches:
+        """These texts restricted to `indices`, sharing the cached states (for cross-validation)."""
+        part = copy.copy(self)
+        labels = [self.data.labels[i] for i in indices] if self.data.labels is not None else None
+        part.data = EncodedTexts([self.data.ids[i] for i in indices], labels, 0)
+        part.lengths = [self.lengths[i] for i in indices]
+        part.states = [self.states[i] for i in indices] if self.states is not None else None
+        part.bucket = self.bucket if bucket is None else bucket
+        return part
 
     def _compute_states(self, model: SequenceClassifier, dtype: torch.dtype, progress: bool, name: str):
         was_training = model.training
