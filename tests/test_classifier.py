@@ -310,6 +310,22 @@ def test_patience_stops_early_and_keeps_the_best_epoch(tiny_lm):
     assert history.stopped_early and len(history.val_accuracy_full) == 3 and history.best_epoch == 1
 
 
+def test_equal_validation_accuracy_keeps_the_epoch_with_the_lower_loss(tiny_lm, monkeypatch):
+    import llmclf.training.classifier as training
+
+    full_evaluations = iter([(0.5, 0.9), (0.3, 0.9), (0.4, 0.9), (0.2, 0.8)])  # (loss, accuracy) per epoch
+    partial = training.calc_loss_and_accuracy
+
+    def scripted(model, batches, num_batches=None):
+        return next(full_evaluations) if num_batches is None else partial(model, batches, num_batches)
+
+    monkeypatch.setattr(training, "calc_loss_and_accuracy", scripted)
+    data = _toy_data(16)
+    history = TextClassifier(str(tiny_lm), epochs=4, precision="float32", eval_freq=1000).fit(
+        data, data, progress=False).history_
+    assert history.best_epoch == 2 and history.val_loss_full == [0.5, 0.3, 0.4, 0.2]
+
+
 def test_tsv_input_and_jsonl_output(tmp_path, tiny_lm):
     from llmclf.predict import predict_file
 

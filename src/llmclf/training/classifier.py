@@ -155,8 +155,10 @@ class ClassifierHistory:
     val_accs: list[float] = field(default_factory=list)
     examples_at_epoch: list[int] = field(default_factory=list)
     val_accuracy_full: list[float] = field(default_factory=list)
+    val_loss_full: list[float] = field(default_factory=list)
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
+    best_val_loss: float = float("inf")
     stopped_early: bool = False
     examples_seen: int = 0
     global_step: int = -1
@@ -170,7 +172,7 @@ def train_classifier_simple(model: SequenceClassifier, train: Batches, val: Batc
                             grad_accum: int = 1, patience: int | None = None,
                             seed: int = 123, metrics_log: IO[str] | None = None, progress: bool = True,
                             on_eval: Callable[[str], None] | None = None) -> ClassifierHistory:
-    """Train; keep the weights of the epoch with the best full validation accuracy.
+    """Train; keep the weights of the epoch with the best full validation accuracy (ties: lower loss).
 
     Every `eval_freq` optimizer steps, train/val loss on `eval_iter` batches; after each epoch,
     train/val accuracy on `eval_iter` batches (the course's output) and the full validation accuracy,
@@ -218,17 +220,21 @@ def train_classifier_simple(model: SequenceClassifier, train: Batches, val: Batc
 
         _, train_acc = calc_loss_and_accuracy(model, train, eval_iter)
         _, val_acc = calc_loss_and_accuracy(model, val, eval_iter)
-        _, val_acc_full = calc_loss_and_accuracy(model, val)
+        val_loss_full, val_acc_full = calc_loss_and_accuracy(model, val)
         history.train_accs.append(train_acc)
         history.val_accs.append(val_acc)
         history.val_accuracy_full.append(val_acc_full)
+        history.val_loss_full.append(val_loss_full)
         history.examples_at_epoch.append(history.examples_seen)
         write({"event": "epoch", "epoch": epoch + 1, "step": history.global_step, "train_accuracy": train_acc,
-               "val_accuracy": val_acc, "val_accuracy_full": val_acc_full})
+               "val_accuracy": val_acc, "val_accuracy_full": val_acc_full, "val_loss_full": val_loss_full})
         say(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}% "
-            f"(full validation set: {val_acc_full * 100:.2f}%)")
-        if epoch == 0 or val_acc_full > history.best_val_accuracy:
+            f"(full validation set: {val_acc_full * 100:.2f}%, loss {val_loss_full:.4f})")
+        # Small validation sets tie often (one text of 149 is 0.67 %): then the lower loss wins.
+        if (epoch == 0 or val_acc_full > history.best_val_accuracy
+                or (val_acc_full == history.best_val_accuracy and val_loss_full < history.best_val_loss)):
             history.best_val_accuracy, history.best_epoch = val_acc_full, epoch + 1
+            history.best_val_loss = val_loss_full
             best_state = {name: p.detach().clone() for name, p in trainable.items()}
             epochs_without_gain = 0
         else:
