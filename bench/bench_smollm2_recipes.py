@@ -31,7 +31,7 @@ import time
 import torch
 
 from llmclf.classifier import TextClassifier
-from llmclf.data.classification import label_order, read_labelled
+from llmclf.data.classification import apply_template, label_order, read_labelled
 
 # The SMS instruction in SmolLM2-Instruct's chat format (ChatML), without its default system prompt.
 TEMPLATES = {
@@ -74,8 +74,7 @@ def cross_validate(data: dict, recipes: list[str], folds: int, batch_size: int, 
     names = data["train"].labels + data["validation"].labels
     classes = label_order(names)
     labels = [classes.index(name) for name in names]
-    if template is not None:
-        texts = [template.replace("{text}", text) for text in texts]
+    texts = apply_template(template, texts)
     backbone, tokenizer = load_model("smollm2-135m")
     torch.manual_seed(123)
     replace_head(backbone, len(classes))
@@ -139,7 +138,7 @@ def run_transformers(data: dict, n_last_blocks: int, epochs: int, lr: float, bat
     collator = DataCollatorWithPadding(tokenizer)
 
     def batches(split: str, shuffle: bool, rng: random.Random):
-        texts = data[split].texts if template is None else [template.replace("{text}", t) for t in data[split].texts]
+        texts = apply_template(template, data[split].texts)
         enc = tokenizer(texts, truncation=True, max_length=512)
         order = list(range(len(texts)))
         if shuffle:

@@ -220,6 +220,16 @@ class EncodedTexts:
     truncated: int  # how many texts were cut to max_length
 
 
+TEXT_FIELD = "{text}"
+
+
+def apply_template(template: str | None, texts: list[str]) -> list[str]:
+    """Each text put where `{text}` stands in `template` (None: the texts unchanged)."""
+    if template is None:
+        return texts
+    return [template.replace(TEXT_FIELD, text) for text in texts]
+
+
 def encode_texts(texts: list[str], tokenizer, max_length: int, label_ids: list[int] | None = None,
                  token_ids: list[list[int]] | None = None) -> EncodedTexts:
     """Token ids cut to `max_length` (pass `token_ids` when the texts are already tokenised)."""

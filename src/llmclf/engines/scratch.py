@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from llmclf.config import DEFAULT_MODEL
-from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts, label_order
+from llmclf.data.classification import (
+    TEXT_FIELD,
+    EncodedTexts,
+    LabelledTexts,
+    apply_template,
+    encode_texts,
+    label_order,
+)
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
 from llmclf.errors import ConfigError, DataError
 from llmclf.loaders.checkpoint import read_checkpoint_config, save_checkpoint
@@ -25,8 +32,6 @@ from llmclf.training.classifier import Batches, iter_logits, train_classifier_si
 from llmclf.training.plots import plot_values
 
 log = logging.getLogger(__name__)
-
-TEXT_FIELD = "{text}"
 
 __all__ = ["NotFittedError", "TextClassifier"]
 
@@ -173,9 +178,7 @@ class TextClassifier(BaseClassifier):
         return encode_texts(self._model_inputs(data.texts), self.tokenizer_, self.max_length_, label_ids, token_ids)
 
     def _model_inputs(self, texts: list[str]) -> list[str]:
-        if self.template is None:
-            return texts
-        return [self.template.replace(TEXT_FIELD, text) for text in texts]
+        return apply_template(self.template, texts)
 
     def _plot(self, out_dir: Path) -> None:
         h = self.history_
