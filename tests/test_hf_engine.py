@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from llmclf.classifier import HFClassifier, TextClassifier, load_classifier, make_classifier
@@ -248,6 +249,34 @@ def test_loaded_max_length_is_capped_and_fresh_models_report_metrics(tiny_bert: 
 
     clf = HFClassifier(str(tiny_bert), epochs=1).fit(_reviews(8, 1), _reviews(8, 2), progress=False)
     assert clf.info()["metrics"]["validation"]["n"] == 8  # what `serve` shows for a model fitted in-process
+
+
+def test_a_failed_save_leaves_the_previous_model_whole(trained_dir: Path, tmp_path: Path, monkeypatch):
+    clf = load_classifier(trained_dir)
+    out = clf.save(tmp_path / "clf")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with torch.no_grad():
+        clf.model_.classifier.bias += 1.0  # the next save would change hf_model/model.safetensors
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:  # fails while writing the model files
+        patch.setattr(clf.tokenizer_, "save_pretrained", broken_save)
+        with pytest.raises(OSError, match="disk full"):
+            clf.save(out)
+    clf.epochs = {1}  # fails while writing config.json, after the model files
+    with pytest.raises(TypeError):
+        clf.save(out)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # hf_model/ and config.json untouched, no temporary files left
+
+    clf.epochs = 99
+    clf.save(out)
+    assert json.loads((out / "config.json").read_text())["training"]["epochs"] == 99
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    reloaded = load_classifier(out)
+    assert np.allclose(reloaded.predict_proba(["good movie"]), clf.predict_proba(["good movie"]), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from llmclf.data.classification import LabelledTexts, label_order
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError, DataError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
-from llmclf.loaders.tensors import atomic_write_json
+from llmclf.loaders.tensors import atomic_path, atomic_write_json
 from llmclf.runtime import autocast, resolve_device, resolve_precision
 from llmclf.training.plots import plot_series
 
@@ -359,38 +359,44 @@ class HFClassifier(BaseClassifier):
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """`save_pretrained` files (model + tokenizer) in `hf_model/`, and llmclf's config.json
-        (labels, max_length, settings, metrics) and history beside them; written atomically."""
+        (labels, max_length, settings, metrics) and history beside them.
+
+        Everything is written to temporary names first; only then are `hf_model/` and config.json
+        swapped in, one right after the other, so a failure while writing leaves the previous model whole.
+        """
         self._check_fitted()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         history = getattr(self, "history_", None)
         if history is not None:
             atomic_write_json(out_dir / HISTORY_FILE, history)
-        final = out_dir / HF_MODEL_DIR
-        tmp = Path(tempfile.mkdtemp(prefix=f".{HF_MODEL_DIR}-", dir=out_dir))
-        try:
-            self.model_.save_pretrained(tmp)
-            self.tokenizer_.save_pretrained(tmp)
-            old = None
-            if final.exists():
-                old = final.with_name(f".{HF_MODEL_DIR}-old-{os.getpid()}")
-                final.rename(old)
-            tmp.rename(final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         settings = {k: getattr(self, k) for k in ("epochs", "batch_size", "eval_batch_size", "lr", "weight_decay",
                                                   "warmup", "grad_accum", "eval_steps", "best_metric", "patience",
                                                   "seed", "precision")}
-        atomic_write_json(out_dir / CONFIG_FILE, {
+        config = {
             "format": CHECKPOINT_FORMAT, "format_version": 1, "task": "classification", "engine": self.engine,
             "architecture": self.model_.config.model_type, "hf_model": HF_MODEL_DIR, "backbone": str(self.model),
             "labels": self.classes_, "max_length": self.max_length_, "training": settings,
             "metrics": {"validation": getattr(self, "val_metrics_", None),
                         "train_seconds": getattr(self, "train_seconds_", None),
-                        "trainable_parameters": getattr(self, "n_trainable_", None)}})
+                        "trainable_parameters": getattr(self, "n_trainable_", None)}}
+        final = out_dir / HF_MODEL_DIR
+        tmp = Path(tempfile.mkdtemp(prefix=f".{HF_MODEL_DIR}-", dir=out_dir))
+        try:
+            self.model_.save_pretrained(tmp)
+            self.tokenizer_.save_pretrained(tmp)
+            with atomic_path(out_dir / CONFIG_FILE) as config_tmp:  # renamed in when the block ends
+                config_tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                old = None
+                if final.exists():
+                    old = final.with_name(f".{HF_MODEL_DIR}-old-{os.getpid()}")
+                    final.rename(old)
+                tmp.rename(final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return out_dir
 
     @classmethod
