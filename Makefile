@@ -41,7 +41,7 @@ demo: setup
 
 # The course's Hugging Face path: all-MiniLM-L6-v2 on balanced IMDB (80/20, seed 42) with Trainer.
 demo-imdb: setup
-	$(VENV)/bin/llmclf data split $(SHARED)/data/imdb/imdb_train_1000_balanced.csv --out $(DEMO_DIR)/imdb \
+	$(VENV)/bin/llmclf data split $(SHARED)/data/imdb/imdb_train_1000_balanced.csv --out $(DEMO_DIR)/imdb --label-names 0=negative,1=positive \
 		--ratios 0.8,0.2,0 --seed 42
 	$(VENV)/bin/llmclf train --model all-minilm-l6-v2 --train $(DEMO_DIR)/imdb/train.csv \
 		--val $(DEMO_DIR)/imdb/validation.csv --test $(DEMO_DIR)/imdb/validation.csv --out $(DEMO_DIR)/imdb-minilm \

@@ -16,6 +16,7 @@ from llmclf.data.classification import (
     EncodedTexts,
     LabelledTexts,
     label_order,
+    parse_label_names,
     prepare_sms_spam,
     read_labelled,
     read_sms_spam,
@@ -78,6 +79,24 @@ def test_a_zero_share_gives_the_usual_80_20_split(tmp_path, shared_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv", "validation.csv"]
     with pytest.raises(DataError, match="too few"):
         split_labelled(LabelledTexts(["a", "b"], ["x", "y"]), (0.5, 0.3, 0.2))
+
+
+def test_label_names_rename_integer_labels(tmp_path, shared_dir):
+    source = str(shared_dir / "data/imdb/imdb_train_1000_balanced.csv")
+    result = runner.invoke(app, ["data", "split", source, "--out", str(tmp_path), "--ratios", "0.8,0.2,0",
+                                 "--seed", "42", "--label-names", "0=negative, 1=positive"])
+    assert result.exit_code == 0, result.output
+    original = split_labelled(read_labelled(source), (0.8, 0.2, 0.0), seed=42)[1]
+    renamed = read_labelled(tmp_path / "validation.csv")
+    assert renamed.texts == original.texts  # the same split, only the labels renamed
+    assert renamed.labels == [{"0": "negative", "1": "positive"}[label] for label in original.labels]
+
+    result = runner.invoke(app, ["data", "split", source, "--out", str(tmp_path / "x"), "--label-names", "0=negative"])
+    assert isinstance(result.exception, DataError) and "'1' without a name" in str(result.exception)
+    assert not (tmp_path / "x").exists()
+    for bad in ("0=negative,0=positive", "negative", "0=,1=positive"):
+        with pytest.raises(DataError, match="OLD=NEW"):
+            parse_label_names(bad)
 
 
 def test_pooling_finds_the_last_real_token_on_either_side():

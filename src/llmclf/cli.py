@@ -218,15 +218,27 @@ def data_split(
     seed: SeedOpt = DEFAULT_SEED,
     text_col: TextColOpt = "text",
     label_col: LabelColOpt = "label",
+    label_names: Annotated[Optional[str], typer.Option(
+        "--label-names", help="Rename the labels in the written files, e.g. 0=negative,1=positive "
+        "(predictions then print the names).")] = None,
 ) -> None:
     """Split one labelled file into train/validation/test CSV files (columns text,label)."""
-    from llmclf.data.classification import read_labelled, split_labelled, write_labelled
+    from llmclf.data.classification import (
+        parse_label_names,
+        read_labelled,
+        rename_labels,
+        split_labelled,
+        write_labelled,
+    )
 
     try:
         shares = tuple(float(x) for x in ratios.split(","))
     except ValueError:
         raise typer.BadParameter(f"{ratios!r} is not three comma-separated numbers", param_hint="--ratios") from None
-    parts = split_labelled(read_labelled(file, text_col, label_col), shares, stratify, seed)
+    data = read_labelled(file, text_col, label_col)
+    if label_names:
+        data = rename_labels(data, parse_label_names(label_names))
+    parts = split_labelled(data, shares, stratify, seed)
     for name, part in zip(("train", "validation", "test"), parts, strict=True):
         if len(part) == 0:
             typer.echo(f"{name:10s}      0 rows (share 0: no file written)")

@@ -80,6 +80,27 @@ def write_labelled(data: LabelledTexts, path: str | os.PathLike) -> None:
         pd.DataFrame({"text": data.texts, "label": data.labels}).to_csv(tmp, index=False)
 
 
+def parse_label_names(spec: str) -> dict[str, str]:
+    """`"0=negative,1=positive"` -> {"0": "negative", "1": "positive"}."""
+    names: dict[str, str] = {}
+    for item in spec.split(","):
+        old, sep, new = (part.strip() for part in item.partition("="))
+        if not sep or not old or not new or old in names:
+            raise DataError(f"label names must be OLD=NEW pairs, each OLD once, separated by commas "
+                            f"(e.g. 0=negative,1=positive); got {spec!r}")
+        names[old] = new
+    return names
+
+
+def rename_labels(data: LabelledTexts, names: dict[str, str]) -> LabelledTexts:
+    """The same texts with every label replaced by its name; a label without a name is an error."""
+    missing = sorted(set(data.labels) - set(names))
+    if missing:
+        raise DataError(f"{data.source} has label(s) {', '.join(map(repr, missing))} without a name; "
+                        f"give every label one (given: {', '.join(names)})")
+    return LabelledTexts(data.texts, [names[label] for label in data.labels], data.source)
+
+
 def split_labelled(data: LabelledTexts, ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
                    stratify: bool = False, seed: int = 123) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
     """Shuffle and split into train/validation/test by `ratios` (optionally stratified by label).
