@@ -178,8 +178,9 @@ def run_transformers(data: dict, n_last_blocks: int, epochs: int, lr: float, bat
 
 
 def select(data: dict, recipes: list[str], folds: int, batch_size: int, precision: str,
-           template: str | None) -> str:
-    """The recipe (with its epoch count) that scores best on validation data."""
+           template: str | None) -> tuple[str, dict | None]:
+    """The recipe (with its epoch count) that scores best on validation data, and its llmclf run
+    when selection already trained it (--folds 0)."""
     if folds:
         scores = cross_validate(data, recipes, folds, batch_size, precision, template)
         candidates = [(accuracy, -epoch, -rank, recipe, epoch)
@@ -189,16 +190,16 @@ def select(data: dict, recipes: list[str], folds: int, batch_size: int, precisio
         trainable, pooling, _, lr = parse_recipe(recipe)
         chosen = f"{trainable}:{pooling}:{epochs}:{lr:g}"
         print(f"chosen by {folds}-fold accuracy on train + validation: {chosen} ({accuracy * 100:.2f} %)")
-        return chosen
+        return chosen, None
     results = []
     for recipe in recipes:
         r = run_llmclf(data, *parse_recipe(recipe), batch_size, precision, template)
         results.append((recipe, r))
         print(f"{recipe:24s} {r['seconds']:6.0f} s  validation {r['val'] * 100:.2f} % (loss {r['val_loss']:.4f})",
               flush=True)
-    chosen = max(results, key=lambda item: (item[1]["val"], -item[1]["val_loss"]))[0]
+    chosen, result = max(results, key=lambda item: (item[1]["val"], -item[1]["val_loss"]))
     print(f"chosen by validation accuracy, then validation loss: {chosen}")
-    return chosen
+    return chosen, result
 
 
 def main() -> None:
@@ -218,10 +219,10 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; precision {args.precision}; template {args.template}; "
           f"split {len(data['train'])}/{len(data['validation'])}/{len(data['test'])}", flush=True)
-    chosen = args.compare or select(data, args.recipes.split(","), args.folds, args.batch_size, args.precision,
-                                    template)
+    chosen, ours = (args.compare, None) if args.compare else select(
+        data, args.recipes.split(","), args.folds, args.batch_size, args.precision, template)
     trainable, pooling, epochs, lr = parse_recipe(chosen)
-    ours = run_llmclf(data, trainable, pooling, epochs, lr, args.batch_size, args.precision, template)
+    ours = ours or run_llmclf(data, trainable, pooling, epochs, lr, args.batch_size, args.precision, template)
     rows = [("llmclf", ours)]
     if not args.skip_hf:
         if not trainable.startswith(("last-block", "last-n:")) or pooling != "last":

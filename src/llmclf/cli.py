@@ -24,6 +24,7 @@ app = typer.Typer(
     help="Turn pretrained language models into text classifiers: build, evaluate, train, generate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # single newlines in docstrings join, as in prose
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
