@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from llmclf.classifier import HFClassifier, TextClassifier, load_classifier, make_classifier
 from llmclf.cli import app
-from llmclf.data.classification import LabelledTexts, write_labelled
+from llmclf.data.classification import LabelledTexts, read_labelled, write_labelled
 from llmclf.engines import choose_engine
 from llmclf.engines.hf import resolve_hf_model
 from llmclf.errors import CheckpointError, ConfigError
@@ -249,6 +249,25 @@ def test_loaded_max_length_is_capped_and_fresh_models_report_metrics(tiny_bert: 
 
     clf = HFClassifier(str(tiny_bert), epochs=1).fit(_reviews(8, 1), _reviews(8, 2), progress=False)
     assert clf.info()["metrics"]["validation"]["n"] == 8  # what `serve` shows for a model fitted in-process
+
+
+def test_a_template_applies_in_training_and_after_reloading(tiny_bert: Path, review_files: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="template must contain {text}"):
+        HFClassifier(str(tiny_bert), template="review:").fit(_reviews(8, 1), _reviews(8, 2), progress=False)
+    out = tmp_path / "templated"
+    result = runner.invoke(app, [
+        "train", "--model", str(tiny_bert), "--train", str(review_files / "train.csv"),
+        "--val", str(review_files / "validation.csv"), "--out", str(out), "--epochs", "1",
+        "--precision", "float32", "--template", "movie review: {text}\\nend"])
+    assert result.exit_code == 0, result.output
+    plain = HFClassifier(str(tiny_bert), epochs=1, precision="float32").fit(
+        read_labelled(review_files / "train.csv"), _reviews(8, 2), progress=False)
+    clf = load_classifier(out)
+    assert clf.template == "movie review: {text}\nend"
+    assert clf.max_length_ == plain.max_length_ + 4  # the template's tokens count toward training lengths
+    templated = clf.predict_proba(["good movie", "awful plot"])
+    clf.template = None
+    assert not np.allclose(clf.predict_proba(["good movie", "awful plot"]), templated)
 
 
 def test_a_failed_save_leaves_the_previous_model_whole(trained_dir: Path, tmp_path: Path, monkeypatch):

@@ -288,7 +288,7 @@ def train(
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="scratch: run frozen layers every step instead of once per text.")] = False,
     template: Annotated[Optional[str], typer.Option(
-        "--template", help="scratch: what the model reads per text, {text} marking the text; \\n is a newline. "
+        "--template", help="What the model reads per text, {text} marking the text; \\n is a newline. "
         "E.g. an instruction in the model's chat format (see README). Saved with the model.")] = None,
     warmup: Annotated[Optional[float], typer.Option(
         "--warmup", min=0.0, max=0.99,
@@ -326,11 +326,12 @@ def train(
     engine = choose_engine(model) if engine == "auto" else engine
     common = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
               "max_length": max_length, "grad_accum": grad_accum, "patience": patience, "seed": seed,
-              "precision": precision, "device": device}
+              "precision": precision, "device": device,
+              "template": template.replace("\\n", "\n") if template is not None else None}
     scratch_only = {"--trainable": trainable, "--pooling": pooling, "--eval-iter": eval_iter, "--bucket": bucket,
                     "--no-cache": no_cache, "--random-init": random_init, "--base-config": base_config,
                     "--context-length": context_length, "--drop-rate": drop_rate, "--qkv-bias": qkv_bias,
-                    "--tokenizer-dir": tokenizer_dir, "--template": template}
+                    "--tokenizer-dir": tokenizer_dir}
     hf_only = {"--warmup": warmup, "--eval-batch-size": eval_batch_size, "--best-metric": best_metric}
     wrong = [name for name, value in (hf_only if engine == "scratch" else scratch_only).items()
              if value not in (None, False)]
@@ -342,7 +343,6 @@ def train(
     else:
         options = {**common, "eval_freq": eval_freq, "trainable": trainable, "pooling": pooling,
                    "eval_iter": eval_iter, "bucket": bucket, "cache_frozen": not no_cache,
-                   "template": template.replace("\\n", "\n") if template is not None else None,
                    "model_options": {"random_init": random_init, "seed": seed, "base_config": base_config,
                                      "context_length": context_length, "drop_rate": drop_rate,
                                      "qkv_bias": qkv_bias, "tokenizer_dir": tokenizer_dir}}

@@ -251,6 +251,13 @@ def apply_template(template: str | None, texts: list[str]) -> list[str]:
     return [template.replace(TEXT_FIELD, text) for text in texts]
 
 
+def template_problem(template: str | None) -> str | None:
+    """What is wrong with a template (None if nothing is)."""
+    if template is not None and TEXT_FIELD not in template:
+        return f"template must contain {TEXT_FIELD} where the text goes, got {template!r}"
+    return None
+
+
 def encode_texts(texts: list[str], tokenizer, max_length: int, label_ids: list[int] | None = None,
                  token_ids: list[list[int]] | None = None) -> EncodedTexts:
     """Token ids cut to `max_length` (pass `token_ids` when the texts are already tokenised)."""

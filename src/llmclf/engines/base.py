@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from llmclf.data.classification import LabelledTexts
+from llmclf.data.classification import LabelledTexts, apply_template
 from llmclf.errors import ConfigError, DataError, LlmclfError
 from llmclf.training.metrics import classification_metrics, plot_confusion_matrix
 
@@ -74,6 +74,7 @@ class BaseClassifier:
     """Engine-independent inference on a trained classifier (see `TextClassifier`, `HFClassifier`)."""
 
     engine = ""
+    template: str | None = None  # what the model reads per text, `{text}` marking the text
     classes_: list[str]
     max_length_: int
     config_: dict[str, Any]
@@ -87,6 +88,10 @@ class BaseClassifier:
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------
+
+    def _model_inputs(self, texts: list[str]) -> list[str]:
+        """What the model reads for these texts: each put into the template, if there is one."""
+        return apply_template(self.template, texts)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_") or not hasattr(self, "max_length_"):

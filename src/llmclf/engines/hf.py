@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from llmclf.data.classification import LabelledTexts, label_order
+from llmclf.data.classification import LabelledTexts, label_order, template_problem
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError, DataError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
@@ -158,6 +158,8 @@ class HFClassifier(BaseClassifier):
         eval_steps: evaluate (and save a candidate) every N optimizer steps; None = every epoch.
         best_metric: f1 | accuracy | precision | recall | loss, for `load_best_model_at_end`.
         patience: early stopping after N evaluations without improvement.
+        template: what the model reads for each text, with `{text}` where the text goes (e.g. the
+            "query: {text}" prefix E5 models expect); saved with the model. None: the text alone.
         max_length: tokens per text (default: the longest training text, capped at the model's limit;
             256 for all-MiniLM-L6-v2, its sentence-transformers `max_seq_length`).
         precision: auto | float32 | bfloat16 (bf16 mixed precision where the hardware is fast).
@@ -169,7 +171,8 @@ class HFClassifier(BaseClassifier):
                  eval_batch_size: int | None = None, lr: float = 5e-5, weight_decay: float = 0.0,
                  warmup: float = 0.0, grad_accum: int = 1, eval_steps: int | None = None,
                  best_metric: str = "f1", patience: int | None = None, max_length: int | None = None,
-                 seed: int = 42, precision: str = "auto", device: str | None = None) -> None:
+                 template: str | None = None, seed: int = 42, precision: str = "auto",
+                 device: str | None = None) -> None:
         self.model = model
         self.epochs = epochs
         self.batch_size = batch_size
@@ -182,6 +185,7 @@ class HFClassifier(BaseClassifier):
         self.best_metric = best_metric
         self.patience = patience
         self.max_length = max_length
+        self.template = template
         self.seed = seed
         self.precision = precision
         self.device = device
@@ -198,6 +202,8 @@ class HFClassifier(BaseClassifier):
             problems.append(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
         if self.best_metric not in BEST_METRICS:
             problems.append(f"best metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
+        if problem := template_problem(self.template):
+            problems.append(problem)
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -259,7 +265,7 @@ class HFClassifier(BaseClassifier):
         if self.max_length:
             self.max_length_ = min(self.max_length, hard_limit)
         else:
-            train_enc = self.tokenizer_(train.texts, truncation=False, verbose=False)
+            train_enc = self.tokenizer_(self._model_inputs(train.texts), truncation=False, verbose=False)
             self.max_length_ = min(max(len(ids) for ids in train_enc["input_ids"]), trained_limit)
         train_set = self._dataset(train, "training")
         val_set = self._dataset(val, "validation")
@@ -311,7 +317,7 @@ class HFClassifier(BaseClassifier):
         return self
 
     def _dataset(self, data: LabelledTexts, name: str) -> _Encoded:
-        enc = self.tokenizer_(data.texts, truncation=True, max_length=self.max_length_)
+        enc = self.tokenizer_(self._model_inputs(data.texts), truncation=True, max_length=self.max_length_)
         truncated = sum(len(ids) >= self.max_length_ for ids in enc["input_ids"])
         if truncated:
             log.info("%d %s text(s) reach max_length %d (longer ones are truncated)", truncated, name, self.max_length_)
@@ -342,6 +348,7 @@ class HFClassifier(BaseClassifier):
             self.model_.eval()
         device = next(self.model_.parameters()).device
         dtype = resolve_precision(self.precision, device)
+        texts = self._model_inputs(texts)
         encoded = self.tokenizer_(texts, truncation=True, max_length=self.max_length_)["input_ids"]
         lengths = [len(ids) for ids in encoded]
         order = sorted(range(len(texts)), key=lambda i: lengths[i])  # similar lengths batch together
@@ -372,7 +379,7 @@ class HFClassifier(BaseClassifier):
             atomic_write_json(out_dir / HISTORY_FILE, history)
         settings = {k: getattr(self, k) for k in ("epochs", "batch_size", "eval_batch_size", "lr", "weight_decay",
                                                   "warmup", "grad_accum", "eval_steps", "best_metric", "patience",
-                                                  "seed", "precision")}
+                                                  "seed", "precision", "template")}
         config = {
             "format": CHECKPOINT_FORMAT, "format_version": 1, "task": "classification", "engine": self.engine,
             "architecture": self.model_.config.model_type, "hf_model": HF_MODEL_DIR, "backbone": str(self.model),
@@ -417,6 +424,7 @@ class HFClassifier(BaseClassifier):
                                   f"{model.config.num_labels} outputs")
         clf = cls(str(config.get("backbone", path)), precision=precision, device=device)
         clf.classes_ = list(labels)
+        clf.template = (config.get("training") or {}).get("template")
         clf.tokenizer_ = tokenizer
         hard_limit, _ = _length_limits(str(model_dir), model, tokenizer)
         clf.max_length_ = min(max_length or config.get("max_length") or hard_limit, hard_limit)

@@ -14,12 +14,11 @@ import torch
 
 from llmclf.config import DEFAULT_MODEL
 from llmclf.data.classification import (
-    TEXT_FIELD,
     EncodedTexts,
     LabelledTexts,
-    apply_template,
     encode_texts,
     label_order,
+    template_problem,
 )
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
 from llmclf.errors import ConfigError, DataError
@@ -94,8 +93,8 @@ class TextClassifier(BaseClassifier):
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 1:
             problems.append(f"max_length must be >= 1, got {self.max_length}")
-        if self.template is not None and TEXT_FIELD not in self.template:
-            problems.append(f"template must contain {TEXT_FIELD} where the text goes, got {self.template!r}")
+        if problem := template_problem(self.template):
+            problems.append(problem)
         if self.patience is not None and self.patience < 1:
             problems.append(f"patience must be >= 1, got {self.patience}")
         try:
@@ -176,9 +175,6 @@ class TextClassifier(BaseClassifier):
                 token_ids: list[list[int]] | None = None) -> EncodedTexts:
         label_ids = self._label_ids(data) if with_labels else None
         return encode_texts(self._model_inputs(data.texts), self.tokenizer_, self.max_length_, label_ids, token_ids)
-
-    def _model_inputs(self, texts: list[str]) -> list[str]:
-        return apply_template(self.template, texts)
 
     def _plot(self, out_dir: Path) -> None:
         h = self.history_
