@@ -287,10 +287,21 @@ def test_a_failed_save_leaves_the_previous_model_whole(trained_dir: Path, tmp_pa
     clf.epochs = {1}  # fails while writing config.json, after the model files
     with pytest.raises(TypeError):
         clf.save(out)
+    clf.epochs = 99
+    real_rename = Path.rename
+
+    def failing_rename(self, target):  # fails while moving the new hf_model/ in, after the old one moved out
+        if Path(target).name == "hf_model" and "-old-" not in self.name:
+            raise OSError("rename failed")
+        return real_rename(self, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", failing_rename)
+        with pytest.raises(OSError, match="rename failed"):
+            clf.save(out)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # hf_model/ and config.json untouched, no temporary files left
 
-    clf.epochs = 99
     clf.save(out)
     assert json.loads((out / "config.json").read_text())["training"]["epochs"] == 99
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -374,9 +374,6 @@ class HFClassifier(BaseClassifier):
         self._check_fitted()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        history = getattr(self, "history_", None)
-        if history is not None:
-            atomic_write_json(out_dir / HISTORY_FILE, history)
         settings = {k: getattr(self, k) for k in ("epochs", "batch_size", "eval_batch_size", "lr", "weight_decay",
                                                   "warmup", "grad_accum", "eval_steps", "best_metric", "patience",
                                                   "seed", "precision", "template")}
@@ -388,22 +385,25 @@ class HFClassifier(BaseClassifier):
                         "train_seconds": getattr(self, "train_seconds_", None),
                         "trainable_parameters": getattr(self, "n_trainable_", None)}}
         final = out_dir / HF_MODEL_DIR
+        old = final.with_name(f".{HF_MODEL_DIR}-old-{os.getpid()}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{HF_MODEL_DIR}-", dir=out_dir))
         try:
             self.model_.save_pretrained(tmp)
             self.tokenizer_.save_pretrained(tmp)
             with atomic_path(out_dir / CONFIG_FILE) as config_tmp:  # renamed in when the block ends
                 config_tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-                old = None
                 if final.exists():
-                    old = final.with_name(f".{HF_MODEL_DIR}-old-{os.getpid()}")
                     final.rename(old)
                 tmp.rename(final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists():
+                old.rename(final)
             raise
+        shutil.rmtree(old, ignore_errors=True)
+        history = getattr(self, "history_", None)
+        if history is not None:
+            atomic_write_json(out_dir / HISTORY_FILE, history)
         return out_dir
 
     @classmethod
