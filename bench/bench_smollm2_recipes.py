@@ -32,6 +32,7 @@ import torch
 
 from llmclf.classifier import TextClassifier
 from llmclf.data.classification import apply_template, label_order, read_labelled
+from llmclf.models.heads import Trainable
 
 # The SMS instruction in SmolLM2-Instruct's chat format (ChatML), without its default system prompt.
 TEMPLATES = {
@@ -66,7 +67,7 @@ def cross_validate(data: dict, recipes: list[str], folds: int, batch_size: int, 
 
     from llmclf.data.classification import encode_texts
     from llmclf.loaders.spec import load_model
-    from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, replace_head
+    from llmclf.models.heads import SequenceClassifier, apply_trainable, replace_head
     from llmclf.runtime import resolve_precision
     from llmclf.training.classifier import Batches, train_classifier_simple
 
@@ -225,11 +226,11 @@ def main() -> None:
     ours = ours or run_llmclf(data, trainable, pooling, epochs, lr, args.batch_size, args.precision, template)
     rows = [("llmclf", ours)]
     if not args.skip_hf:
-        if not trainable.startswith(("last-block", "last-n:")) or pooling != "last":
+        spec = Trainable.parse(trainable)
+        if spec.kind != "last-n" or pooling != "last":
             raise SystemExit(f"{chosen}: the transformers run takes last-block/last-n:N with last pooling")
-        n_blocks = 1 if trainable == "last-block" else int(trainable.split(":")[1])
-        rows.append(("transformers", run_transformers(data, n_blocks, epochs, lr, args.batch_size, args.precision,
-                                                      template)))
+        rows.append(("transformers", run_transformers(data, spec.n_blocks, epochs, lr, args.batch_size,
+                                                      args.precision, template)))
     print(f"{'implementation':14s} {'trainable':12s} {'pooling':8s} {'ep':>3s} {'lr':>7s} {'time s':>7s} "
           f"{'val acc':>8s} {'test acc':>8s}")
     for name, r in rows:
