@@ -7,6 +7,7 @@ active), `fit`, `save` and `load`; everything a user calls afterwards lives here
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,9 +19,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from llmclf.data.classification import LabelledTexts, apply_template
+from llmclf.data.classification import LabelledTexts, apply_template, label_order
 from llmclf.errors import ConfigError, DataError, LlmclfError
+from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_metrics, plot_confusion_matrix
+from llmclf.training.state import RunFinishedError, prepare_run, run_fingerprint
+
+log = logging.getLogger(__name__)
 
 METRICS_LOG_FILE = "metrics.jsonl"
 HISTORY_FILE = "history.json"
@@ -71,13 +76,82 @@ def dropout_active(model: nn.Module, rate: float | None = None) -> Iterator[None
 
 
 class BaseClassifier:
-    """Engine-independent inference on a trained classifier (see `TextClassifier`, `HFClassifier`)."""
+    """Engine-independent parameters and inference (see `TextClassifier`, `HFClassifier`).
+
+    Parameters follow scikit-learn: `model` (the backbone) and the training options of
+    `llmclf.training.args.TrainArgs` that apply to the engine, stored as given by `__init__`,
+    validated together in `fit`; `get_params`/`set_params` make `sklearn.base.clone` work.
+    """
 
     engine = ""
-    template: str | None = None  # what the model reads per text, `{text}` marking the text
+    extra_params: tuple[str, ...] = ()  # constructor arguments besides `model` and the TrainArgs options
     classes_: list[str]
     max_length_: int
     config_: dict[str, Any]
+
+    def __init__(self, model: str, **params: Any) -> None:
+        TrainArgs.check_names(self.engine, set(params) - set(self.extra_params))
+        self.model = model
+        for name, default in TrainArgs.defaults(self.engine).items():
+            setattr(self, name, params.get(name, default))
+        for name in self.extra_params:
+            setattr(self, name, params.get(name))
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments (scikit-learn's estimator API)."""
+        names = ("model", *TrainArgs.names(self.engine), *self.extra_params)
+        return {name: getattr(self, name) for name in names}
+
+    def set_params(self, **params: Any) -> BaseClassifier:
+        """Change constructor arguments (checked by name here, by value in `fit`); returns self."""
+        TrainArgs.check_names(self.engine, set(params) - {"model", *self.extra_params})
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def train_args(self) -> TrainArgs:
+        """The training options as one validated `TrainArgs` (every problem reported at once)."""
+        return TrainArgs.for_engine(self.engine, **{n: getattr(self, n) for n in TrainArgs.names(self.engine)})
+
+    def training_options(self) -> dict[str, Any]:
+        """The TrainArgs options of this engine as set (saved in config.json under "training")."""
+        return {n: getattr(self, n) for n in TrainArgs.names(self.engine)}
+
+    def __repr__(self) -> str:
+        defaults = TrainArgs.defaults(self.engine)
+        changed = {k: v for k, v in self.get_params().items() if k == "model" or defaults.get(k, None) != v}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    @classmethod
+    def _saved_params(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The training options saved in a model's config.json that this engine knows."""
+        return {k: v for k, v in (config.get("training") or {}).items() if k in TrainArgs.names(cls.engine)}
+
+    # --- what fit shares ------------------------------------------------------------------
+
+    def _learn_classes(self, train: LabelledTexts, val: LabelledTexts) -> None:
+        self.classes_ = label_order(train.labels)
+        if len(self.classes_) < 2:
+            raise DataError(f"{train.source}: training data has a single label {self.classes_}; need 2 or more")
+        unseen = sorted(set(val.labels) - set(self.classes_))
+        if unseen:
+            raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
+
+    def _prepare_run(self, args: TrainArgs, train: LabelledTexts, val: LabelledTexts,
+                     out_dir: str | os.PathLike | None, resume: bool) -> bool | None:
+        """Fingerprint the run (`self.run_`) and check `out_dir` for `resume`: True to resume, False
+        to start; None when `resume` found this run finished (its model is then loaded into self)."""
+        self.run_ = run_fingerprint(self.engine, str(self.model), args.result_options(self.engine), train, val,
+                                    getattr(self, "model_options", None))
+        try:
+            return prepare_run(out_dir, self.run_, resume)
+        except RunFinishedError as done:
+            log.info("%s: loading its model", done)
+            loaded = type(self).load(out_dir, precision=self.precision, device=self.device)
+            self.__dict__.update({k: v for k, v in vars(loaded).items() if k.endswith("_")})
+            metrics = self.config_.get("metrics") or {}
+            self.val_metrics_, self.train_seconds_ = metrics.get("validation"), metrics.get("train_seconds") or 0.0
+            return None
 
     # --- for engines to implement ---------------------------------------------------------
 

@@ -13,22 +13,19 @@ import numpy as np
 import torch
 
 from llmclf.config import DEFAULT_MODEL
-from llmclf.data.classification import (
-    EncodedTexts,
-    LabelledTexts,
-    encode_texts,
-    label_order,
-    template_problem,
-)
+from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
-from llmclf.errors import ConfigError, DataError
+from llmclf.errors import ConfigError
 from llmclf.loaders.checkpoint import read_checkpoint_config, save_checkpoint
 from llmclf.loaders.spec import load_model
 from llmclf.loaders.tensors import atomic_write_json
-from llmclf.models.heads import POOLINGS, SequenceClassifier, Trainable, apply_trainable, merge_lora, replace_head
+from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, merge_lora, replace_head
 from llmclf.runtime import resolve_device, resolve_precision
-from llmclf.training.classifier import Batches, iter_logits, train_classifier_simple
+from llmclf.training.args import TrainArgs
+from llmclf.training.classifier import Batches, ClassifierTraining, iter_logits
+from llmclf.training.optim import class_weight_tensor
 from llmclf.training.plots import plot_values
+from llmclf.training.state import finish_run, load_training_state, start_run
 
 log = logging.getLogger(__name__)
 
@@ -38,123 +35,85 @@ __all__ = ["NotFittedError", "TextClassifier"]
 class TextClassifier(BaseClassifier):
     """A language model (llmclf's GPT-2 or Llama) with a class head, trained on labelled texts.
 
-    Arguments are stored as given (scikit-learn style) and checked in `fit`. Learned state ends
+    Parameters are stored as given (scikit-learn style) and checked in `fit`. Learned state ends
     in `_`: `classes_` (label names, the column order of `predict_proba`), `model_`,
     `tokenizer_`, `max_length_`, `history_`.
 
     Args:
-        model: backbone spec (see `llmclf.load_model`); `model_options` are passed along
-            (random_init, seed, base_config, context_length, drop_rate, qkv_bias, tokenizer_dir).
-        trainable: head | last-block | last-n:N | all | lora[:rank[:alpha]].
-        pooling: last (last real token) | mean | last-position (the course's fixed-length padding).
-        max_length: tokens per text (default: the longest training text, capped at the context).
-        cache_frozen: compute frozen layers once per text (exact when they have no dropout).
-        template: what the model reads for each text, with `{text}` where the text goes (e.g. an
-            instruction in the model's chat format); applied in training and prediction, saved
-            with the model. None: the text alone.
+        model: backbone spec (see `llmclf.load_model`).
+        model_options: passed to `load_model` (random_init, seed, base_config, context_length,
+            drop_rate, qkv_bias, tokenizer_dir).
+        **options: the training options of `llmclf.training.args.TrainArgs` (listed below with
+            their defaults for this engine).
     """
 
     engine = "scratch"
+    extra_params = ("model_options",)
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, trainable: str = "last-block", pooling: str = "last",
-                 max_length: int | None = None, epochs: int = 5, batch_size: int = 8, lr: float = 5e-5,
-                 weight_decay: float = 0.1, grad_accum: int = 1, eval_freq: int = 50, eval_iter: int = 5,
-                 patience: int | None = None, seed: int = 123, precision: str = "auto", bucket: bool = False,
-                 cache_frozen: bool = True, template: str | None = None, device: str | None = None,
-                 model_options: dict[str, Any] | None = None) -> None:
-        self.model = model
-        self.trainable = trainable
-        self.pooling = pooling
-        self.max_length = max_length
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.grad_accum = grad_accum
-        self.eval_freq = eval_freq
-        self.eval_iter = eval_iter
-        self.patience = patience
-        self.seed = seed
-        self.precision = precision
-        self.bucket = bucket
-        self.cache_frozen = cache_frozen
-        self.template = template
-        self.device = device
-        self.model_options = model_options or {}
+    def __init__(self, model: str = DEFAULT_MODEL, **params: Any) -> None:
+        super().__init__(model, **params)
 
     # --- training ---------------------------------------------------------------------------
 
-    def _validate(self) -> Trainable:
-        problems = []
-        if self.pooling not in POOLINGS:
-            problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_freq", "eval_iter"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_length is not None and self.max_length < 1:
-            problems.append(f"max_length must be >= 1, got {self.max_length}")
-        if problem := template_problem(self.template):
-            problems.append(problem)
-        if self.patience is not None and self.patience < 1:
-            problems.append(f"patience must be >= 1, got {self.patience}")
-        try:
-            trainable = Trainable.parse(self.trainable)
-        except ConfigError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return trainable
-
     def fit(self, train: LabelledTexts, val: LabelledTexts, out_dir: str | os.PathLike | None = None,
-            progress: bool = True) -> TextClassifier:
-        """Fine-tune on `train`, select by `val` accuracy; with `out_dir`, save the model, the
-        metrics log (`metrics.jsonl`), history and the course's plots there. Returns self."""
-        trainable = self._validate()
-        self.classes_ = label_order(train.labels)
-        if len(self.classes_) < 2:
-            raise DataError(f"{train.source}: training data has a single label {self.classes_}; need 2 or more")
-        unseen = sorted(set(val.labels) - set(self.classes_))
-        if unseen:
-            raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
-        device = resolve_device(self.device)
-        dtype = resolve_precision(self.precision, device)
+            progress: bool = True, resume: bool = False) -> TextClassifier:
+        """Fine-tune on `train`, keeping the weights of the best `val` evaluation (by `select_by`).
+
+        With `out_dir`: training states in `out_dir/checkpoints/` while it runs (`resume=True`
+        continues an interrupted run from the newest one, exactly), then the model, the metrics log
+        (`metrics.jsonl`), history and the course's plots. Returns self."""
+        args = self.train_args()
+        trainable = Trainable.parse(args.trainable)
+        self._learn_classes(train, val)
+        resuming = self._prepare_run(args, train, val, out_dir, resume)
+        if resuming is None:
+            return self
+        device = resolve_device(args.device)
+        dtype = resolve_precision(args.precision, device)
         start = time.perf_counter()
 
-        backbone, self.tokenizer_ = load_model(self.model, **self.model_options)
-        torch.manual_seed(self.seed)
+        backbone, self.tokenizer_ = load_model(self.model, **(self.model_options or {}))
+        torch.manual_seed(args.seed)
         replace_head(backbone, len(self.classes_))
-        classifier = SequenceClassifier(backbone, self.pooling).to(device)
+        classifier = SequenceClassifier(backbone, args.pooling).to(device)
         n_trainable = apply_trainable(classifier, trainable)
         n_total = sum(p.numel() for p in classifier.parameters())
-        log.info("trainable parameters: %s of %s (%s)", f"{n_trainable:,}", f"{n_total:,}", self.trainable)
+        log.info("trainable parameters: %s of %s (%s)", f"{n_trainable:,}", f"{n_total:,}", args.trainable)
 
         train_ids = self.tokenizer_.encode_batch(self._model_inputs(train.texts))
         longest = max(len(ids) for ids in train_ids)
-        self.max_length_ = min(self.max_length or longest, backbone.context_length)
+        self.max_length_ = min(args.max_length or longest, backbone.context_length)
         train_enc, val_enc = self._encode(train, token_ids=train_ids), self._encode(val)
         for name, enc in (("training", train_enc), ("validation", val_enc)):
             if enc.truncated:
                 log.info("%d %s text(s) truncated to %d tokens", enc.truncated, name, self.max_length_)
+        class_weights = class_weight_tensor(args.class_weights, train_enc.labels, len(self.classes_))
+        if class_weights is not None:
+            named = zip(self.classes_, class_weights.tolist(), strict=True)
+            log.info("class weights: %s", ", ".join(f"{c} {w:.3f}" for c, w in named))
 
         n_layers = len(backbone.trf_blocks)
         first = trainable.first_trainable_block(n_layers)
-        cache_from = first if self.cache_frozen and first > 0 and backbone.cfg.drop_rate == 0 else None
-        fixed = self.max_length_ if self.pooling == "last-position" else None
+        cache_from = first if args.cache_frozen and first > 0 and backbone.cfg.drop_rate == 0 else None
+        fixed = self.max_length_ if args.pooling == "last-position" else None
         common = dict(pad_id=self.tokenizer_.pad_id, fixed_length=fixed, device=device, dtype=dtype,
                       cache_from=cache_from, progress=progress)
-        train_batches = Batches(classifier, train_enc, self.batch_size, bucket=self.bucket, name="(train)", **common)
-        val_batches = Batches(classifier, val_enc, self.batch_size, name="(validation)", **common)
-        optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad],
-                                      lr=self.lr, weight_decay=self.weight_decay)
+        train_batches = Batches(classifier, train_enc, args.batch_size, bucket=args.bucket, name="(train)", **common)
+        val_batches = Batches(classifier, val_enc, args.eval_batch_size or args.batch_size, name="(validation)",
+                              **common)
+        state_dir = start_run(out_dir, self.run_) if out_dir is not None else None
         log_file = None
         if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            log_file = open(Path(out_dir) / METRICS_LOG_FILE, "w", encoding="utf-8")  # noqa: SIM115
+            log_file = open(Path(out_dir) / METRICS_LOG_FILE, "a" if resuming else "w", encoding="utf-8")  # noqa: SIM115
         try:
-            self.history_ = train_classifier_simple(
-                classifier, train_batches, val_batches, optimizer, self.epochs, self.eval_freq, self.eval_iter,
-                grad_accum=self.grad_accum, patience=self.patience, seed=self.seed,
-                metrics_log=log_file, progress=progress)
+            training = ClassifierTraining(classifier, train_batches, val_batches, args, class_weights,
+                                          state_dir=state_dir, metrics_log=log_file, progress=progress)
+            state = load_training_state(state_dir) if resuming else None
+            if state is not None:
+                training.load_state_dict(state)
+                log.info("resuming %s at epoch %d, step %d (batch %d of the epoch)", out_dir, training.epoch + 1,
+                         training.history.global_step, training.batches_done)
+            self.history_ = training.run()
         finally:
             if log_file is not None:
                 log_file.close()
@@ -169,6 +128,7 @@ class TextClassifier(BaseClassifier):
         if out_dir is not None:
             self.save(out_dir)
             self._plot(Path(out_dir))
+            finish_run(out_dir)
         return self
 
     def _encode(self, data: LabelledTexts, with_labels: bool = True,
@@ -217,19 +177,17 @@ class TextClassifier(BaseClassifier):
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Weights (safetensors, the book's names), config.json (labels, max_length, pooling,
-        pad id, training settings and metrics) and history; each file written atomically."""
+        pad id, training options, the run's fingerprint and metrics) and history; each file
+        written atomically."""
         self._check_fitted()
         out_dir = Path(out_dir)
         history = getattr(self, "history_", None)
         if history is not None:
             atomic_write_json(out_dir / HISTORY_FILE, history.to_dict())
-        settings = {k: getattr(self, k) for k in ("trainable", "epochs", "batch_size", "lr", "weight_decay",
-                                                  "grad_accum", "eval_freq", "eval_iter", "patience", "seed",
-                                                  "precision", "bucket", "template")}
         save_checkpoint(
             out_dir, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
             backbone=str(self.model), labels=self.classes_, max_length=self.max_length_, pooling=self.model_.pooling,
-            pad_id=self.tokenizer_.pad_id, training=settings,
+            pad_id=self.tokenizer_.pad_id, training=self.training_options(), run=getattr(self, "run_", None),
             metrics={"validation": getattr(self, "val_metrics_", None),
                      "train_seconds": getattr(self, "train_seconds_", None),
                      "trainable_parameters": getattr(self, "n_trainable_", None)})
@@ -253,9 +211,9 @@ class TextClassifier(BaseClassifier):
             raise ConfigError(f"{path} has {n_out} output classes, not --num-classes {num_classes}")
         if n_out == backbone.cfg.vocab_size:
             raise ConfigError(f"{path} is a language model (its head has {n_out} outputs), not a classifier")
-        clf = cls(str(config.get("backbone", path)), pooling=pooling or config.get("pooling", "last"),
-                  precision=precision, device=device)
-        clf.template = (config.get("training") or {}).get("template")
+        clf = cls(str(config.get("backbone", path)), **{
+            **cls._saved_params(config), "pooling": pooling or config.get("pooling", "last"),
+            "precision": precision, "device": device})
         clf.classes_ = labels or config.get("labels") or [str(i) for i in range(n_out)]
         if len(clf.classes_) != n_out:
             raise ConfigError(f"{len(clf.classes_)} labels given for a head with {n_out} outputs")
@@ -266,3 +224,6 @@ class TextClassifier(BaseClassifier):
         clf.config_ = config
         return clf
 
+
+
+TextClassifier.__doc__ += TrainArgs.docs("scratch")

@@ -1,23 +1,31 @@
-"""Fine-tuning a classifier: the course's `train_classifier_simple`, with dynamic padding,
-cached frozen layers, mixed precision, early stopping and a metrics log."""
+"""Fine-tuning a classifier: the course's `train_classifier_simple` grown into the loop people
+expect (learning-rate warmup and schedule, gradient clipping, AdamW without decay on biases, norms
+and embeddings, weighted loss, best-model selection, early stopping), with dynamic padding, cached
+frozen layers, mixed precision, a metrics log and training states that resume exactly."""
 
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from llmclf.data.classification import EncodedTexts, batch_order, collate
 from llmclf.models.heads import SequenceClassifier
 from llmclf.runtime import autocast
+from llmclf.training.args import TrainArgs
+from llmclf.training.optim import Selection, classification_loss, make_optimizer, make_scheduler
+from llmclf.training.state import fault_point, save_training_state
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +85,16 @@ class Batches:
         model.train(was_training)
         return states
 
-    def iterate(self, shuffle: bool = False, rng: random.Random | None = None, limit: int | None = None):
-        order = batch_order(self.lengths, self.batch_size, shuffle, self.bucket, rng or random.Random(0))
-        for batch_idx in order[:limit]:
-            yield self._make(batch_idx)
+    def order(self, shuffle: bool = False, rng: random.Random | None = None) -> list[list[int]]:
+        """Text indices per batch, in batch order (shuffled with `rng`)."""
+        return batch_order(self.lengths, self.batch_size, shuffle, self.bucket, rng or random.Random(0))
 
-    def _make(self, idx: list[int]) -> Batch:
+    def iterate(self, shuffle: bool = False, rng: random.Random | None = None, limit: int | None = None):
+        for batch_idx in self.order(shuffle, rng)[:limit]:
+            yield self.make(batch_idx)
+
+    def make(self, idx: list[int]) -> Batch:
+        """The batch of the texts `idx`: (inputs, mask, labels)."""
         labels = torch.tensor([self.data.labels[i] for i in idx], dtype=torch.long) if self.data.labels else None
         if self.states is None:
             ids, mask = collate([self.data.ids[i] for i in idx], self.pad_id, self.fixed_length)
@@ -105,11 +117,12 @@ def classifier_logits(model: SequenceClassifier, batches: Batches, inputs: torch
     return model.forward_from(inputs, attn, start=batches.cache_from)
 
 
-def calc_loss_batch(model: SequenceClassifier, batches: Batches, batch: Batch) -> torch.Tensor:
+def calc_loss_batch(model: SequenceClassifier, batches: Batches, batch: Batch,
+                    class_weights: torch.Tensor | None = None) -> torch.Tensor:
     inputs, mask, labels = batch
     with autocast(batches.device, batches.dtype):
         logits = classifier_logits(model, batches, inputs, mask)
-    return F.cross_entropy(logits.float(), labels.to(logits.device))
+    return classification_loss(logits, labels, class_weights)
 
 
 @torch.no_grad()
@@ -144,9 +157,26 @@ def calc_loss_and_accuracy(model: SequenceClassifier, batches: Batches,
     return total_loss / count, correct / count
 
 
+def evaluate_batches(model: SequenceClassifier, batches: Batches) -> dict[str, float]:
+    """Loss (unweighted mean), accuracy and macro-F1 over every batch: one full evaluation."""
+    losses, preds, golds = [], [], []
+    for logits, labels in iter_logits(model, batches):
+        labels = labels.to(logits.device)
+        losses.append(F.cross_entropy(logits, labels, reduction="sum").item())
+        preds.append(logits.argmax(-1).cpu())
+        golds.append(labels.cpu())
+    if not golds:
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(golds).numpy()
+    n_classes = model.backbone.out_head.out_features
+    return {"loss": sum(losses) / len(y_true), "accuracy": float((y_pred == y_true).mean()),
+            "macro_f1": float(f1_score(y_true, y_pred, labels=list(range(n_classes)), average="macro",
+                                       zero_division=0))}
+
+
 @dataclass
 class ClassifierHistory:
-    """The course's tracked values, plus per-epoch full validation accuracy."""
+    """The course's tracked values, plus every full validation evaluation and the best one."""
 
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
@@ -154,100 +184,240 @@ class ClassifierHistory:
     train_accs: list[float] = field(default_factory=list)
     val_accs: list[float] = field(default_factory=list)
     examples_at_epoch: list[int] = field(default_factory=list)
+    # one entry per full validation evaluation (after every epoch, or every --eval-freq steps)
     val_accuracy_full: list[float] = field(default_factory=list)
     val_loss_full: list[float] = field(default_factory=list)
-    best_epoch: int = 0
+    val_macro_f1_full: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_epochs: list[float] = field(default_factory=list)
+    select_by: str = "accuracy"
+    best_epoch: float = 0  # epoch (fractional with --eval-freq) of the kept weights
+    best_step: int = 0
     best_val_accuracy: float = 0.0
     best_val_loss: float = float("inf")
+    best_val_macro_f1: float = 0.0
     stopped_early: bool = False
     examples_seen: int = 0
-    global_step: int = -1
+    global_step: int = 0  # optimizer steps taken
+    lr: list[float] = field(default_factory=list)  # learning rate at each logged step
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def train_classifier_simple(model: SequenceClassifier, train: Batches, val: Batches,
-                            optimizer: torch.optim.Optimizer, num_epochs: int, eval_freq: int, eval_iter: int,
-                            grad_accum: int = 1, patience: int | None = None,
-                            seed: int = 123, metrics_log: IO[str] | None = None, progress: bool = True,
-                            on_eval: Callable[[str], None] | None = None) -> ClassifierHistory:
-    """Train; keep the weights of the epoch with the best full validation accuracy (ties: lower loss).
+class ClassifierTraining:
+    """The scratch engine's training loop over prepared batches, with a resumable state.
 
-    Every `eval_freq` optimizer steps, train/val loss on `eval_iter` batches; after each epoch,
-    train/val accuracy on `eval_iter` batches (the course's output) and the full validation accuracy,
-    which drives early stopping (`patience` epochs without improvement) and best-weight keeping.
+    Every optimizer step: warmup/schedule, optional clipping, AdamW (parameter groups). Every
+    `log_every` steps, the course's train/validation loss estimate on `eval_iter` batches. After
+    every epoch (or every `eval_freq` steps and after the last one), a full validation evaluation:
+    the best by `select_by` (ties: lower loss) keeps its weights; `patience` evaluations without a
+    better one stop training. With `state_dir`, a complete training state is written after every
+    epoch and every `save_every` steps; `load_state_dict` of one continues exactly where it was.
     """
-    history = ClassifierHistory()
-    rng = random.Random(seed)
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    best_state = {name: p.detach().clone() for name, p in trainable.items()}
-    epochs_without_gain = 0
-    say = on_eval or log.info
-    bar = tqdm(total=num_epochs * len(train), desc="train", unit="batch", disable=not progress, dynamic_ncols=True)
 
-    def write(record: dict) -> None:
-        if metrics_log is not None:
-            metrics_log.write(json.dumps(record) + "\n")
-            metrics_log.flush()
+    def __init__(self, model: SequenceClassifier, train: Batches, val: Batches, args: TrainArgs,
+                 class_weights: torch.Tensor | None = None, state_dir: Path | None = None,
+                 metrics_log: IO[str] | None = None, progress: bool = True,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.model, self.train, self.val, self.args = model, train, val, args
+        self.class_weights = class_weights
+        self.state_dir, self.metrics_log, self.progress = state_dir, metrics_log, progress
+        self.say = say or log.info
+        self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.optimizer = make_optimizer(model, args.lr, args.weight_decay)
+        self.steps_per_epoch = math.ceil(len(train) / args.grad_accum)
+        self.total_steps = self.steps_per_epoch * args.epochs
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, args.warmup, args.lr_schedule)
+        self.rng = random.Random(args.seed)
+        self.epoch_rng_state = self.rng.getstate()  # data order of the epoch in progress comes from this
+        self.epoch, self.batches_done = 0, 0  # epochs finished; batches of the current epoch done
+        self.history = ClassifierHistory(select_by=args.select_by)
+        self.selection = Selection(args.select_by)
+        self.best_state = self._snapshot()
+        self.finished = False
 
-    for epoch in range(num_epochs):
-        model.train()
-        optimizer.zero_grad()
-        for batch_no, batch in enumerate(train.iterate(shuffle=True, rng=rng)):
-            loss = calc_loss_batch(model, train, batch)
-            (loss / grad_accum).backward()
-            history.examples_seen += len(batch[2])
-            bar.update(1)
-            if (batch_no + 1) % grad_accum and batch_no + 1 != len(train):
-                continue
-            optimizer.step()
-            optimizer.zero_grad()
-            history.global_step += 1
-            write({"event": "step", "epoch": epoch + 1, "step": history.global_step,
-                   "examples_seen": history.examples_seen, "loss": round(loss.item(), 6)})
-            if history.global_step % eval_freq == 0:
-                train_loss, _ = calc_loss_and_accuracy(model, train, eval_iter)
-                val_loss, _ = calc_loss_and_accuracy(model, val, eval_iter)
-                history.train_losses.append(train_loss)
-                history.val_losses.append(val_loss)
-                history.examples_at_eval.append(history.examples_seen)
-                bar.set_postfix(train_loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}")
-                write({"event": "eval", "epoch": epoch + 1, "step": history.global_step,
-                       "examples_seen": history.examples_seen, "train_loss": train_loss, "val_loss": val_loss})
-                say(f"Ep {epoch + 1} (Step {history.global_step:06d}): "
-                    f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.trainable.items()}
 
-        _, train_acc = calc_loss_and_accuracy(model, train, eval_iter)
-        _, val_acc = calc_loss_and_accuracy(model, val, eval_iter)
-        val_loss_full, val_acc_full = calc_loss_and_accuracy(model, val)
-        history.train_accs.append(train_acc)
-        history.val_accs.append(val_acc)
-        history.val_accuracy_full.append(val_acc_full)
-        history.val_loss_full.append(val_loss_full)
-        history.examples_at_epoch.append(history.examples_seen)
-        write({"event": "epoch", "epoch": epoch + 1, "step": history.global_step, "train_accuracy": train_acc,
-               "val_accuracy": val_acc, "val_accuracy_full": val_acc_full, "val_loss_full": val_loss_full})
-        say(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}% "
-            f"(full validation set: {val_acc_full * 100:.2f}%, loss {val_loss_full:.4f})")
-        # Small validation sets tie often (one text of 149 is 0.67 %): then the lower loss wins.
-        if (epoch == 0 or val_acc_full > history.best_val_accuracy
-                or (val_acc_full == history.best_val_accuracy and val_loss_full < history.best_val_loss)):
-            history.best_val_accuracy, history.best_epoch = val_acc_full, epoch + 1
-            history.best_val_loss = val_loss_full
-            best_state = {name: p.detach().clone() for name, p in trainable.items()}
-            epochs_without_gain = 0
-        else:
-            epochs_without_gain += 1
-            if patience is not None and epochs_without_gain >= patience:
-                history.stopped_early = True
-                say(f"early stop: no validation gain for {patience} epoch(s)")
-                break
-    bar.close()
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(best_state[name])
-    if history.best_epoch != len(history.val_accuracy_full):
-        say(f"restored the weights of epoch {history.best_epoch} "
-            f"(validation accuracy {history.best_val_accuracy * 100:.2f}%)")
-    return history
+    # --- resumable state ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the rest of the run (loadable with `torch.load(weights_only=True)`)."""
+        return {"format": "llmclf-training-state", "format_version": 1,
+                "trainable": {n: p.detach().cpu().clone() for n, p in self.trainable.items()},
+                "best": {n: t.cpu() for n, t in self.best_state.items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch_rng_state": self.epoch_rng_state, "torch_rng_state": torch.get_rng_state(),
+                "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "epoch": self.epoch, "batches_done": self.batches_done, "finished": self.finished,
+                "history": self.history.to_dict(), "selection": self.selection.to_dict(),
+                "metrics_log_bytes": self.metrics_log.tell() if self.metrics_log is not None else 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(state["trainable"][name])
+        device = next(iter(self.trainable.values())).device
+        self.best_state = {n: t.to(device) for n, t in state["best"].items()}
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch_rng_state = _as_random_state(state["epoch_rng_state"])
+        torch.set_rng_state(state["torch_rng_state"])
+        if state["cuda_rng_states"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng_states"])
+        self.epoch, self.batches_done, self.finished = state["epoch"], state["batches_done"], state["finished"]
+        self.history = ClassifierHistory(**state["history"])
+        self.selection = Selection.from_dict(state["selection"])
+        if self.metrics_log is not None:  # drop what the killed process logged after this state
+            self.metrics_log.truncate(state["metrics_log_bytes"])
+            self.metrics_log.seek(state["metrics_log_bytes"])
+
+    def save_state(self) -> None:
+        if self.state_dir is not None:
+            save_training_state(self.state_dir, self.history.global_step, self.state_dict())
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _write(self, record: dict) -> None:
+        if self.metrics_log is not None:
+            self.metrics_log.write(json.dumps(record) + "\n")
+            self.metrics_log.flush()
+
+    def run(self) -> ClassifierHistory:
+        """Train to the end (from wherever the loaded state was); keep the best weights."""
+        args, h = self.args, self.history
+        bar = tqdm(total=args.epochs * len(self.train), initial=self.epoch * len(self.train) + self.batches_done,
+                   desc="train", unit="batch", disable=not self.progress, dynamic_ncols=True)
+        while not self.finished and self.epoch < args.epochs:
+            self.rng.setstate(self.epoch_rng_state)
+            order = self.train.order(shuffle=True, rng=self.rng)
+            self.model.train()
+            self.optimizer.zero_grad()
+            stop = False
+            for batch_no in range(self.batches_done, len(order)):
+                batch = self.train.make(order[batch_no])
+                loss = calc_loss_batch(self.model, self.train, batch, self.class_weights)
+                (loss / args.grad_accum).backward()
+                h.examples_seen += len(batch[2])
+                bar.update(1)
+                if (batch_no + 1) % args.grad_accum and batch_no + 1 != len(order):
+                    continue
+                stop = self._step(loss.item(), batch_no + 1)
+                if stop:
+                    break
+            if not stop:
+                self._end_epoch()
+                stop = self.finished
+            if stop:
+                self.finished = True
+                self.save_state()
+        bar.close()
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(self.best_state[name])
+        if h.best_step != h.global_step:
+            self.say(f"restored the weights of step {h.best_step} (epoch {h.best_epoch:g}; validation "
+                     f"{self.args.select_by} {self._best_score():.4f})")
+        return h
+
+    def _best_score(self) -> float:
+        best = self.selection.best or {}
+        return float(best.get(self.args.select_by.replace("-", "_"), float("nan")))
+
+    def _step(self, last_loss: float, batches_done: int) -> bool:
+        """One optimizer step after `batches_done` batches of this epoch; True to stop training."""
+        args, h = self.args, self.history
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable.values(), args.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        h.global_step += 1
+        self.batches_done = batches_done
+        self._write({"event": "step", "epoch": self.epoch + 1, "step": h.global_step,
+                     "examples_seen": h.examples_seen, "loss": round(last_loss, 6), "lr": lr})
+        fault_point("step", h.global_step)
+        if h.global_step % args.log_every == 0:
+            self._log_losses(lr)
+        stop = False
+        last_step = h.global_step == self.total_steps
+        if args.eval_freq is not None and (h.global_step % args.eval_freq == 0 or last_step):
+            stop = self._evaluate()
+        if (args.save_every is not None and h.global_step % args.save_every == 0
+                and batches_done != len(self.train) and not stop):
+            self.save_state()  # (the end of an epoch saves anyway)
+        return stop
+
+    def _log_losses(self, lr: float) -> None:
+        h = self.history
+        train_loss, _ = calc_loss_and_accuracy(self.model, self.train, self.args.eval_iter)
+        val_loss, _ = calc_loss_and_accuracy(self.model, self.val, self.args.eval_iter)
+        self.model.train()
+        h.train_losses.append(train_loss)
+        h.val_losses.append(val_loss)
+        h.examples_at_eval.append(h.examples_seen)
+        h.lr.append(lr)
+        self._write({"event": "eval", "epoch": self.epoch + 1, "step": h.global_step,
+                     "examples_seen": h.examples_seen, "train_loss": train_loss, "val_loss": val_loss})
+        self.say(f"Ep {self.epoch + 1} (Step {h.global_step:06d}): "
+                 f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+
+    def _evaluate(self) -> bool:
+        """A full validation evaluation as a candidate for the best model; True to stop (patience)."""
+        h = self.history
+        metrics = evaluate_batches(self.model, self.val)
+        self.model.train()
+        epoch = round(self.epoch + self.batches_done / len(self.train), 4)
+        h.val_accuracy_full.append(metrics["accuracy"])
+        h.val_loss_full.append(metrics["loss"])
+        h.val_macro_f1_full.append(metrics["macro_f1"])
+        h.eval_steps.append(h.global_step)
+        h.eval_epochs.append(epoch)
+        self._write({"event": "validation", "epoch": epoch, "step": h.global_step, **metrics})
+        if self.selection.update({**metrics, "step": h.global_step, "epoch": epoch}):
+            self.best_state = self._snapshot()
+            h.best_epoch, h.best_step = epoch, h.global_step
+            h.best_val_accuracy, h.best_val_loss = metrics["accuracy"], metrics["loss"]
+            h.best_val_macro_f1 = metrics["macro_f1"]
+        self.say(f"validation: accuracy {metrics['accuracy'] * 100:.2f}%, macro-F1 {metrics['macro_f1']:.4f}, "
+                 f"loss {metrics['loss']:.4f} (step {h.global_step}; best by {self.args.select_by}: "
+                 f"step {h.best_step})")
+        if self.selection.should_stop(self.args.patience):
+            h.stopped_early = True
+            self.say(f"early stop: no better validation {self.args.select_by} in {self.args.patience} evaluation(s)")
+            return True
+        return False
+
+    def _end_epoch(self) -> None:
+        """The course's per-epoch accuracies, the epoch's evaluation and a training state."""
+        h, args = self.history, self.args
+        _, train_acc = calc_loss_and_accuracy(self.model, self.train, args.eval_iter)
+        _, val_acc = calc_loss_and_accuracy(self.model, self.val, args.eval_iter)
+        h.train_accs.append(train_acc)
+        h.val_accs.append(val_acc)
+        h.examples_at_epoch.append(h.examples_seen)
+        self._write({"event": "epoch", "epoch": self.epoch + 1, "step": h.global_step,
+                     "train_accuracy": train_acc, "val_accuracy": val_acc})
+        self.say(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}% "
+                 f"(on {args.eval_iter} batches)")
+        self.epoch += 1
+        self.batches_done = 0
+        self.epoch_rng_state = self.rng.getstate()
+        stop = self._evaluate() if args.eval_freq is None else False
+        self.finished = stop or self.epoch == args.epochs
+        self.save_state()
+
+
+def _as_random_state(state: Any) -> tuple:
+    """`random.Random.getstate()` back from its saved form (lists where tuples were)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def train_classifier(model: SequenceClassifier, train: Batches, val: Batches, args: TrainArgs,
+                     class_weights: torch.Tensor | None = None, progress: bool = True,
+                     say: Callable[[str], None] | None = None) -> ClassifierHistory:
+    """Train in memory (no training states): `ClassifierTraining(...).run()`."""
+    return ClassifierTraining(model, train, val, args, class_weights, progress=progress, say=say).run()

@@ -1,0 +1,251 @@
+"""`TrainArgs`: every option of classifier training, defined once.
+
+Each field carries its type, its default (per engine where the engines' conventions differ), its
+help text and its validation. The estimators (`TextClassifier`, `HFClassifier`) take these as
+keyword arguments (scikit-learn style), `llmclf train` builds its options from them, the saved
+`config.json` lists them under "training", and `--resume` compares the ones that change a
+result. Adding an option means adding a field here (and using it in the engine loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmclf.errors import ConfigError
+from llmclf.models.heads import POOLINGS, Trainable
+from llmclf.runtime import PRECISIONS
+
+ENGINES = ("scratch", "hf")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SELECT_BY = ("accuracy", "macro-f1", "loss")
+
+
+def option(default: Any, help: str, *, hf: Any = dataclasses.MISSING, engines: tuple[str, ...] = ENGINES,
+           check: Any = None, flag: str | None = None, affects_result: bool = True, metavar: str | None = None):
+    """A `TrainArgs` field: `default` (the scratch engine's, and `hf`'s unless `hf=` says otherwise),
+    `help` for `--help`, the engines it applies to, a `check(value) -> problem | None`, the CLI
+    flag (default `--field-name`), and whether changing it changes the trained model (for `--resume`)."""
+    meta = {"help": help, "engines": engines, "check": check, "flag": flag, "affects_result": affects_result,
+            "defaults": {"scratch": default, "hf": default if hf is dataclasses.MISSING else hf},
+            "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+def _at_least(n: int | float, optional: bool = False):
+    def check(value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        if value is None or value < n:
+            return f"must be >= {n}, got {value}"
+        return None
+    return check
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+    return check
+
+
+def _warmup(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else f"is a share of the optimizer steps in [0, 1), got {value}"
+
+
+def _template(value: str | None) -> str | None:
+    from llmclf.data.classification import template_problem
+
+    return template_problem(value)
+
+
+def _trainable(value: str) -> str | None:
+    try:
+        Trainable.parse(value)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def parse_class_weights(spec: str, n_classes: int | None = None) -> str | list[float] | None:
+    """`none` -> None, `balanced` -> "balanced", `W1,W2,...` -> floats (all > 0; `n_classes` of them
+    when given). Raises ConfigError on a malformed spec."""
+    if spec in ("none", "balanced"):
+        return None if spec == "none" else spec
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"class weights must be none, balanced or comma-separated numbers W1,W2,...; "
+                          f"got {spec!r}") from None
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise ConfigError(f"class weights must all be positive numbers, got {spec!r}")
+    if n_classes is not None and len(weights) != n_classes:
+        raise ConfigError(f"{len(weights)} class weight(s) given ({spec}) for {n_classes} classes; "
+                          "give one per class, in the order of the labels (sorted)")
+    return weights
+
+
+def _class_weights(value: str) -> str | None:
+    try:
+        parse_class_weights(value)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass
+class TrainArgs:
+    """Options of `llmclf train` / `TextClassifier` / `HFClassifier` (the defaults are the scratch
+    engine's; `TrainArgs.for_engine("hf")` gives the hf engine's)."""
+
+    # --- data and length
+    epochs: int = option(5, "Passes over the training data.", hf=3, check=_at_least(1))
+    batch_size: int = option(8, "Texts per batch (per optimizer step with --grad-accum 1).", check=_at_least(1))
+    eval_batch_size: int | None = option(
+        None, "Texts per batch when evaluating (default: --batch-size).",
+        check=_at_least(1, optional=True), affects_result=False)
+    max_length: int | None = option(
+        None, "Tokens per text (default: the longest training text, capped at the model's limit).",
+        check=_at_least(1, optional=True))
+    template: str | None = option(
+        None, "What the model reads per text, {text} marking the text; \\n is a newline on the command line. "
+        "E.g. an instruction in the model's chat format (see README). Saved with the model.", check=_template)
+    # --- optimizer and schedule
+    lr: float = option(5e-5, "Peak AdamW learning rate.", check=_at_least(0.0))
+    lr_schedule: str = option(
+        "constant", "Learning rate after warmup: constant (the course's) | linear decay to 0 | cosine decay to 0 "
+        "[default: constant scratch, linear hf (Trainer's)].", hf="linear", check=_one_of(LR_SCHEDULES))
+    warmup: float = option(0.0, "Share of the optimizer steps over which the learning rate rises linearly "
+                           "from 0 (0.1 = 10 %).", check=_warmup, metavar="RATIO")
+    weight_decay: float = option(
+        0.1, "AdamW weight decay, applied to weight matrices only: biases, norm weights and embeddings are "
+        "never decayed (as nanoGPT and Trainer do) [default: 0.1 scratch (the course's), 0.0 hf].", hf=0.0,
+        check=_at_least(0.0))
+    max_grad_norm: float = option(
+        0.0, "Clip gradients to this global L2 norm; 0 = no clipping [default: 0 scratch (the course's), "
+        "1.0 hf (Trainer's)].", hf=1.0, check=_at_least(0.0), metavar="N")
+    grad_accum: int = option(1, "Batches per optimizer step (gradient accumulation).", check=_at_least(1))
+    class_weights: str = option(
+        "none", "Weighted cross-entropy for imbalanced data: none | balanced (n / (classes x count), "
+        "scikit-learn's) | W1,W2,... (one per label, labels in sorted order).", check=_class_weights)
+    # --- evaluation, model selection, checkpoints
+    select_by: str = option(
+        "accuracy", "Validation metric that picks the best evaluation, whose weights are kept: accuracy | "
+        "macro-f1 | loss; ties go to the lower validation loss [default: accuracy scratch, macro-f1 hf].",
+        hf="macro-f1", check=_one_of(SELECT_BY))
+    eval_freq: int | None = option(
+        None, "Evaluate on the whole validation set every N optimizer steps, each one a candidate for "
+        "--select-by (default: after every epoch only).", check=_at_least(1, optional=True))
+    patience: int | None = option(
+        None, "Early stopping: stop after N evaluations in a row without a better --select-by score "
+        "(default: train all epochs).", check=_at_least(1, optional=True))
+    log_every: int = option(
+        50, "Log the training loss every N optimizer steps (scratch: the course's train/validation loss "
+        "estimate on --eval-iter batches) [default: 50 scratch, 10 hf].", hf=10, check=_at_least(1),
+        affects_result=False)
+    eval_iter: int = option(5, "Batches per loss estimate in the log lines (the course's eval_iter).",
+                            engines=("scratch",), check=_at_least(1), affects_result=False)
+    save_every: int | None = option(
+        None, "Also write the training state every N optimizer steps (it is always written after every "
+        "epoch), for --resume.", check=_at_least(1, optional=True), affects_result=False)
+    seed: int = option(123, "Random seed (head init, data order, dropout) [default: 123 scratch (the book's), "
+                       "42 hf (Trainer's)].", hf=42)
+    # --- model (scratch engine)
+    trainable: str = option(
+        "last-block", "What trains: head | last-block (last block + final norm + head) | last-n:N | all | "
+        "lora[:rank[:alpha]].", engines=("scratch",), check=_trainable)
+    pooling: str = option("last", "Which positions feed the head: last (last real token) | mean | "
+                          "last-position (the course's fixed-length padding).", engines=("scratch",),
+                          check=_one_of(POOLINGS))
+    bucket: bool = option(False, "Batch texts of similar length together (less padding).", engines=("scratch",))
+    cache_frozen: bool = option(
+        True, "Run the frozen layers once per text and cache their output (exact when they have no dropout).",
+        engines=("scratch",), flag="--cache/--no-cache")
+    # --- where it runs
+    precision: str = option("auto", "auto = bfloat16 where the hardware runs it fast (AMX CPU, bf16 GPU), "
+                            "else float32.", check=_one_of(PRECISIONS))
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: CUDA if present, else CPU).",
+                                affects_result=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- one definition, read many ways ----------------------------------------------------
+
+    @classmethod
+    def names(cls, engine: str | None = None) -> list[str]:
+        """Field names (those that apply to `engine`, if given), in definition order."""
+        return [f.name for f in dataclasses.fields(cls) if engine is None or engine in f.metadata["engines"]]
+
+    @classmethod
+    def defaults(cls, engine: str) -> dict[str, Any]:
+        """Default of every option that applies to `engine`."""
+        return {f.name: f.metadata["defaults"][engine] for f in dataclasses.fields(cls)
+                if engine in f.metadata["engines"]}
+
+    @classmethod
+    def for_engine(cls, engine: str, **values: Any) -> TrainArgs:
+        """The engine's defaults, overridden by `values`; every problem is reported at once."""
+        if engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        cls.check_names(engine, values)
+        merged = {**cls.defaults(engine), **values}
+        problems = cls.problems(merged)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**merged)
+
+    @classmethod
+    def check_names(cls, engine: str, names: Any) -> None:
+        """ConfigError for names that are no option, or no option of `engine`."""
+        unknown = sorted(set(names) - set(cls.names()))
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(cls.names())}")
+        foreign = [n for n in names if n not in cls.names(engine)]
+        if foreign:
+            raise ConfigError(f"{', '.join(cls.flag(n) for n in foreign)} do(es) not apply to the {engine} engine")
+
+    @classmethod
+    def meta(cls, name: str) -> dict[str, Any]:
+        return {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The CLI flag of option `name` (its positive form)."""
+        flag = cls.meta(name)["flag"]
+        return flag.split("/")[0] if flag else "--" + name.replace("_", "-")
+
+    @classmethod
+    def problems(cls, values: dict[str, Any]) -> list[str]:
+        """Every problem with these option values, as `--flag: what is wrong` lines."""
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.name in values and f.metadata["check"] is not None:
+                problem = f.metadata["check"](values[f.name])
+                if problem:
+                    out.append(f"{cls.flag(f.name)} {problem}")
+        return out
+
+    @classmethod
+    def docs(cls, engine: str) -> str:
+        """The options of `engine` as an `Args:`-style docstring section."""
+        lines = [f"\n    Training options ({engine} engine; `llmclf train --help` shows the same):"]
+        for f in dataclasses.fields(cls):
+            if engine in f.metadata["engines"]:
+                lines.append(f"        {f.name} = {f.metadata['defaults'][engine]!r}: {f.metadata['help']}")
+        return "\n".join(lines) + "\n"
+
+    def validate(self) -> None:
+        problems = self.problems(dataclasses.asdict(self))
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def to_dict(self, engine: str | None = None) -> dict[str, Any]:
+        """The options (those of `engine`, if given) as a JSON-ready dict (saved in config.json)."""
+        values = dataclasses.asdict(self)
+        return {n: values[n] for n in self.names(engine)}
+
+    def result_options(self, engine: str) -> dict[str, Any]:
+        """The options of `engine` that change the trained model (`--resume` requires them unchanged)."""
+        return {n: v for n, v in self.to_dict(engine).items() if self.meta(n)["affects_result"]}

@@ -1,0 +1,177 @@
+"""Training runs that survive being killed: the run's fingerprint, resumable training states,
+and the checks `--resume` makes.
+
+A run writes `OUT/checkpoints/run.json` (what it trains: engine, backbone, result-changing
+options, data checksums) when it starts, then complete training states into `OUT/checkpoints/`
+after every epoch and every `--save-every` steps: the scratch engine as `state-STEP.pt` (torch,
+read back with `weights_only=True`), the hf engine as Trainer's `checkpoint-STEP/` directories.
+Each is written to a temporary name and renamed (scratch) or marked complete once written (hf),
+and the previous one is kept, so a process killed at any point leaves a complete state to
+resume from. When the finished model is saved, `checkpoints/` is removed and the fingerprint
+moves into the model's config.json (`"run"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmclf.errors import CheckpointError, ConfigError
+from llmclf.loaders.checkpoint import read_checkpoint_config
+from llmclf.loaders.tensors import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "checkpoints"
+RUN_FILE = "run.json"
+STATE_PREFIX = "state-"
+KEEP_STATES = 2  # the newest and the one before, in case the newest turns out damaged
+FAULT_ENV = "LLMCLF_FAULT"  # test hook: "step:N" or "save:N" kills the process there with SIGKILL
+
+
+def fault_point(event: str, step: int) -> None:
+    """SIGKILL this process at `event` ("step" after optimizer step N, "save" halfway through writing
+    the training state of step N) when $LLMCLF_FAULT says so; the resume tests kill runs this way."""
+    if os.environ.get(FAULT_ENV) == f"{event}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def texts_checksum(texts: list[str], labels: list[str]) -> str:
+    """sha256 of the texts and labels, in order (what a run trained on)."""
+    digest = hashlib.sha256()
+    for text, label in zip(texts, labels, strict=True):
+        digest.update(json.dumps([text, label], ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def run_fingerprint(engine: str, backbone: str, options: dict[str, Any], train: Any, val: Any,
+                    model_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run's result depends on; `--resume` requires it unchanged."""
+    return {"engine": engine, "backbone": backbone, "options": options,
+            "model_options": {k: str(v) if isinstance(v, os.PathLike) else v
+                              for k, v in (model_options or {}).items() if v not in (None, False)},
+            "data": {"train": texts_checksum(train.texts, train.labels),
+                     "validation": texts_checksum(val.texts, val.labels)}}
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("engine", "backbone"):
+        if saved.get(key) != current.get(key):
+            out.append(f"{key} {saved.get(key)!r} (now {current.get(key)!r})")
+    for name in sorted(set(saved.get("options", {})) | set(current["options"])):
+        old, new = saved.get("options", {}).get(name), current["options"].get(name)
+        if old != new:
+            out.append(f"{name} {old!r} (now {new!r})")
+    if saved.get("model_options", {}) != current["model_options"]:
+        out.append(f"model options {saved.get('model_options')} (now {current['model_options']})")
+    for split in ("train", "validation"):
+        if saved.get("data", {}).get(split) != current["data"][split]:
+            out.append(f"{split} data (its checksum differs)")
+    return out
+
+
+class RunFinishedError(Exception):
+    """`--resume` on a run that already finished (same fingerprint): nothing to do."""
+
+
+def prepare_run(out_dir: str | os.PathLike | None, fingerprint: dict[str, Any], resume: bool) -> bool:
+    """Check `out_dir` before training; True when an unfinished run is to be resumed.
+
+    Raises RunFinishedError for `resume` on a finished run with this fingerprint, and ConfigError for
+    `resume` with nothing to resume or another run's directory, and for a fresh start over an
+    unfinished run (which `--resume` would continue)."""
+    if out_dir is None:
+        if resume:
+            raise ConfigError("resume needs the output directory of the run to continue")
+        return False
+    out_dir = Path(out_dir)
+    run_file = out_dir / STATE_DIR / RUN_FILE
+    saved: dict[str, Any] | None = None
+    if run_file.is_file():
+        try:
+            saved = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{run_file} is unreadable ({exc}); delete {out_dir / STATE_DIR} to start "
+                                  "the run over") from exc
+        if not resume:
+            raise ConfigError(f"{out_dir} holds an unfinished training run ({out_dir / STATE_DIR}); continue it "
+                              f"with --resume, or delete {out_dir / STATE_DIR} to start over")
+        finished = False
+    elif resume:
+        config = read_checkpoint_config(out_dir, required=False)
+        if config is None or "run" not in config:
+            raise ConfigError(f"nothing to resume in {out_dir}: it holds no training state ({STATE_DIR}/{RUN_FILE}) "
+                              "and no finished llmclf run; start the run without --resume")
+        saved, finished = config["run"], True
+    else:
+        return False
+    differences = _differences(saved, fingerprint)
+    if differences:
+        raise ConfigError(f"cannot resume the run in {out_dir}: it was started with other settings or data: "
+                          + "; ".join(differences) + ". Resume with the same arguments and data, or choose "
+                          "another --out")
+    if finished:
+        raise RunFinishedError(f"the run in {out_dir} already finished; nothing to resume")
+    return True
+
+
+def start_run(out_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
+    """Create `OUT/checkpoints/` with the run's fingerprint; returns the directory."""
+    state_dir = Path(out_dir) / STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state_dir / RUN_FILE, fingerprint)
+    return state_dir
+
+
+def finish_run(out_dir: str | os.PathLike) -> None:
+    """Remove the training states once the finished model is saved."""
+    shutil.rmtree(Path(out_dir) / STATE_DIR, ignore_errors=True)
+
+
+# --- the scratch engine's training states ------------------------------------------------------
+
+def save_training_state(state_dir: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write `state` as `state-STEP.pt` (temporary name, then rename); keep the newest two."""
+    path = state_dir / f"{STATE_PREFIX}{step:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        if os.environ.get(FAULT_ENV) == f"save:{step}":
+            with open(tmp, "r+b") as f:
+                f.truncate(tmp.stat().st_size // 2)
+            fault_point("save", step)
+    for old in sorted(state_dir.glob(f"{STATE_PREFIX}*.pt"))[:-KEEP_STATES]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_training_state(state_dir: Path) -> dict[str, Any] | None:
+    """The newest training state that loads; damaged ones (e.g. truncated by a crash) are skipped
+    with a warning. None when there is none yet."""
+    for leftover in state_dir.glob(f".{STATE_PREFIX}*.tmp"):  # a write the process did not finish
+        leftover.unlink(missing_ok=True)
+    damaged = []
+    for path in sorted(state_dir.glob(f"{STATE_PREFIX}*.pt"), reverse=True):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, and said so
+            damaged.append(path)
+            log.warning("training state %s is damaged or incomplete (%s: %s); trying the previous one",
+                        path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest complete training state (skipped %s)", path.name,
+                        ", ".join(p.name for p in damaged))
+        return state
+    if damaged:
+        log.warning("no complete training state in %s; starting the run from the beginning", state_dir)
+    return None
