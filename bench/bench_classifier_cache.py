@@ -27,7 +27,7 @@ def main() -> None:
     times = {}
     for cache in (True, False):
         clf = TextClassifier("gpt2-small", trainable="last-block", epochs=args.epochs, precision=args.precision,
-                             cache_frozen=cache, eval_freq=10_000, model_options={"random_init": True})
+                             cache_frozen=cache, log_every=10_000, model_options={"random_init": True})
         start = time.perf_counter()
         clf.fit(train, val, progress=False)
         times[cache] = time.perf_counter() - start

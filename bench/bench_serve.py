@@ -58,7 +58,7 @@ def build_classifier(name: str, max_length: int = 128) -> Path:
     if name == "gpt2-small":
         tokenizer_dir = os.environ.get("LLMCLF_GPT2_TOKENIZER_DIR", str(SHARED / "tokenizers" / "gpt2"))
         clf = make_classifier("gpt2-small", "scratch", trainable="head", epochs=1, max_length=max_length,
-                              eval_freq=10_000, model_options={"random_init": True, "tokenizer_dir": tokenizer_dir})
+                              log_every=10_000, model_options={"random_init": True, "tokenizer_dir": tokenizer_dir})
     elif name == "minilm":
         clf = make_classifier("all-minilm-l6-v2", "hf", epochs=1, max_length=max_length)
     else:

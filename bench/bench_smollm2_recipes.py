@@ -51,7 +51,7 @@ def run_llmclf(data: dict, trainable: str, pooling: str, epochs: int, lr: float,
                precision: str, template: str | None) -> dict:
     start = time.perf_counter()
     clf = TextClassifier("smollm2-135m", trainable=trainable, pooling=pooling, epochs=epochs, lr=lr,
-                         batch_size=batch_size, precision=precision, eval_freq=10_000, bucket=True,
+                         batch_size=batch_size, precision=precision, log_every=10_000, bucket=True,
                          template=template)
     clf.fit(data["train"], data["validation"], progress=False)
     seconds = time.perf_counter() - start

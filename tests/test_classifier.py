@@ -174,7 +174,7 @@ def _toy_data(n: int = 48) -> LabelledTexts:
 
 def test_fit_learns_saves_and_reloads(tmp_path, tiny_lm):
     data = _toy_data()
-    clf = TextClassifier(str(tiny_lm), trainable="all", epochs=4, lr=3e-3, batch_size=8, eval_freq=3,
+    clf = TextClassifier(str(tiny_lm), trainable="all", epochs=4, lr=3e-3, batch_size=8, log_every=3,
                          precision="float32")
     with pytest.raises(NotFittedError):
         clf.predict(["x"])
@@ -237,7 +237,7 @@ def test_same_seed_same_result(tiny_lm):
     data = _toy_data(24)
 
     def run() -> np.ndarray:
-        clf = TextClassifier(str(tiny_lm), epochs=1, lr=1e-3, precision="float32", eval_freq=100)
+        clf = TextClassifier(str(tiny_lm), epochs=1, lr=1e-3, precision="float32", log_every=100)
         return clf.fit(data, data, progress=False).predict_proba(data.texts)
 
     np.testing.assert_array_equal(run(), run())
@@ -307,7 +307,7 @@ def test_length_bucketing_keeps_every_text_once_and_groups_similar_lengths():
 def test_bfloat16_training_runs_and_learns(tiny_lm):
     data = _toy_data()
     clf = TextClassifier(str(tiny_lm), trainable="all", epochs=4, lr=3e-3, precision="bfloat16", bucket=True,
-                         eval_freq=100).fit(data, data, progress=False)
+                         log_every=100).fit(data, data, progress=False)
     assert clf.evaluate(data)["accuracy"] >= 0.9
 
 
@@ -316,7 +316,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_lm):
 
     def run(batch_size: int, grad_accum: int) -> np.ndarray:
         clf = TextClassifier(str(tiny_lm), trainable="all", epochs=2, lr=1e-3, batch_size=batch_size,
-                             grad_accum=grad_accum, precision="float32", eval_freq=1000)
+                             grad_accum=grad_accum, precision="float32", log_every=1000)
         return clf.fit(data, data, progress=False).predict_proba(data.texts)
 
     np.testing.assert_allclose(run(4, 2), run(8, 1), atol=1e-5)
@@ -324,25 +324,31 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_lm):
 
 def test_patience_stops_early_and_keeps_the_best_epoch(tiny_lm):
     data = _toy_data(16)
-    clf = TextClassifier(str(tiny_lm), epochs=10, lr=0.0, patience=2, precision="float32", eval_freq=1000)
+    clf = TextClassifier(str(tiny_lm), epochs=10, lr=0.0, patience=2, precision="float32", log_every=1000)
     history = clf.fit(data, data, progress=False).history_
     assert history.stopped_early and len(history.val_accuracy_full) == 3 and history.best_epoch == 1
 
 
-def test_equal_validation_accuracy_keeps_the_epoch_with_the_lower_loss(tiny_lm, monkeypatch):
+# (loss, accuracy, macro-F1) of the full validation evaluation after each of 4 epochs
+SCRIPTED_EVALUATIONS = [(0.5, 0.9, 0.90), (0.3, 0.9, 0.89), (0.4, 0.9, 0.95), (0.2, 0.8, 0.80)]
+
+
+@pytest.mark.parametrize("select_by, best_epoch", [("accuracy", 2), ("macro-f1", 3), ("loss", 4)])
+def test_select_by_picks_the_best_evaluation_ties_broken_by_loss(tiny_lm, monkeypatch, select_by, best_epoch):
     import llmclf.training.classifier as training
 
-    full_evaluations = iter([(0.5, 0.9), (0.3, 0.9), (0.4, 0.9), (0.2, 0.8)])  # (loss, accuracy) per epoch
-    partial = training.calc_loss_and_accuracy
+    evaluations = iter(SCRIPTED_EVALUATIONS)
 
-    def scripted(model, batches, num_batches=None):
-        return next(full_evaluations) if num_batches is None else partial(model, batches, num_batches)
+    def scripted(model, batches):
+        loss, accuracy, macro_f1 = next(evaluations)
+        return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1}
 
-    monkeypatch.setattr(training, "calc_loss_and_accuracy", scripted)
+    monkeypatch.setattr(training, "evaluate_batches", scripted)
     data = _toy_data(16)
-    history = TextClassifier(str(tiny_lm), epochs=4, precision="float32", eval_freq=1000).fit(
-        data, data, progress=False).history_
-    assert history.best_epoch == 2 and history.val_loss_full == [0.5, 0.3, 0.4, 0.2]
+    history = TextClassifier(str(tiny_lm), epochs=4, precision="float32", log_every=1000,
+                             select_by=select_by).fit(data, data, progress=False).history_
+    # accuracy ties at 0.9 for epochs 1-3: the lowest loss among them (epoch 2) wins
+    assert history.best_epoch == best_epoch and history.val_loss_full == [0.5, 0.3, 0.4, 0.2]
 
 
 def test_tsv_input_and_jsonl_output(tmp_path, tiny_lm):

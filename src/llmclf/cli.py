@@ -251,7 +251,45 @@ def data_split(
 
 # --- classification ---------------------------------------------------------------------------
 
+def with_train_args(func):
+    """Add every `TrainArgs` option to a typer command as `--flag` (help and defaults from the one
+    definition); the command receives the options the user gave as `train_args` (a dict), so the
+    library fills in each engine's defaults and validates them all at once."""
+    import dataclasses
+    import functools
+    import inspect
+
+    from llmclf.training.args import TrainArgs
+
+    fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    params = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "train_args"]
+    for name, f in fields.items():
+        base_type = next(t for t in (bool, int, float, str) if t.__name__ in str(f.type))
+        meta = f.metadata
+        flag = meta["flag"] or ("--{0}/--no-{0}" if base_type is bool else "--{0}").format(name.replace("_", "-"))
+        option = typer.Option(flag, help=TrainArgs.help(name), metavar=meta["metavar"], show_default=False,
+                              rich_help_panel="Training options")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Optional[base_type], option]))
+
+    @functools.wraps(func)
+    def command(**kwargs):
+        given = {}
+        for name in fields:
+            value = kwargs.pop(name)
+            if value is not None:
+                convert = fields[name].metadata["from_cli"]
+                given[name] = convert(value) if convert else value
+        return func(**kwargs, train_args=given)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__  # typer must read the signature above, not func's
+    return command
+
+
 @app.command()
+@with_train_args
 def train(
     train_file: Annotated[Path, typer.Option("--train", help="Training data (CSV, TSV or JSONL).")],
     val_file: Annotated[Path, typer.Option("--val", help="Validation data (model selection, early stopping).")],
@@ -263,96 +301,45 @@ def train(
     test_file: Annotated[Optional[Path], typer.Option("--test", help="Test data, evaluated once at the end.")] = None,
     text_col: TextColOpt = "text",
     label_col: LabelColOpt = "label",
-    epochs: Annotated[Optional[int], typer.Option(
-        "--epochs", min=1, help="Passes over the training data [default: 5 scratch, 3 hf].")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per batch.")] = 8,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 5e-5,
-    weight_decay: Annotated[Optional[float], typer.Option(
-        "--weight-decay", min=0.0, help="AdamW weight decay [default: 0.1 scratch (the course's), 0.0 hf].")] = None,
-    max_length: Annotated[Optional[int], typer.Option(
-        "--max-length", min=1, help="Tokens per text (default: longest training text, capped at the context).")] = None,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimizer step.")] = 1,
-    eval_freq: Annotated[Optional[int], typer.Option(
-        "--eval-freq", min=1, help="Evaluate every N optimizer steps [default: 50 scratch; hf: every epoch].")] = None,
-    patience: Annotated[Optional[int], typer.Option(
-        "--patience", min=1, help="Early stopping: N epochs (scratch) or evaluations (hf) without gain.")] = None,
-    trainable: Annotated[Optional[str], typer.Option(
-        "--trainable", help="scratch: head | last-block (last block + final norm + head) | last-n:N | all | "
-        "lora[:rank[:alpha]] [default: last-block]")] = None,
-    pooling: Annotated[Optional[str], typer.Option(
-        "--pooling", help="scratch: last (last real token) | mean | last-position (the course's fixed padding) "
-        "[default: last]")] = None,
-    eval_iter: Annotated[Optional[int], typer.Option(
-        "--eval-iter", min=1, help="scratch: batches per loss evaluation [default: 5].")] = None,
-    bucket: Annotated[bool, typer.Option("--bucket", help="scratch: batch texts of similar length together.")] = False,
-    no_cache: Annotated[bool, typer.Option(
-        "--no-cache", help="scratch: run frozen layers every step instead of once per text.")] = False,
-    template: Annotated[Optional[str], typer.Option(
-        "--template", help="What the model reads per text, {text} marking the text; \\n is a newline. "
-        "E.g. an instruction in the model's chat format (see README). Saved with the model.")] = None,
-    warmup: Annotated[Optional[float], typer.Option(
-        "--warmup", min=0.0, max=0.99,
-        help="hf: share of steps for learning-rate warmup (0.1 = 10 %) [default: 0].")] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option(
-        "--eval-batch-size", min=1, help="hf: texts per evaluation batch [default: --batch-size].")] = None,
-    best_metric: Annotated[Optional[str], typer.Option(
-        "--best-metric", help="hf: f1 | accuracy | precision | recall | loss, for keeping the best model "
-        "[default: f1].")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the interrupted run in --out from its newest training state (same "
+        "arguments and data required; --progress, --device, --save-every, --log-every, --eval-iter and "
+        "--eval-batch-size may differ). On a run that already finished: says so and loads its model.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final metrics as one JSON object.")] = False,
     random_init: RandomInitOpt = False,
-    seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Random seed (head init, data order) [default: 123 scratch (the book's), 42 hf].")] = None,
     base_config: BaseConfigOpt = None,
     context_length: ContextLengthOpt = None,
     drop_rate: DropRateOpt = None,
     qkv_bias: QkvBiasOpt = None,
     tokenizer_dir: TokenizerDirOpt = None,
-    precision: PrecisionOpt = "auto",
-    device: DeviceOpt = None,
+    train_args: Optional[dict] = None,
 ) -> None:
     """Fine-tune a pretrained model into a text classifier and save it to --out.
 
-    Two engines, one interface: `scratch` puts a new head on llmclf's own GPT-2/Llama models
-    (chosen layers trainable, frozen layers cached); `hf` fine-tunes encoders (BERT family,
-    all-minilm-l6-v2) with transformers' Trainer. Options marked scratch: or hf: apply to one.
+    Two engines, one set of training options with one meaning: `scratch` puts a new head on
+    llmclf's own GPT-2/Llama models (chosen layers trainable, frozen layers cached); `hf`
+    fine-tunes encoders (BERT family, all-minilm-l6-v2) with transformers' Trainer. Where the
+    engines' defaults differ, both are shown. A training state is saved in --out/checkpoints after
+    every epoch (and every --save-every steps): an interrupted run continues with --resume.
     """
-    _check_precision(precision)
     from llmclf.classifier import evaluation_report, make_classifier
     from llmclf.data.classification import read_labelled
-    from llmclf.engines import ENGINES, choose_engine
 
-    if engine not in ("auto", *ENGINES):
-        raise typer.BadParameter(f"{engine!r} is not auto, scratch or hf", param_hint="--engine")
-    engine = choose_engine(model) if engine == "auto" else engine
-    common = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-              "max_length": max_length, "grad_accum": grad_accum, "patience": patience, "seed": seed,
-              "precision": precision, "device": device,
-              "template": template.replace("\\n", "\n") if template is not None else None}
-    scratch_only = {"--trainable": trainable, "--pooling": pooling, "--eval-iter": eval_iter, "--bucket": bucket,
-                    "--no-cache": no_cache, "--random-init": random_init, "--base-config": base_config,
-                    "--context-length": context_length, "--drop-rate": drop_rate, "--qkv-bias": qkv_bias,
-                    "--tokenizer-dir": tokenizer_dir}
-    hf_only = {"--warmup": warmup, "--eval-batch-size": eval_batch_size, "--best-metric": best_metric}
-    wrong = [name for name, value in (hf_only if engine == "scratch" else scratch_only).items()
-             if value not in (None, False)]
-    if wrong:
-        raise typer.BadParameter(f"{', '.join(wrong)} do(es) not apply to the {engine} engine")
-    if engine == "hf":
-        options = {**common, "eval_steps": eval_freq, "warmup": warmup, "eval_batch_size": eval_batch_size,
-                   "best_metric": best_metric}
-    else:
-        options = {**common, "eval_freq": eval_freq, "trainable": trainable, "pooling": pooling,
-                   "eval_iter": eval_iter, "bucket": bucket, "cache_frozen": not no_cache,
-                   "model_options": {"random_init": random_init, "seed": seed, "base_config": base_config,
-                                     "context_length": context_length, "drop_rate": drop_rate,
-                                     "qkv_bias": qkv_bias, "tokenizer_dir": tokenizer_dir}}
-    clf = make_classifier(model, engine, **{k: v for k, v in options.items() if v is not None})
-
+    model_options = {"random_init": random_init, "base_config": base_config, "context_length": context_length,
+                     "drop_rate": drop_rate, "qkv_bias": qkv_bias, "tokenizer_dir": tokenizer_dir}
+    model_options = {k: v for k, v in model_options.items() if v not in (None, False)}
+    if random_init:
+        model_options["seed"] = (train_args or {}).get("seed", DEFAULT_SEED)
+    clf = make_classifier(model, engine, **(train_args or {}), **({"model_options": model_options}
+                                                                 if model_options else {}))
     train_data = read_labelled(train_file, text_col, label_col)
     val_data = read_labelled(val_file, text_col, label_col)
     test_data = read_labelled(test_file, text_col, label_col) if test_file else None
-    clf.fit(train_data, val_data, out_dir=out)
-    result = {"engine": engine, "validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1),
+    clf.fit(train_data, val_data, out_dir=out, progress=progress, resume=resume)
+    if getattr(clf, "finished_before_", None):
+        typer.echo(f"{clf.finished_before_} (its model is loaded)", err=True)
+    result = {"engine": clf.engine, "validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1),
               "out": str(out)}
     if test_data is not None:
         result["test"] = evaluation_report(clf, test_data, plots_dir=out)
@@ -360,7 +347,7 @@ def train(
     if as_json:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"trained in {clf.train_seconds_:.1f} s ({engine} engine); saved to {out}/")
+    typer.echo(f"trained in {clf.train_seconds_:.1f} s ({clf.engine} engine); saved to {out}/")
     for split in ("validation", "test"):
         if split in result:
             m = result[split]

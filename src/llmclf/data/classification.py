@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 
 from llmclf.errors import DataError
 from llmclf.loaders.tensors import atomic_path
@@ -106,6 +105,8 @@ def split_labelled(data: LabelledTexts, ratios: tuple[float, float, float] = (0.
     """Shuffle and split into train/validation/test by `ratios` (optionally stratified by label).
     A share of 0 gives an empty part: `(0.8, 0.2, 0)` is the usual 80/20 train/evaluation split,
     identical to scikit-learn's `train_test_split(test_size=0.2, random_state=seed)`."""
+    from sklearn.model_selection import train_test_split  # slow to import: only when splitting
+
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise DataError(f"ratios must be three non-negative numbers summing to 1, got {ratios}")
     index = list(range(len(data)))

@@ -149,6 +149,7 @@ class BaseClassifier:
             log.info("%s: loading its model", done)
             loaded = type(self).load(out_dir, precision=self.precision, device=self.device)
             self.__dict__.update({k: v for k, v in vars(loaded).items() if k.endswith("_")})
+            self.finished_before_ = str(done)
             metrics = self.config_.get("metrics") or {}
             self.val_metrics_, self.train_seconds_ = metrics.get("validation"), metrics.get("train_seconds") or 0.0
             return None

@@ -24,13 +24,15 @@ SELECT_BY = ("accuracy", "macro-f1", "loss")
 
 
 def option(default: Any, help: str, *, hf: Any = dataclasses.MISSING, engines: tuple[str, ...] = ENGINES,
-           check: Any = None, flag: str | None = None, affects_result: bool = True, metavar: str | None = None):
+           check: Any = None, flag: str | None = None, affects_result: bool = True, metavar: str | None = None,
+           from_cli: Any = None):
     """A `TrainArgs` field: `default` (the scratch engine's, and `hf`'s unless `hf=` says otherwise),
     `help` for `--help`, the engines it applies to, a `check(value) -> problem | None`, the CLI
-    flag (default `--field-name`), and whether changing it changes the trained model (for `--resume`)."""
+    flag (default `--field-name`), whether changing it changes the trained model (for `--resume`),
+    and `from_cli(text)`, a conversion of the command-line value."""
     meta = {"help": help, "engines": engines, "check": check, "flag": flag, "affects_result": affects_result,
             "defaults": {"scratch": default, "hf": default if hf is dataclasses.MISSING else hf},
-            "metavar": metavar}
+            "metavar": metavar, "from_cli": from_cli}
     return field(default=default, metadata=meta)
 
 
@@ -110,21 +112,22 @@ class TrainArgs:
         check=_at_least(1, optional=True))
     template: str | None = option(
         None, "What the model reads per text, {text} marking the text; \\n is a newline on the command line. "
-        "E.g. an instruction in the model's chat format (see README). Saved with the model.", check=_template)
+        "E.g. an instruction in the model's chat format (see README). Saved with the model.", check=_template,
+        from_cli=lambda text: text.replace("\\n", "\n"))
     # --- optimizer and schedule
     lr: float = option(5e-5, "Peak AdamW learning rate.", check=_at_least(0.0))
     lr_schedule: str = option(
         "constant", "Learning rate after warmup: constant (the course's) | linear decay to 0 | cosine decay to 0 "
-        "[default: constant scratch, linear hf (Trainer's)].", hf="linear", check=_one_of(LR_SCHEDULES))
+        "(Trainer's default is linear).", hf="linear", check=_one_of(LR_SCHEDULES))
     warmup: float = option(0.0, "Share of the optimizer steps over which the learning rate rises linearly "
                            "from 0 (0.1 = 10 %).", check=_warmup, metavar="RATIO")
     weight_decay: float = option(
         0.1, "AdamW weight decay, applied to weight matrices only: biases, norm weights and embeddings are "
-        "never decayed (as nanoGPT and Trainer do) [default: 0.1 scratch (the course's), 0.0 hf].", hf=0.0,
+        "never decayed (as nanoGPT and Trainer do).", hf=0.0,
         check=_at_least(0.0))
     max_grad_norm: float = option(
-        0.0, "Clip gradients to this global L2 norm; 0 = no clipping [default: 0 scratch (the course's), "
-        "1.0 hf (Trainer's)].", hf=1.0, check=_at_least(0.0), metavar="N")
+        0.0, "Clip gradients to this global L2 norm; 0 = no clipping (the course's).", hf=1.0,
+        check=_at_least(0.0), metavar="N")
     grad_accum: int = option(1, "Batches per optimizer step (gradient accumulation).", check=_at_least(1))
     class_weights: str = option(
         "none", "Weighted cross-entropy for imbalanced data: none | balanced (n / (classes x count), "
@@ -132,7 +135,7 @@ class TrainArgs:
     # --- evaluation, model selection, checkpoints
     select_by: str = option(
         "accuracy", "Validation metric that picks the best evaluation, whose weights are kept: accuracy | "
-        "macro-f1 | loss; ties go to the lower validation loss [default: accuracy scratch, macro-f1 hf].",
+        "macro-f1 | loss; ties go to the lower validation loss.",
         hf="macro-f1", check=_one_of(SELECT_BY))
     eval_freq: int | None = option(
         None, "Evaluate on the whole validation set every N optimizer steps, each one a candidate for "
@@ -142,15 +145,14 @@ class TrainArgs:
         "(default: train all epochs).", check=_at_least(1, optional=True))
     log_every: int = option(
         50, "Log the training loss every N optimizer steps (scratch: the course's train/validation loss "
-        "estimate on --eval-iter batches) [default: 50 scratch, 10 hf].", hf=10, check=_at_least(1),
+        "estimate on --eval-iter batches).", hf=10, check=_at_least(1),
         affects_result=False)
     eval_iter: int = option(5, "Batches per loss estimate in the log lines (the course's eval_iter).",
                             engines=("scratch",), check=_at_least(1), affects_result=False)
     save_every: int | None = option(
         None, "Also write the training state every N optimizer steps (it is always written after every "
         "epoch), for --resume.", check=_at_least(1, optional=True), affects_result=False)
-    seed: int = option(123, "Random seed (head init, data order, dropout) [default: 123 scratch (the book's), "
-                       "42 hf (Trainer's)].", hf=42)
+    seed: int = option(123, "Random seed (head init, data order, dropout): the book's 123, Trainer's 42.", hf=42)
     # --- model (scratch engine)
     trainable: str = option(
         "last-block", "What trains: head | last-block (last block + final norm + head) | last-n:N | all | "
@@ -226,6 +228,20 @@ class TrainArgs:
                 if problem:
                     out.append(f"{cls.flag(f.name)} {problem}")
         return out
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """`--help` text of option `name`: its help, the engines it applies to, its default(s)."""
+        meta = cls.meta(name)
+        defaults, engines = meta["defaults"], meta["engines"]
+        text = meta["help"]
+        if engines != ENGINES:
+            text += f" ({' and '.join(engines)} engine only)"
+        if defaults["scratch"] is None or isinstance(defaults["scratch"], bool):
+            return text
+        if defaults["scratch"] == defaults["hf"] or engines != ENGINES:
+            return f"{text} [default: {defaults['scratch']}]"
+        return f"{text} [default: {defaults['scratch']} scratch, {defaults['hf']} hf]"
 
     @classmethod
     def docs(cls, engine: str) -> str:
