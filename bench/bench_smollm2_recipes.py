@@ -69,7 +69,8 @@ def cross_validate(data: dict, recipes: list[str], folds: int, batch_size: int, 
     from llmclf.loaders.spec import load_model
     from llmclf.models.heads import SequenceClassifier, apply_trainable, replace_head
     from llmclf.runtime import resolve_precision
-    from llmclf.training.classifier import Batches, train_classifier_simple
+    from llmclf.training.args import TrainArgs
+    from llmclf.training.classifier import Batches, train_classifier
 
     texts = data["train"].texts + data["validation"].texts
     names = data["train"].labels + data["validation"].labels
@@ -102,12 +103,11 @@ def cross_validate(data: dict, recipes: list[str], folds: int, batch_size: int, 
         for train_idx, held_idx in splits:
             backbone.load_state_dict(initial)
             apply_trainable(classifier, trainable)
-            optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad], lr=lr,
-                                          weight_decay=0.1)
-            history = train_classifier_simple(
+            history = train_classifier(
                 classifier, cached[first].subset(list(train_idx), bucket=True),
-                cached[first].subset(list(held_idx), bucket=False), optimizer, epochs, eval_freq=10**9,
-                eval_iter=1, progress=False, on_eval=lambda _: None)
+                cached[first].subset(list(held_idx), bucket=False),
+                TrainArgs.for_engine("scratch", epochs=epochs, lr=lr, log_every=10**9, eval_iter=1),
+                progress=False, say=lambda _: None)
             for epoch, accuracy in enumerate(history.val_accuracy_full):
                 correct[epoch] += round(accuracy * len(held_idx))
         scores[recipe] = [c / len(texts) for c in correct]

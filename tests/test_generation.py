@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmclf.api import generate_text
 from llmclf.errors import ConfigError
 from llmclf.generation import generate, generate_text_simple
+from llmclf.language_model import generate_text
 
 
 def _prompt(n: int = 5, batch: int = 1) -> torch.Tensor:

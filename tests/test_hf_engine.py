@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +23,10 @@ from llmclf.classifier import HFClassifier, TextClassifier, load_classifier, mak
 from llmclf.cli import app
 from llmclf.data.classification import LabelledTexts, read_labelled, write_labelled
 from llmclf.engines import choose_engine
-from llmclf.engines.hf import resolve_hf_model
+from llmclf.engines.hf import COMPLETE_MARKER, resolve_hf_model, resume_checkpoint, selection_callback
 from llmclf.errors import CheckpointError, ConfigError
+from llmclf.training.args import TrainArgs
+from llmclf.training.optim import lr_factor
 
 runner = CliRunner()
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "plot", "was", "very", "acting"]
@@ -101,15 +110,19 @@ def test_cli_train_writes_the_same_directory_contract(trained_dir: Path):
     config = json.loads((trained_dir / "config.json").read_text())
     assert config["format"] == "llmclf" and config["engine"] == "hf" and config["labels"] == ["neg", "pos"]
     assert config["architecture"] == "bert" and config["training"]["warmup"] == 0.1
+    assert config["training"]["select_by"] == "macro-f1" and config["run"]["engine"] == "hf"
+    assert not (trained_dir / "checkpoints").exists()  # the training states go once the model is saved
     for name in ("hf_model/model.safetensors", "hf_model/config.json", "hf_model/tokenizer.json",
                  "metrics.jsonl", "history.json", "loss.png", "accuracy.png", "confusion_matrix.png",
                  "test_metrics.json"):
         assert (trained_dir / name).is_file(), name
     assert not list(trained_dir.glob(".trainer-*")) and not list(trained_dir.glob(".hf_model-*"))
     history = json.loads((trained_dir / "history.json").read_text())
-    evals = [r for r in history["log_history"] if "eval_f1" in r]
+    evals = [r for r in history["log_history"] if "eval_macro_f1" in r]
     assert [r["step"] for r in evals] == [10, 20, 30, 40, 50, 60]  # 160 texts / (8 x 2) = 10 steps an epoch
-    assert history["best_metric"] == max(r["eval_f1"] for r in evals)  # the best model by F1 is kept
+    best = max(evals, key=lambda r: (r["eval_macro_f1"], -r["eval_loss"]))  # by macro-F1, ties to the lower loss
+    assert history["best_step"] == best["step"] and history["best_metric"] == best["eval_macro_f1"]
+    assert not any("eval_f1" in r for r in history["log_history"])  # F1 is macro-F1, named so
     test = json.loads((trained_dir / "test_metrics.json").read_text())
     assert test["accuracy"] >= 0.9, test  # one sentiment word decides the label: learnable in 6 epochs
 
@@ -205,12 +218,14 @@ def test_bad_backbones_give_clear_errors(tmp_path: Path, review_files: Path, mon
 def test_bad_options_and_engine_mixups(tiny_bert: Path, review_files: Path, trained_dir: Path, tmp_path: Path):
     args = ["train", "--model", str(tiny_bert), "--train", str(review_files / "train.csv"),
             "--val", str(review_files / "validation.csv"), "--out", str(tmp_path / "x")]
-    result = runner.invoke(app, [*args, "--trainable", "last-block"])
-    assert result.exit_code != 0 and "--trainable do(es) not apply to the hf engine" in result.output
-    result = runner.invoke(app, [*args, "--engine", "scratch", "--warmup", "0.1"])
-    assert result.exit_code != 0 and "--warmup do(es) not apply to the scratch engine" in result.output
-    with pytest.raises(ConfigError, match="best metric must be one of"):
-        HFClassifier(str(tiny_bert), best_metric="auc").fit(_reviews(8, 1), _reviews(8, 2), progress=False)
+    for flag, value in (("--trainable", "last-block"), ("--eval-iter", "3"), ("--pooling", "mean")):
+        result = runner.invoke(app, [*args, flag, value])  # scratch-engine options
+        said = result.output + str(result.exception or "")  # (as output, or raised for `llmclf.cli:main`)
+        assert result.exit_code != 0 and f"{flag} do(es) not apply to the hf engine" in said
+    with pytest.raises(ConfigError, match="--select-by must be one of accuracy, macro-f1, loss"):
+        HFClassifier(str(tiny_bert), select_by="auc").fit(_reviews(8, 1), _reviews(8, 2), progress=False)
+    with pytest.raises(ConfigError, match="unknown training option.*best_metric"):
+        HFClassifier(str(tiny_bert), best_metric="f1")  # now select_by (and eval_steps now eval_freq)
     with pytest.raises(ConfigError, match="trained by the Transformers engine; base_config"):
         load_classifier(trained_dir, base_config="gpt2-small")
     with pytest.raises(CheckpointError, match="load it with llmclf.load_classifier"):
@@ -232,7 +247,7 @@ def test_gradient_accumulation_gives_the_loss_of_the_larger_batch(tmp_path: Path
 
     def logged_losses(batch_size: int, grad_accum: int) -> list[float]:
         clf = HFClassifier(str(bert), epochs=2, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3,
-                           precision="float32")
+                           log_every=1, precision="float32")
         clf.fit(train, val, progress=False)
         return [entry["loss"] for entry in clf.history_["log_history"] if "loss" in entry]
 
@@ -325,3 +340,175 @@ def test_packaged_minilm_trains_and_predicts(tmp_path: Path, shared_dir: Path):
     assert loaded.info()["backbone"] == "all-minilm-l6-v2" and loaded.max_length_ <= 512
     probs = loaded.predict_proba(["WINNER!! Claim your free prize now", "ok see you soon"])
     assert probs.shape == (2, 2)
+
+
+# --- one training core: options, selection, weighted loss, exact resume ------------------------
+
+def test_the_estimator_clones_and_takes_every_hf_training_option(tiny_bert: Path):
+    from sklearn.base import clone
+
+    clf = HFClassifier(str(tiny_bert), epochs=2, select_by="loss", eval_freq=5, class_weights="balanced")
+    copy = clone(clf)
+    assert copy is not clf and copy.get_params() == clf.get_params()
+    assert set(clf.get_params()) == {"model", *TrainArgs.names("hf")}
+    assert HFClassifier().get_params()["select_by"] == "macro-f1"  # the hf engine's defaults
+    with pytest.raises(ConfigError, match="--trainable do\\(es\\) not apply to the hf engine"):
+        HFClassifier(str(tiny_bert), trainable="all")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_trainer_schedule_is_the_shared_one(tmp_path: Path, schedule: str):
+    from transformers import get_scheduler
+
+    clf = HFClassifier("x", epochs=3, batch_size=8, grad_accum=2, warmup=0.1, lr=1e-3, lr_schedule=schedule,
+                       weight_decay=0.01, max_grad_norm=0.0, log_every=3, eval_batch_size=5, seed=7)
+    args = clf.training_arguments(tmp_path, n_train=100, progress=False)
+    total = 21  # ceil(ceil(100 / 8) / 2) = 7 optimizer steps an epoch
+    assert args.get_warmup_steps(total) == 3 and args.max_grad_norm == 0.0 and args.logging_steps == 3
+    assert args.per_device_eval_batch_size == 5 and args.seed == 7 and args.weight_decay == 0.01
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                              num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total)
+    for step in range(total):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(step, total, 3, schedule), abs=1e-12)
+        optimizer.step()
+        scheduler.step()
+
+
+def _evaluation(control, callback, state, step, accuracy, macro_f1, loss, out="/ckpt"):
+    control.should_save = control.should_training_stop = False
+    state.global_step, state.epoch = step, step / 10
+    callback.on_evaluate(SimpleNamespace(output_dir=out), state, control,
+                         metrics={"eval_accuracy": accuracy, "eval_macro_f1": macro_f1, "eval_loss": loss})
+    return control.should_save, control.should_training_stop
+
+
+def test_selection_is_by_macro_f1_with_ties_to_the_lower_loss_and_patience():
+    from transformers import TrainerControl, TrainerState
+
+    callback = selection_callback(TrainArgs.for_engine("hf", patience=2))  # select_by macro-f1 (hf default)
+    state, control = TrainerState(), TrainerControl()
+    assert _evaluation(control, callback, state, 1, 0.75, 0.70, 0.60) == (True, False)  # first: best, saved
+    assert state.best_model_checkpoint == os.path.join("/ckpt", "checkpoint-1")
+    assert _evaluation(control, callback, state, 2, 0.90, 0.65, 0.40) == (False, False)  # better accuracy only
+    assert _evaluation(control, callback, state, 3, 0.70, 0.70, 0.50) == (True, False)  # tie, lower loss: best
+    assert state.best_model_checkpoint.endswith("checkpoint-3") and state.best_global_step == 3
+    assert _evaluation(control, callback, state, 4, 0.80, 0.70, 0.55) == (False, False)  # tie, higher loss
+    assert _evaluation(control, callback, state, 5, 0.80, 0.60, 0.30) == (False, True)  # 2nd without gain: stop
+    assert callback.stopped_early and callback.selection.best["step"] == 3
+
+    # A resumed run rebuilds the selection (and the patience count) from the checkpoint's log.
+    resumed = selection_callback(TrainArgs.for_engine("hf", patience=3))
+    log_history = [{"step": r["step"], "epoch": r["epoch"], "eval_accuracy": r["accuracy"],
+                    "eval_macro_f1": r["macro_f1"], "eval_loss": r["loss"]} for r in callback.selection.history[:4]]
+    resumed.on_train_begin(None, TrainerState(global_step=4, log_history=[{"step": 1, "loss": 0.7}, *log_history]),
+                           TrainerControl())
+    assert resumed.selection.best["step"] == 3 and resumed.selection.evals_without_gain == 1
+    assert _evaluation(control, resumed, TrainerState(), 5, 0.8, 0.6, 0.3) == (False, False)  # 2 of 3
+
+    for select_by, best_step in (("accuracy", 2), ("loss", 2)):
+        other = selection_callback(TrainArgs.for_engine("hf", select_by=select_by))
+        for r in callback.selection.history[:4]:
+            _evaluation(control, other, TrainerState(), r["step"], r["accuracy"], r["macro_f1"], r["loss"])
+        assert other.selection.best["step"] == best_step
+
+
+def test_resume_uses_the_newest_checkpoint_marked_complete(tmp_path: Path, caplog):
+    assert resume_checkpoint(tmp_path) is None
+    for step, complete in ((3, True), (6, True), (9, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="llmclf.engines.hf"):
+        assert resume_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    assert "checkpoint-9 is incomplete" in caplog.text and "resuming from checkpoint-6" in caplog.text
+    assert not (tmp_path / "checkpoint-9").exists()  # a later save of step 9 starts from an empty directory
+
+
+def test_class_weights_weight_the_training_loss(tmp_path: Path):
+    bert = _tiny_bert_dir(tmp_path / "bert", dropout=0.0)
+    train, val = _reviews(8, 1), _reviews(8, 2)
+
+    def fit(class_weights: str) -> HFClassifier:
+        return HFClassifier(str(bert), epochs=1, batch_size=4, lr=1e-3, log_every=1, precision="float32",
+                            class_weights=class_weights).fit(train, val, progress=False)
+
+    def losses(clf: HFClassifier) -> list[float]:
+        return [r["loss"] for r in clf.history_["log_history"] if "loss" in r]
+
+    plain, uniform, weighted = fit("none"), fit("2,2"), fit("1,3")
+    assert losses(uniform) == pytest.approx(losses(plain), abs=1e-7)  # a weighted mean: scale does not matter
+    assert losses(weighted) != pytest.approx(losses(plain), abs=1e-4)
+    # the validation loss stays the plain mean cross-entropy, comparable across weightings
+    assert plain.history_["best"]["loss"] == pytest.approx(uniform.history_["best"]["loss"], abs=1e-6)
+    with pytest.raises(ConfigError, match="3 class weight\\(s\\) given"):
+        fit("1,2,3")
+
+
+RUN_SCRIPT = """
+import json, logging, sys
+import torch
+from llmclf.data.classification import read_labelled
+from llmclf.engines.hf import HFClassifier
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+data, model, out, params, threads, mode = sys.argv[1:]
+torch.set_num_threads(int(threads))
+HFClassifier(model, **json.loads(params)).fit(read_labelled(data + "/train.csv"), read_labelled(data + "/val.csv"),
+                                               out_dir=out, progress=False, resume=mode == "resume")
+"""
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train several times faster on one thread (far more so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_killed_run_resumes_exactly(tmp_path: Path, caplog, one_thread):
+    """Killed after an optimizer step (SIGKILL, mid-epoch, work since the last checkpoint lost), then
+    resumed: the same evaluations, best model and probabilities as a run never interrupted, with
+    dropout, shuffling and gradient accumulation in play."""
+    bert = _tiny_bert_dir(tmp_path / "bert")
+    train, val = _reviews(64, 1), _reviews(16, 2)
+    write_labelled(train, tmp_path / "train.csv")
+    write_labelled(val, tmp_path / "val.csv")
+    train, val = read_labelled(tmp_path / "train.csv"), read_labelled(tmp_path / "val.csv")
+    # 16 batches of 4 = 8 optimizer steps an epoch; checkpoints after every epoch and every 5 steps
+    params = {"epochs": 4, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "warmup": 0.1, "save_every": 5,
+              "log_every": 2, "precision": "float32", "device": "cpu"}
+    out, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    proc = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(tmp_path), str(bert), str(out), json.dumps(params),
+                           str(torch.get_num_threads()), "start"], env={**os.environ, "LLMCLF_FAULT": "step:13"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    kept = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert kept == [8, 10]  # the newest two and the best (step 8, the only evaluation yet): 5 rotated out
+    assert all((checkpoints / f"checkpoint-{step}" / COMPLETE_MARKER).is_file() for step in kept)
+    # as if killed while Trainer wrote the checkpoint of step 12: no mark, a truncated weights file
+    shutil.copytree(checkpoints / "checkpoint-10", checkpoints / "checkpoint-12")
+    (checkpoints / "checkpoint-12" / COMPLETE_MARKER).unlink()
+    os.truncate(checkpoints / "checkpoint-12" / "model.safetensors", 100)
+    with pytest.raises(ConfigError, match="unfinished training run"):
+        HFClassifier(str(bert), **params).fit(train, val, out_dir=out, progress=False)
+
+    with caplog.at_level(logging.INFO, logger="llmclf.engines.hf"):
+        resumed = HFClassifier(str(bert), **params).fit(train, val, out_dir=out, progress=False, resume=True)
+    assert "checkpoint-12 is incomplete" in caplog.text and "resuming from checkpoint-10" in caplog.text
+    whole = HFClassifier(str(bert), **params).fit(train, val, progress=False)
+    assert resumed.history_["evaluations"] == whole.history_["evaluations"]
+    assert [e["step"] for e in whole.history_["evaluations"]] == [8, 16, 24, 32]
+    assert resumed.history_["best_step"] == whole.history_["best_step"]
+    assert whole.val_metrics_["accuracy"] > 0.9  # it learned: not a comparison of two untrained models
+    for key in ("accuracy", "macro_f1", "loss"):
+        assert resumed.val_metrics_[key] == pytest.approx(whole.val_metrics_[key], abs=1e-6)
+    texts = _reviews(12, 5).texts
+    np.testing.assert_allclose(resumed.predict_proba(texts), whole.predict_proba(texts), atol=1e-6)
+    assert not checkpoints.exists() and json.loads((out / "config.json").read_text())["run"] == resumed.run_
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if "eval_loss" in r] == [8, 16, 24, 32]  # the killed run's log replaced
+
+    again = HFClassifier(str(bert), **params).fit(train, val, out_dir=out, progress=False, resume=True)
+    np.testing.assert_allclose(again.predict_proba(texts), whole.predict_proba(texts), atol=1e-6)  # finished: loaded

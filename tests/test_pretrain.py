@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from llmclf.api import evaluate_lm, pretrain
 from llmclf.cli import app
 from llmclf.config import GPTConfig
+from llmclf.language_model import evaluate_lm, pretrain
 from llmclf.loaders.spec import load_model
 from llmclf.models.gpt2 import GPTModel
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmclf.api import evaluate_lm
 from llmclf.generation import generate_text_simple
+from llmclf.language_model import evaluate_lm
 from llmclf.loaders.spec import load_model
 from llmclf.tokenizer import text_to_token_ids, token_ids_to_text
 

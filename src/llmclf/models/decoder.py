@@ -18,7 +18,9 @@ class KVCache:
     """Keys and values of the tokens already processed, one slot per transformer block.
 
     Buffers are allocated once for `max_length` tokens; each forward pass writes its new
-    keys/values after the `length` cached ones, then `GPTModel.forward` advances `length`.
+    keys/values after the `length` cached ones (every block's `update` writes at the same
+    offset); `length` advances only once all blocks have run, in `DecoderModel.hidden_states`
+    (which `forward` calls and `generate` calls directly).
     """
 
     def __init__(self, n_layers: int, max_length: int) -> None:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmclf.engines.base import prediction_record
 from llmclf.errors import LlmclfError
 from llmclf.serve.batching import BatcherClosedError, MicroBatcher, ServerBusyError
 
@@ -286,14 +287,8 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
         results = []
         for row in rows:
             mean, std = row if key is not None else (row, None)
-            best = int(np.argmax(mean))
-            result: dict[str, Any] = {"label": classes[best],
-                                      "probabilities": dict(zip(classes, map(float, mean), strict=True))}
-            if std is not None:
-                result["std"] = dict(zip(classes, map(float, std), strict=True))
-            if std is not None or request.threshold is not None:
-                result["confident"] = request.threshold is None or bool(mean[best] >= request.threshold)
-            results.append(result)
+            # ClassifyResult fixes the JSON field order: label, probabilities, std, confident.
+            results.append(prediction_record(classes, mean, std, threshold=request.threshold))
         return {"results": results}
 
     return app

@@ -17,7 +17,6 @@ from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from llmclf.data.classification import EncodedTexts, batch_order, collate
@@ -159,6 +158,8 @@ def calc_loss_and_accuracy(model: SequenceClassifier, batches: Batches,
 
 def evaluate_batches(model: SequenceClassifier, batches: Batches) -> dict[str, float]:
     """Loss (unweighted mean), accuracy and macro-F1 over every batch: one full evaluation."""
+    from sklearn.metrics import f1_score  # slow import, not needed before training
+
     losses, preds, golds = [], [], []
     for logits, labels in iter_logits(model, batches):
         labels = labels.to(logits.device)

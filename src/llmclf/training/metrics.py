@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from llmclf.loaders.tensors import atomic_path
 
@@ -14,6 +13,8 @@ from llmclf.loaders.tensors import atomic_path
 def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str],
                            loss: float | None = None) -> dict:
     """Accuracy, per-class precision/recall/F1/support, macro-F1, confusion matrix, loss and n."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support  # slow import
+
     classes = list(range(len(labels)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=classes, zero_division=0)

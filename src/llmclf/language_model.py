@@ -1,4 +1,8 @@
-"""The Python API. The CLI is a thin layer over these functions."""
+"""The language-model half of the Python API: load a model, generate, evaluate, pretrain.
+
+The classifier half is `llmclf.classifier`; the CLI's generate / lm-eval / pretrain commands are
+thin layers over these functions.
+"""
 
 from __future__ import annotations
 
