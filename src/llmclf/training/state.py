@@ -38,8 +38,10 @@ FAULT_ENV = "LLMCLF_FAULT"  # test hook: "step:N" or "save:N" kills the process 
 
 
 def fault_point(event: str, step: int) -> None:
-    """SIGKILL this process at `event` ("step" after optimizer step N, "save" halfway through writing
-    the training state of step N) when $LLMCLF_FAULT says so; the resume tests kill runs this way."""
+    """SIGKILL this process at `event` when $LLMCLF_FAULT says so ("step:N": after optimizer step N,
+    before its state is saved; "save:N": while the state of step N is written, i.e. halfway through
+    the file (scratch) or after Trainer wrote checkpoint-N but before it is marked complete (hf)).
+    The resume tests kill runs this way."""
     if os.environ.get(FAULT_ENV) == f"{event}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
