@@ -59,6 +59,8 @@ def test_all_problems_are_reported_at_once():
         HFClassifier("all-minilm-l6-v2", trainable="all")
     with pytest.raises(ConfigError, match="unknown training option"):
         TextClassifier("x", learning_rate=1.0)
+    with pytest.raises(ConfigError, match="random_init.*scratch engine only"):
+        HFClassifier("all-minilm-l6-v2", model_options={"random_init": True})
 
 
 def test_engines_share_one_definition_with_their_own_defaults():

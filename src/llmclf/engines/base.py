@@ -109,6 +109,10 @@ class BaseClassifier:
     config_: dict[str, Any]
 
     def __init__(self, model: str, **params: Any) -> None:
+        if "model_options" in params and "model_options" not in self.extra_params:
+            raise ConfigError(f"model options ({', '.join(params['model_options'] or {})}: --random-init, "
+                              "--base-config, --context-length, --drop-rate, --qkv-bias, --tokenizer-dir) apply to "
+                              f"the scratch engine only; the {self.engine} engine loads {model} as it is")
         TrainArgs.check_names(self.engine, set(params) - set(self.extra_params))
         self.model = model
         for name, default in TrainArgs.defaults(self.engine).items():
