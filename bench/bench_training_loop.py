@@ -140,12 +140,13 @@ def bench_imbalanced(args: argparse.Namespace) -> None:
 
     data = {s: read_labelled(Path(args.data) / f"{s}.csv") for s in ("train", "validation", "test")}
     positive = label_order(data["train"].labels)[-1]
-    print(f"\n{cpu_name()}, torch {torch.__version__}; {args.model}, {args.epochs} epochs, engine defaults "
-          f"otherwise; positive class {positive!r}\n")
+    print(f"\n{cpu_name()}, torch {torch.__version__}; {args.model}, {args.epochs} epoch(s), batch {args.batch_size}, "
+          f"max_length {args.max_length}, engine defaults otherwise; positive class {positive!r}\n")
     print("| class weights | split | accuracy | macro-F1 | spam recall | spam precision | train s |")
     print("|---|---|---|---|---|---|---|")
     for weights in ("none", "balanced"):
-        clf = make_classifier(args.model, epochs=args.epochs, class_weights=weights, precision=args.precision)
+        clf = make_classifier(args.model, epochs=args.epochs, class_weights=weights, precision=args.precision,
+                              batch_size=args.batch_size, max_length=args.max_length)
         start = time.perf_counter()
         clf.fit(data["train"], data["validation"], progress=False)
         seconds = time.perf_counter() - start
@@ -208,6 +209,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--epochs", type=int, default=3, help="imbalanced: epochs")
     parser.add_argument("--model", default="all-minilm-l6-v2", help="imbalanced: backbone (any engine)")
+    parser.add_argument("--batch-size", type=int, default=8, help="imbalanced: texts per batch")
+    parser.add_argument("--max-length", type=int, default=None, help="imbalanced: tokens per text")
     parser.add_argument("--work", default="runs/bench-resume", help="resume: output directories")
     parser.add_argument("--kill-after-epoch", type=int, default=3)
     args = parser.parse_args()
