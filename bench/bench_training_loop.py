@@ -13,8 +13,9 @@ used to choose.
 
 `imbalanced`: all 5,574 messages (70/10/20, 13 % spam), `--class-weights none` vs `balanced`:
 macro-F1 and spam recall on validation and test, through `make_classifier(...).fit` (default
-all-MiniLM-L6-v2 on the hf engine, 3 epochs: SmolLM2's frozen pass over 5,574 texts alone takes
-about half an hour on 2 older cores; `--model smollm2-135m` runs it with the engine's defaults).
+all-MiniLM-L6-v2 on the hf engine; SmolLM2's frozen pass over 5,574 texts alone takes about half
+an hour on 2 older cores; `--model smollm2-135m` runs it). The README's figures used
+`--epochs 1 --batch-size 32 --max-length 64`.
 
 `resume`: `llmclf train` with the demo's arguments, once uninterrupted and once killed with
 SIGKILL as soon as the training state of epoch --kill-after-epoch is on disk, then resumed with
