@@ -35,11 +35,13 @@ from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_check
 from llmclf.loaders.tensors import atomic_path, atomic_write_json
 from llmclf.runtime import autocast, resolve_device, resolve_precision
 from llmclf.training.args import TrainArgs
+from llmclf.training.metrics import classification_scores
 from llmclf.training.optim import (
     Selection,
     class_weight_tensor,
     classification_loss,
     make_optimizer,
+    metric_value,
     warmup_steps,
 )
 from llmclf.training.plots import plot_series
@@ -150,18 +152,6 @@ class _Encoded(torch.utils.data.Dataset):
         return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
 
 
-def classification_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 over every class (F1 0 for a class never predicted nor present), as
-    the from-scratch engine's evaluation; Trainer adds the (unweighted) validation loss."""
-    from sklearn.metrics import accuracy_score, f1_score  # slow import, not needed before training
-
-    logits = np.asarray(logits)
-    preds = logits.argmax(axis=-1)
-    classes = list(range(logits.shape[-1]))
-    return {"accuracy": float(accuracy_score(labels, preds)),
-            "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))}
-
-
 def _compute_metrics(eval_pred) -> dict[str, float]:
     logits, labels = eval_pred
     return classification_scores(logits[0] if isinstance(logits, tuple) else logits, labels)
@@ -243,10 +233,6 @@ def _eval_record(metrics: dict[str, float], step: int, epoch: float | None) -> d
             "step": step, "epoch": round(epoch or 0.0, 4)}
 
 
-def _score(record: dict[str, Any], select_by: str) -> float:
-    return float(record[select_by.replace("-", "_")])
-
-
 @functools.cache
 def _trainer_classes() -> tuple[type, type]:
     """(SelectionCallback, ClassifierTrainer), defined on first use: transformers loads only then."""
@@ -301,7 +287,7 @@ def _trainer_classes() -> tuple[type, type]:
             select_by = self.args.select_by
             if self.selection.update(record):
                 state.best_global_step = state.global_step
-                state.best_metric = _score(record, select_by)
+                state.best_metric = metric_value(record, select_by)
                 state.best_model_checkpoint = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
                 control.should_save = True  # its weights must be on disk (rotation keeps them)
             best = self.selection.best
@@ -465,10 +451,10 @@ class HFClassifier(BaseClassifier):
             if best is not None and best["step"] != state.global_step:
                 _load_checkpoint_weights(trainer.model, Path(state_dir) / f"{CHECKPOINT_PREFIX}{best['step']}")
                 log.info("restored the weights of step %d (epoch %g; validation %s %.4f)", best["step"],
-                         best["epoch"], args.select_by, _score(best, args.select_by))
+                         best["epoch"], args.select_by, metric_value(best, args.select_by))
             self.history_ = {"log_history": state.log_history, "select_by": args.select_by, "best": best,
                              "best_step": best["step"] if best else None,
-                             "best_metric": _score(best, args.select_by) if best else None,
+                             "best_metric": metric_value(best, args.select_by) if best else None,
                              "evaluations": selector.selection.history, "stopped_early": selector.stopped_early,
                              "global_step": state.global_step}
         finally:

@@ -23,7 +23,8 @@ from llmclf.data.classification import EncodedTexts, batch_order, collate
 from llmclf.models.heads import SequenceClassifier
 from llmclf.runtime import autocast
 from llmclf.training.args import TrainArgs
-from llmclf.training.optim import Selection, classification_loss, make_optimizer, make_scheduler
+from llmclf.training.metrics import classification_scores
+from llmclf.training.optim import Selection, classification_loss, make_optimizer, make_scheduler, metric_value
 from llmclf.training.state import fault_point, save_training_state
 
 log = logging.getLogger(__name__)
@@ -158,21 +159,16 @@ def calc_loss_and_accuracy(model: SequenceClassifier, batches: Batches,
 
 def evaluate_batches(model: SequenceClassifier, batches: Batches) -> dict[str, float]:
     """Loss (unweighted mean), accuracy and macro-F1 over every batch: one full evaluation."""
-    from sklearn.metrics import f1_score  # slow import, not needed before training
-
-    losses, preds, golds = [], [], []
+    losses, all_logits, golds = [], [], []
     for logits, labels in iter_logits(model, batches):
         labels = labels.to(logits.device)
         losses.append(F.cross_entropy(logits, labels, reduction="sum").item())
-        preds.append(logits.argmax(-1).cpu())
+        all_logits.append(logits.cpu())
         golds.append(labels.cpu())
     if not golds:
         return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
-    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(golds).numpy()
-    n_classes = model.backbone.out_head.out_features
-    return {"loss": sum(losses) / len(y_true), "accuracy": float((y_pred == y_true).mean()),
-            "macro_f1": float(f1_score(y_true, y_pred, labels=list(range(n_classes)), average="macro",
-                                       zero_division=0))}
+    y_true = torch.cat(golds).numpy()
+    return {"loss": sum(losses) / len(y_true), **classification_scores(torch.cat(all_logits).numpy(), y_true)}
 
 
 @dataclass
@@ -323,8 +319,7 @@ class ClassifierTraining:
         return h
 
     def _best_score(self) -> float:
-        best = self.selection.best or {}
-        return float(best.get(self.args.select_by.replace("-", "_"), float("nan")))
+        return metric_value(self.selection.best, self.args.select_by) if self.selection.best else float("nan")
 
     def _step(self, last_loss: float, batches_done: int) -> bool:
         """One optimizer step after `batches_done` batches of this epoch; True to stop training."""

@@ -30,6 +30,18 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
     }
 
 
+def classification_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 over every class (F1 0 for a class never predicted nor present): what
+    both engines' validation evaluations score (with the unweighted loss) for `--select-by`."""
+    from sklearn.metrics import accuracy_score, f1_score  # slow import, not needed before training
+
+    logits = np.asarray(logits)
+    preds = logits.argmax(axis=-1)
+    classes = list(range(logits.shape[-1]))
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))}
+
+
 def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str | os.PathLike) -> Path:
     import matplotlib
 

@@ -95,13 +95,18 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, class_weight
 
 # --- best-model selection -----------------------------------------------------------------------
 
+def metric_value(metrics: dict[str, Any], select_by: str) -> float:
+    """The value of `--select-by` NAME in an evaluation's metrics (macro-f1 -> macro_f1)."""
+    return float(metrics[select_by.replace("-", "_")])
+
+
 def selection_key(metrics: dict[str, float], select_by: str) -> tuple[float, float]:
     """What `--select-by` maximises: (score, -loss); the loss breaks ties. `metrics` has
     accuracy, macro_f1 and loss (the validation metrics of one evaluation)."""
     if select_by not in SELECT_BY:
         raise ValueError(select_by)
     loss = float(metrics["loss"])
-    score = -loss if select_by == "loss" else float(metrics[select_by.replace("-", "_")])
+    score = -loss if select_by == "loss" else metric_value(metrics, select_by)
     return score, -loss
 
 
