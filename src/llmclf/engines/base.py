@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from llmclf.data.classification import LabelledTexts, apply_template, label_order
+from llmclf.data.classification import AUTO_TEMPLATE, LabelledTexts, apply_template, label_order, resolve_template
 from llmclf.errors import ConfigError, DataError, LlmclfError
+from llmclf.families import chat_template_for
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_metrics, plot_confusion_matrix
 from llmclf.training.state import RunFinishedError, prepare_run, run_fingerprint
@@ -159,6 +160,8 @@ class BaseClassifier:
         unseen = sorted(set(val.labels) - set(self.classes_))
         if unseen:
             raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
+        chat = chat_template_for(str(self.model)) if self.template == AUTO_TEMPLATE else None
+        self.template_ = resolve_template(self.template, chat, self.classes_)
 
     def _prepare_run(self, args: TrainArgs, train: LabelledTexts, val: LabelledTexts,
                      out_dir: str | os.PathLike | None, resume: bool) -> bool | None:
@@ -188,8 +191,13 @@ class BaseClassifier:
     # --- shared -----------------------------------------------------------------------------
 
     def _model_inputs(self, texts: list[str]) -> list[str]:
-        """What the model reads for these texts: each put into the template, if there is one."""
-        return apply_template(self.template, texts)
+        """What the model reads for these texts: each put into the template, if there is one
+        (`template_`: the template with the chat format and class names filled in, see `fit`)."""
+        return apply_template(self.template_, texts)
+
+    def _restore_template(self, config: dict[str, Any]) -> None:
+        """`template_` of a loaded model: as saved (older directories: the template option as given)."""
+        self.template_ = config.get("input_template", self.template)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_") or not hasattr(self, "max_length_"):

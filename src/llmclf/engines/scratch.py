@@ -1,5 +1,5 @@
-"""The from-scratch engine: `TextClassifier` fine-tunes llmclf's own GPT-2/Llama models
-(scikit-learn style): new head, chosen trainable layers, cached frozen layers, mixed precision."""
+"""The from-scratch engine: `TextClassifier` fine-tunes llmclf's own models (any registered family),
+scikit-learn style: new head, chosen trainable layers, cached frozen layers, mixed precision."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from llmclf.config import DEFAULT_MODEL
-from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts
+from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts, template_suffix_tokens
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
 from llmclf.errors import ConfigError
 from llmclf.loaders.checkpoint import read_checkpoint_config, save_checkpoint
@@ -33,7 +33,7 @@ __all__ = ["NotFittedError", "TextClassifier"]
 
 
 class TextClassifier(BaseClassifier):
-    """A language model (llmclf's GPT-2 or Llama) with a class head, trained on labelled texts.
+    """A language model (llmclf's own, of a registered family) with a class head, trained on labelled texts.
 
     Parameters are stored as given (scikit-learn style) and checked in `fit`. Learned state ends
     in `_`: `classes_` (label names, the column order of `predict_proba`), `model_`,
@@ -134,7 +134,8 @@ class TextClassifier(BaseClassifier):
     def _encode(self, data: LabelledTexts, with_labels: bool = True,
                 token_ids: list[list[int]] | None = None) -> EncodedTexts:
         label_ids = self._label_ids(data) if with_labels else None
-        return encode_texts(self._model_inputs(data.texts), self.tokenizer_, self.max_length_, label_ids, token_ids)
+        return encode_texts(self._model_inputs(data.texts), self.tokenizer_, self.max_length_, label_ids, token_ids,
+                            keep_last=template_suffix_tokens(self.template_, self.tokenizer_))
 
     def _plot(self, out_dir: Path) -> None:
         h = self.history_
@@ -187,7 +188,8 @@ class TextClassifier(BaseClassifier):
         save_checkpoint(
             out_dir, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
             backbone=str(self.model), labels=self.classes_, max_length=self.max_length_, pooling=self.model_.pooling,
-            pad_id=self.tokenizer_.pad_id, training=self.training_options(), run=getattr(self, "run_", None),
+            pad_id=self.tokenizer_.pad_id, training=self.training_options(), input_template=self.template_,
+            run=getattr(self, "run_", None),
             metrics={"validation": getattr(self, "val_metrics_", None),
                      "train_seconds": getattr(self, "train_seconds_", None),
                      "trainable_parameters": getattr(self, "n_trainable_", None)})
@@ -222,6 +224,7 @@ class TextClassifier(BaseClassifier):
                               backbone.context_length)
         clf.model_ = SequenceClassifier(backbone, clf.pooling).to(resolve_device(device)).eval()
         clf.config_ = config
+        clf._restore_template(config)
         return clf
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from llmclf.errors import CheckpointError
+from llmclf.families import family, family_of
 from llmclf.loaders.tensors import atomic_save_safetensors, atomic_write_json, read_tensor_file
 from llmclf.tokenizer import Tokenizer
 
@@ -56,7 +57,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenize
     config = {
         "format": CHECKPOINT_FORMAT,
         "format_version": 1,
-        "architecture": architecture_of(model),
+        "architecture": family_of(model).name,
         "model": model.cfg.to_dict(),
         "out_features": model.out_head.out_features,
         "out_bias": model.out_head.bias is not None,
@@ -68,20 +69,13 @@ def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, tokenize
     return out_dir
 
 
-def architecture_of(model: torch.nn.Module) -> str:
-    from llmclf.models.llama import LlamaModel
-
-    return "llama" if isinstance(model, LlamaModel) else "gpt2"
-
-
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, state dict) of an llmclf checkpoint directory; a tied head is tied again."""
     config = read_checkpoint_config(path)
     if config.get("engine") == "hf":
         raise CheckpointError(f"{path} holds a classifier trained by the Transformers engine; "
                               "load it with llmclf.load_classifier (or the evaluate/predict/serve commands)")
-    if config.get("architecture") not in ("gpt2", "llama"):
-        raise CheckpointError(f"{path}: unsupported architecture {config.get('architecture')!r}")
+    family(str(config.get("architecture")))  # a clear error for an unregistered one
     state = read_tensor_file(Path(path) / WEIGHTS_FILE)
     if config.get("tied_out_head") and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]

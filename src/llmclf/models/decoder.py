@@ -96,3 +96,13 @@ def causal_padding_mask(attention_mask: torch.Tensor, num_queries: int) -> torch
     mask = causal[None] & attention_mask[:, None, :]  # (B, T, S)
     mask = mask | (key_pos[None, None, :] == query_pos[None, :, None])
     return mask[:, None]
+
+
+def mask_after_cache(mask: torch.Tensor | None, past: int, num_tokens: int,
+                     device: torch.device) -> torch.Tensor | None:
+    """The SDPA mask of `num_tokens` new queries after `past` cached tokens: `mask` if given; a causal
+    one when several new tokens follow cached ones (SDPA's `is_causal` aligns to the top-left corner,
+    which is wrong there); else None (plain causal, or one query that may see everything)."""
+    if mask is None and past > 0 and num_tokens > 1:
+        return causal_padding_mask(torch.ones(1, past + num_tokens, dtype=torch.bool, device=device), num_tokens)
+    return mask

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmclf.config import GPTConfig
-from llmclf.errors import ConfigError
-from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, rows_at
+from llmclf.errors import CheckpointError, ConfigError
+from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, mask_after_cache, rows_at
 
 
 class LayerNorm(nn.Module):
@@ -78,6 +78,7 @@ class MultiHeadAttention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.length
             keys, values = kv_cache.update(layer, keys, values)
+        mask = mask_after_cache(mask, past, num_tokens, x.device)
 
         context_vec = F.scaled_dot_product_attention(
             queries, keys, values,
@@ -168,3 +169,73 @@ class GPTModel(DecoderModel):
     def attention_inputs(self, attention_mask: torch.Tensor | None, num_queries: int) -> torch.Tensor | None:
         """What the blocks need besides x: the SDPA mask for the last `num_queries` positions."""
         return None if attention_mask is None else causal_padding_mask(attention_mask.bool(), num_queries)
+
+
+# ours <- Hugging Face, per block ("{}" is the block index). Conv1D weights are stored (in, out).
+_BLOCK_MAP = {
+    "trf_blocks.{}.norm1.scale": "h.{}.ln_1.weight",
+    "trf_blocks.{}.norm1.shift": "h.{}.ln_1.bias",
+    "trf_blocks.{}.att.out_proj.weight": "h.{}.attn.c_proj.weight",
+    "trf_blocks.{}.att.out_proj.bias": "h.{}.attn.c_proj.bias",
+    "trf_blocks.{}.norm2.scale": "h.{}.ln_2.weight",
+    "trf_blocks.{}.norm2.shift": "h.{}.ln_2.bias",
+    "trf_blocks.{}.ff.layers.0.weight": "h.{}.mlp.c_fc.weight",
+    "trf_blocks.{}.ff.layers.0.bias": "h.{}.mlp.c_fc.bias",
+    "trf_blocks.{}.ff.layers.2.weight": "h.{}.mlp.c_proj.weight",
+    "trf_blocks.{}.ff.layers.2.bias": "h.{}.mlp.c_proj.bias",
+}
+_TOP_MAP = {
+    "tok_emb.weight": "wte.weight",
+    "pos_emb.weight": "wpe.weight",
+    "final_norm.scale": "ln_f.weight",
+    "final_norm.shift": "ln_f.bias",
+}
+
+
+def config_from_hf(hf_config: dict, name: str = "custom") -> GPTConfig:
+    """`GPTConfig` from a Hugging Face GPT-2 `config.json` (dropout set to 0 for inference)."""
+    try:
+        return GPTConfig(
+            vocab_size=hf_config["vocab_size"],
+            context_length=hf_config.get("n_positions", hf_config.get("n_ctx", 1024)),
+            emb_dim=hf_config["n_embd"],
+            n_heads=hf_config["n_head"],
+            n_layers=hf_config["n_layer"],
+            drop_rate=0.0,
+            qkv_bias=True,
+            name=name,
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"GPT-2 config.json lacks the key {exc}") from exc
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Rename and reshape a Hugging Face GPT-2 state dict into `GPTModel`'s names.
+
+    Accepts `GPT2LMHeadModel` (`transformer.` prefix) and `GPT2Model` keys; splits the fused
+    `c_attn` projection into W_query/W_key/W_value and transposes Conv1D weights. The output
+    head is tied to the token embedding unless the checkpoint has its own `lm_head.weight`.
+    """
+    hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    hf = {k: v for k, v in hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # buffers
+
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise CheckpointError(f"GPT-2 checkpoint lacks the tensor {key!r}")
+        return hf.pop(key)
+
+    ours = {name: take(hf_name) for name, hf_name in _TOP_MAP.items()}
+    for i in range(cfg.n_layers):
+        for name, hf_name in _BLOCK_MAP.items():
+            tensor = take(hf_name.format(i))
+            ours[name.format(i)] = tensor.T if tensor.ndim == 2 else tensor
+        qkv_w = take(f"h.{i}.attn.c_attn.weight").T  # (3 * C, C)
+        qkv_b = take(f"h.{i}.attn.c_attn.bias")
+        for part, w, b in zip(("W_query", "W_key", "W_value"), qkv_w.chunk(3), qkv_b.chunk(3), strict=True):
+            ours[f"trf_blocks.{i}.att.{part}.weight"] = w
+            ours[f"trf_blocks.{i}.att.{part}.bias"] = b
+    lm_head = hf.pop("lm_head.weight", None)
+    ours["out_head.weight"] = lm_head if lm_head is not None else ours["tok_emb.weight"]
+    if hf:
+        raise CheckpointError(f"GPT-2 checkpoint has tensors this config does not use: {sorted(hf)[:5]}")
+    return {k: v.contiguous() for k, v in ours.items()}

