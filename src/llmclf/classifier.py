@@ -19,20 +19,23 @@ from llmclf.engines.hf import HFClassifier
 from llmclf.engines.scratch import TextClassifier
 from llmclf.errors import ConfigError
 from llmclf.loaders.checkpoint import read_checkpoint_config
+from llmclf.training.args import TrainArgs
 
 __all__ = ["BaseClassifier", "HFClassifier", "MCDropoutResult", "NotFittedError", "TextClassifier",
            "evaluation_report", "load_classifier", "make_classifier"]
 
 
-def make_classifier(model: str, engine: str = "auto", **options: Any) -> BaseClassifier:
+def make_classifier(model: str, engine: str = "auto", recipe: str | None = None, **options: Any) -> BaseClassifier:
     """An untrained classifier for backbone `model`; `engine` auto picks `hf` for encoder models
     (BERT family, the packaged `all-minilm-l6-v2`) and `scratch` otherwise. `options` are the
-    engine class's constructor arguments."""
+    engine class's constructor arguments; `recipe` (e.g. "course") fills in the ones not given."""
     if engine not in ("auto", *ENGINES):
         raise ConfigError(f"engine must be auto, {' or '.join(ENGINES)}; got {engine!r}")
     if engine == "auto":
         engine = choose_engine(model)
     cls = HFClassifier if engine == "hf" else TextClassifier
+    if recipe is not None:
+        options = TrainArgs.recipe(recipe, engine, options)
     return cls(model, **options)
 
 

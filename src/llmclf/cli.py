@@ -19,6 +19,7 @@ from llmclf.families import FAMILIES, scratch_model_names
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.loaders.tensors import atomic_write_json
 from llmclf.runtime import PRECISIONS
+from llmclf.training.args import RECIPES
 
 app = typer.Typer(
     name="llmclf",
@@ -296,6 +297,10 @@ def train(
     val_file: Annotated[Path, typer.Option("--val", help="Validation data (model selection, early stopping).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the trained classifier.")],
     model: ModelOpt = DEFAULT_MODEL,
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", help=f"A named set of training options ({', '.join(RECIPES)}): course = the course's "
+        "chapter-6 recipe (last block, no template, 5 epochs, lr 5e-5). Options given explicitly win. "
+        "Default: llmclf's cross-validated defaults.")] = None,
     engine: Annotated[str, typer.Option(
         "--engine", help="scratch (llmclf's own model code) | hf (transformers Trainer, encoder models) | "
         "auto (hf for encoders such as all-minilm-l6-v2 or BERT directories, else scratch).")] = "auto",
@@ -332,7 +337,7 @@ def train(
     model_options = {k: v for k, v in model_options.items() if v not in (None, False)}
     if random_init:
         model_options["seed"] = (train_args or {}).get("seed", DEFAULT_SEED)
-    clf = make_classifier(model, engine, **(train_args or {}), **({"model_options": model_options}
+    clf = make_classifier(model, engine, recipe, **(train_args or {}), **({"model_options": model_options}
                                                                  if model_options else {}))
     train_data = read_labelled(train_file, text_col, label_col)
     val_data = read_labelled(val_file, text_col, label_col)

@@ -35,7 +35,7 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
         elif cache is None or cache.length >= context_size:
             # Prefill, and refill once the window slides: absolute positions shift, so the
             # cached keys are stale (this keeps the cached path equal to the uncached one).
-            cache = model.new_kv_cache(context_size)
+            cache = model.new_kv_cache(min(context_size, idx.shape[1] + max_new_tokens))  # no bigger than needed
             hidden = model.hidden_states(idx[:, -context_size:], kv_cache=cache)
         else:
             hidden = model.hidden_states(idx[:, -1:], kv_cache=cache)

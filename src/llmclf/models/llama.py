@@ -68,6 +68,10 @@ def config_from_hf(hf: dict, name: str) -> LlamaConfig:
 
 def config_from_gguf(metadata, name: str) -> LlamaConfig:  # noqa: ANN001 - loaders.gguf.GGUFMetadata
     """`LlamaConfig` from the metadata of a llama GGUF file."""
+    scaling = metadata.get("rope.scaling.type", None)
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"{name}: rope scaling of type {scaling!r} ({metadata.arch}.rope.scaling.type) is not "
+                              "implemented by llmclf's Llama")
     heads = int(metadata.get("attention.head_count"))
     return LlamaConfig(
         vocab_size=int(metadata.get("vocab_size", None) or metadata.vocab_size_from_tokens),

@@ -15,6 +15,7 @@ from typing import Any
 
 from llmclf.config import LlamaConfig
 from llmclf.errors import CheckpointError
+from llmclf.models import llama
 from llmclf.models.llama import LlamaModel
 
 
@@ -41,41 +42,17 @@ class Qwen3Model(LlamaModel):
     the blocks are Llama's, switched by the config (`head_dim`, `qk_norm`, `qkv_bias`)."""
 
 
-# Checkpoint names: ours -> theirs, "{}" = the block index. These are Qwen3's (q/k norm, no
-# biases); `hf_names(cfg)` / `gguf_names(cfg)` give the map of any config, Qwen2's included.
+# Checkpoint names: ours -> theirs, "{}" = the block index: Llama's, plus Qwen3's q/k norms (and
+# Qwen2's biases through `hf_names(cfg)` / `gguf_names(cfg)`). llama.cpp stores Qwen's q/k rows unpermuted.
 HF_NAMES: dict[str, str] = {
-    "tok_emb.weight": "model.embed_tokens.weight",
-    "final_norm.weight": "model.norm.weight",
-    "out_head.weight": "lm_head.weight",
-    "trf_blocks.{}.norm1.weight": "model.layers.{}.input_layernorm.weight",
-    "trf_blocks.{}.norm2.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "trf_blocks.{}.att.W_query.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "trf_blocks.{}.att.W_key.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "trf_blocks.{}.att.W_value.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "trf_blocks.{}.att.out_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    **llama.HF_NAMES,
     "trf_blocks.{}.att.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
     "trf_blocks.{}.att.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
-    "trf_blocks.{}.ff.fc1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "trf_blocks.{}.ff.fc2.weight": "model.layers.{}.mlp.up_proj.weight",
-    "trf_blocks.{}.ff.fc3.weight": "model.layers.{}.mlp.down_proj.weight",
 }
-
-# llama.cpp's names (architectures qwen3 and qwen2); it stores Qwen's q/k rows unpermuted.
 GGUF_NAMES: dict[str, str] = {
-    "tok_emb.weight": "token_embd.weight",
-    "final_norm.weight": "output_norm.weight",
-    "out_head.weight": "output.weight",
-    "trf_blocks.{}.norm1.weight": "blk.{}.attn_norm.weight",
-    "trf_blocks.{}.norm2.weight": "blk.{}.ffn_norm.weight",
-    "trf_blocks.{}.att.W_query.weight": "blk.{}.attn_q.weight",
-    "trf_blocks.{}.att.W_key.weight": "blk.{}.attn_k.weight",
-    "trf_blocks.{}.att.W_value.weight": "blk.{}.attn_v.weight",
-    "trf_blocks.{}.att.out_proj.weight": "blk.{}.attn_output.weight",
+    **llama.GGUF_NAMES,
     "trf_blocks.{}.att.q_norm.weight": "blk.{}.attn_q_norm.weight",
     "trf_blocks.{}.att.k_norm.weight": "blk.{}.attn_k_norm.weight",
-    "trf_blocks.{}.ff.fc1.weight": "blk.{}.ffn_gate.weight",
-    "trf_blocks.{}.ff.fc2.weight": "blk.{}.ffn_up.weight",
-    "trf_blocks.{}.ff.fc3.weight": "blk.{}.ffn_down.weight",
 }
 
 _QK_NORM = ("trf_blocks.{}.att.q_norm.weight", "trf_blocks.{}.att.k_norm.weight")

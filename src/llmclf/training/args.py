@@ -22,6 +22,16 @@ ENGINES = ("scratch", "hf")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SELECT_BY = ("accuracy", "macro-f1", "loss")
 
+# Named sets of option values (`--recipe NAME`); options given explicitly win over a recipe's.
+# The defaults themselves are the cross-validated winner (README, "Which backbone and recipe").
+RECIPES: dict[str, dict[str, Any]] = {
+    # The course's chapter 6: last block + final norm + head on the last token, the text as it is,
+    # AdamW (weight decay 0.1) at a constant 5e-5 for 5 epochs, batches of 8.
+    "course": {"trainable": "last-block", "pooling": "last", "template": None, "epochs": 5, "lr": 5e-5,
+               "weight_decay": 0.1, "lr_schedule": "constant", "warmup": 0.0, "max_grad_norm": 0.0,
+               "batch_size": 8},
+}
+
 
 def option(default: Any, help: str, *, hf: Any = dataclasses.MISSING, engines: tuple[str, ...] = ENGINES,
            check: Any = None, flag: str | None = None, affects_result: bool = True, metavar: str | None = None,
@@ -197,6 +207,17 @@ class TrainArgs:
         if problems:
             raise ConfigError("; ".join(problems))
         return cls(**merged)
+
+    @classmethod
+    def recipe(cls, name: str, engine: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The option values of recipe `name` for `engine`, overridden by those `given`."""
+        if name not in RECIPES:
+            raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+        foreign = [cls.flag(n) for n in RECIPES[name] if n not in cls.names(engine)]
+        if foreign:
+            raise ConfigError(f"recipe {name!r} sets {', '.join(foreign)}, which the {engine} engine does not take; "
+                              "use it with a decoder on the scratch engine")
+        return {**RECIPES[name], **(given or {})}
 
     @classmethod
     def check_names(cls, engine: str, names: Any) -> None:
