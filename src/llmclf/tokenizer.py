@@ -25,6 +25,7 @@ class GPT2Tokenizer:
         self.source = source
         self.eos_id: int = encoding.eot_token
         self.pad_id: int = encoding.eot_token  # GPT-2 has no pad token; the book pads with 50256
+        self.bos_id: int | None = None  # GPT-2 starts texts with no special token
 
     @property
     def vocab_size(self) -> int:
@@ -121,7 +122,8 @@ class HFTokenizer:
     def from_dir(cls, directory: str | os.PathLike, eos_id: int | None = None, pad_id: int | None = None,
                  bos_id: int | None = None, add_bos: bool = False) -> HFTokenizer:
         """From `tokenizer.json`; ids of eos/pad/bos from the arguments (an llmclf checkpoint's
-        config) or from `tokenizer_config.json` (whose `add_bos_token`, else `add_bos`, decides BOS)."""
+        config) or from `tokenizer_config.json`, whose `add_bos_token` decides BOS (without it: whether
+        tokenizer.json's post-processor adds BOS, else `add_bos`, the family's rule)."""
         import json
 
         from tokenizers import Tokenizer
@@ -140,10 +142,13 @@ class HFTokenizer:
                 token = token.get("content") if isinstance(token, dict) else token
                 return backend.token_to_id(token) if token else None
 
-            eos_id, pad_id = token_id("eos_token"), token_id("pad_token")
+            eos_id, pad_id = token_id("eos_token"), pad_id if pad_id is not None else token_id("pad_token")
             if eos_id is None:
                 raise TokenizerError(f"{directory}: no eos_token in tokenizer_config.json")
-            bos_id = token_id("bos_token") if config.get("add_bos_token", add_bos) else None
+            bos_id = token_id("bos_token")
+            if bos_id is not None and "add_bos_token" not in config:  # e.g. Llama 3: its post-processor says
+                add_bos = backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+            bos_id = bos_id if config.get("add_bos_token", add_bos) else None
         return cls(backend, eos_id, pad_id, str(directory), bos_id)
 
     def __repr__(self) -> str:

@@ -294,7 +294,7 @@ def template_suffix_tokens(template: str | None, tokenizer) -> int:
     if template is None or template.endswith(TEXT_FIELD):
         return 0
     suffix = template.split(TEXT_FIELD)[-1]
-    return len(tokenizer.encode(suffix)) - (getattr(tokenizer, "bos_id", None) is not None)
+    return len(tokenizer.encode(suffix)) - (tokenizer.bos_id is not None)
 
 
 def collate(ids: list[list[int]], pad_id: int, fixed_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

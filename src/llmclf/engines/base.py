@@ -167,7 +167,8 @@ class BaseClassifier:
                      out_dir: str | os.PathLike | None, resume: bool) -> bool | None:
         """Fingerprint the run (`self.run_`) and check `out_dir` for `resume`: True to resume, False
         to start; None when `resume` found this run finished (its model is then loaded into self)."""
-        self.run_ = run_fingerprint(self.engine, str(self.model), args.result_options(self.engine), train, val,
+        options = {**args.result_options(self.engine), "input_template": self.template_}  # `auto`, filled in
+        self.run_ = run_fingerprint(self.engine, str(self.model), options, train, val,
                                     getattr(self, "model_options", None))
         try:
             return prepare_run(out_dir, self.run_, resume)

@@ -16,7 +16,8 @@ def download_weights(name: str, repo: str) -> Path:
 
     try:
         return Path(snapshot_download(repo, allow_patterns=[
-            "config.json", "*.safetensors", "*.json", "vocab.json", "merges.txt"]))
+            "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*.json", "vocab.json",
+            "merges.txt"]))
     except Exception as exc:  # hub and network errors come in many classes
         raise CheckpointError(
             f"could not download the pretrained {name} weights ({type(exc).__name__}: {exc}). "

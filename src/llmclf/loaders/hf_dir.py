@@ -10,25 +10,11 @@ from typing import Any
 import torch
 
 from llmclf.errors import CheckpointError
-from llmclf.families import Family, family_for_hf, is_scratch_hf_type
+from llmclf.families import Family, family_for_hf
 from llmclf.loaders.tensors import read_tensor_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"
-
-
-def hf_model_type(path: str | os.PathLike) -> str | None:
-    """The `model_type` of a directory's config.json (None when there is none)."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return config.get("model_type") if isinstance(config, dict) else None
-
-
-def is_scratch_hf_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` is a Hugging Face directory of a family llmclf builds from scratch."""
-    return is_scratch_hf_type(hf_model_type(path))
 
 
 def read_hf_dir(path: str | os.PathLike) -> tuple[Family, Any, dict[str, torch.Tensor]]:

@@ -51,12 +51,21 @@ GGUF_NAMES = {
 }
 
 
+def rope_type(hf: dict) -> str:
+    """The rope type of a config.json: older ones say `rope_scaling`, newer `rope_parameters`."""
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key)
+        if isinstance(params, dict) and params.get("rope_type", params.get("type", "default")) != "default":
+            return str(params.get("rope_type", params.get("type")))
+    return "default"
+
+
 def config_from_hf(hf: dict, name: str) -> LlamaConfig:
     """`LlamaConfig` from a Hugging Face Llama config.json."""
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"{name}: config.json asks for rope scaling {rope}, which llmclf's Llama does "
+    if (kind := rope_type(hf)) != "default":
+        raise CheckpointError(f"{name}: config.json asks for rope scaling of type {kind!r}, which llmclf does "
                               "not implement (rope_scaling / rope_parameters.rope_type must be 'default')")
+    rope = hf.get("rope_parameters") or {}
     heads = hf["num_attention_heads"]
     return LlamaConfig(
         vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
@@ -123,7 +132,7 @@ class FeedForward(nn.Module):
 class GroupedQueryAttention(nn.Module):
     """Grouped-query attention through SDPA; Qwen3 adds a free head size and q/k RMSNorm, Qwen2 qkv biases."""
 
-    def __init__(self, d_in: int, num_heads: int, num_kv_groups: int, head_dim: int, qk_norm: bool = True,
+    def __init__(self, d_in: int, num_heads: int, num_kv_groups: int, head_dim: int, qk_norm: bool = False,
                  qkv_bias: bool = False, rms_eps: float = 1e-6, dropout: float = 0.0) -> None:
         super().__init__()
         self.num_heads = num_heads

@@ -77,15 +77,6 @@ def gguf_names(cfg: Qwen3Config) -> dict[str, str]:
     return _names_for(GGUF_NAMES, _GGUF_BIASES, cfg)
 
 
-def _rope_type(hf: Mapping[str, Any]) -> str:
-    """The rope type of a config.json: older ones say `rope_scaling`, newer `rope_parameters`."""
-    for key in ("rope_scaling", "rope_parameters"):
-        params = hf.get(key)
-        if isinstance(params, Mapping) and params.get("rope_type", params.get("type", "default")) != "default":
-            return params.get("rope_type", params.get("type"))
-    return "default"
-
-
 def config_from_hf(hf: Mapping[str, Any], name: str) -> Qwen3Config:
     """Our config from a Hugging Face config.json of model_type "qwen3" or "qwen2" (Qwen2.5 included).
 
@@ -94,8 +85,8 @@ def config_from_hf(hf: Mapping[str, Any], name: str) -> Qwen3Config:
     model_type = hf.get("model_type")
     if model_type not in ("qwen3", "qwen2"):
         raise CheckpointError(f"{name}: model_type {model_type!r} is not qwen3 or qwen2")
-    if (rope_type := _rope_type(hf)) != "default":
-        raise CheckpointError(f"{name}: rope scaling of type {rope_type!r} (rope_scaling / rope_parameters) "
+    if (kind := llama.rope_type(hf)) != "default":
+        raise CheckpointError(f"{name}: rope scaling of type {kind!r} (rope_scaling / rope_parameters) "
                               "is not supported")
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ()):
         raise CheckpointError(f"{name}: sliding-window attention (use_sliding_window / layer_types) is not supported")

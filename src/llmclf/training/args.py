@@ -121,8 +121,9 @@ class TrainArgs:
         None, "Tokens per text (default: the longest training text, capped at the model's limit).",
         check=_at_least(1, optional=True))
     template: str | None = option(
-        None, "What the model reads per text, {text} marking the text; \\n is a newline on the command line. "
-        "E.g. an instruction in the model's chat format (see README). Saved with the model.", check=_template,
+        None, "What the model reads per text, {text} marking the text and {labels} the class names; \\n is a "
+        "newline on the command line. auto: 'Classify the following text as one of: {labels}.' in the "
+        "backbone's chat format (README). Saved with the model.", check=_template,
         from_cli=lambda text: text.replace("\\n", "\n"))
     # --- optimizer and schedule
     lr: float = option(5e-5, "Peak AdamW learning rate.", check=_at_least(0.0))
