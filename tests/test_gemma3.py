@@ -119,8 +119,6 @@ def test_config_forms_and_refusals():
                                     rope_local_base_freq=1e4, rope_scaling=None, sliding_window_pattern=3), "old")
     assert (old.rope_base, old.rope_local_base) == (1e6, 1e4)
     assert old.layer_types == ["sliding_attention", "sliding_attention", "full_attention"] * 2
-    multimodal = {"model_type": "gemma3", "text_config": _hf_config()}
-    assert config_from_hf(multimodal, "mm").layer_types == LAYER_TYPES
     linear = {"rope_type": "linear", "factor": 8.0}
     refusals = {
         "rope_scaling": _hf_config(rope_parameters="drop", rope_scaling=linear),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 
 from llmclf.config import DictConfig
 from llmclf.errors import CheckpointError, ConfigError
+from llmclf.models import llama
 from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, rows_at
-from llmclf.models.llama import AttentionInputs, apply_rope, compute_rope_params
+from llmclf.models.llama import AttentionInputs, FeedForward, GroupedQueryAttention, compute_rope_params
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -102,71 +104,14 @@ class RMSNorm(nn.Module):
         return (x_norm * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class FeedForward(nn.Module):
-    """GeGLU: fc3(gelu_tanh(fc1(x)) * fc2(x))."""
-
-    def __init__(self, cfg: Gemma3Config) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
-        self.fc2 = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
-        self.fc3 = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.gelu(self.fc1(x), approximate="tanh") * self.fc2(x))
-
-
-class GroupedQueryAttention(nn.Module):
-    """Grouped-query attention with per-head q/k RMSNorm and Gemma's query scaling."""
-
-    def __init__(self, cfg: Gemma3Config) -> None:
-        super().__init__()
-        self.num_heads = cfg.n_heads
-        self.num_kv_groups = cfg.n_kv_groups
-        self.head_dim = cfg.head_dim
-        self.d_out = cfg.n_heads * cfg.head_dim
-        self.scale = cfg.query_pre_attn_scalar ** -0.5
-        self.W_query = nn.Linear(cfg.emb_dim, self.d_out, bias=False)
-        self.W_key = nn.Linear(cfg.emb_dim, cfg.n_kv_groups * cfg.head_dim, bias=False)
-        self.W_value = nn.Linear(cfg.emb_dim, cfg.n_kv_groups * cfg.head_dim, bias=False)
-        self.out_proj = nn.Linear(self.d_out, cfg.emb_dim, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_eps)
-        else:
-            self.q_norm = self.k_norm = None
-        self.dropout = nn.Dropout(cfg.drop_rate)
-
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        b, num_tokens, _ = x.shape
-        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.W_key(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            queries, keys = self.q_norm(queries), self.k_norm(keys)
-        queries = apply_rope(queries, inputs.cos, inputs.sin)
-        keys = apply_rope(keys, inputs.cos, inputs.sin)
-
-        past = 0
-        if kv_cache is not None:
-            # Sliding layers cache every position too; their mask hides what lies outside the window.
-            past = kv_cache.length
-            keys, values = kv_cache.update(layer, keys, values)  # (B, H_kv, S, D): cached before expansion
-        context_vec = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=inputs.mask,
-            dropout_p=self.dropout.p if self.training else 0.0,
-            is_causal=inputs.mask is None and past == 0 and num_tokens > 1,
-            scale=self.scale, enable_gqa=self.num_kv_groups != self.num_heads,
-        )
-        return self.out_proj(context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out))
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: Gemma3Config, layer_type: str) -> None:
         super().__init__()
         self.sliding = layer_type == "sliding_attention"
-        self.att = GroupedQueryAttention(cfg)
-        self.ff = FeedForward(cfg)
+        self.att = GroupedQueryAttention(cfg.emb_dim, cfg.n_heads, cfg.n_kv_groups, cfg.head_dim, cfg.qk_norm,
+                                         rms_eps=cfg.rms_eps, dropout=cfg.drop_rate,
+                                         scale=cfg.query_pre_attn_scalar ** -0.5, norm=RMSNorm)
+        self.ff = FeedForward(cfg, activation=partial(F.gelu, approximate="tanh"))  # GeGLU
         self.input_layernorm = RMSNorm(cfg.emb_dim, eps=cfg.rms_eps)
         self.post_attention_layernorm = RMSNorm(cfg.emb_dim, eps=cfg.rms_eps)
         self.pre_feedforward_layernorm = RMSNorm(cfg.emb_dim, eps=cfg.rms_eps)
@@ -244,46 +189,27 @@ class Gemma3Model(DecoderModel):
         return full, full & in_window[:, None]
 
 
-# Checkpoint names: ours -> theirs, "{}" = the block index. Transformers' Gemma3ForCausalLM
-# (model_type "gemma3_text"); a tied lm_head.weight is not written.
+# Checkpoint names: ours -> theirs, "{}" = the block index. Llama's attention and feed-forward
+# names, Gemma's four norms per block and q/k norms. Transformers' Gemma3ForCausalLM (model_type
+# "gemma3_text") does not write a tied lm_head.weight; llama.cpp (architecture gemma3) stores every
+# norm weight as 1 + weight (the family's gguf_norm_offset undoes that) and the q/k rows unpermuted.
+_NORMS = {"input_layernorm": ("input_layernorm", "attn_norm"),
+          "post_attention_layernorm": ("post_attention_layernorm", "post_attention_norm"),
+          "pre_feedforward_layernorm": ("pre_feedforward_layernorm", "ffn_norm"),
+          "post_feedforward_layernorm": ("post_feedforward_layernorm", "post_ffw_norm")}
 HF_NAMES: dict[str, str] = {
-    "tok_emb.weight": "model.embed_tokens.weight",
+    **{k: v for k, v in llama.HF_NAMES.items() if ".norm" not in k},
+    **{f"trf_blocks.{{}}.{ours}.weight": f"model.layers.{{}}.{hf}.weight" for ours, (hf, _) in _NORMS.items()},
     "final_norm.weight": "model.norm.weight",
-    "out_head.weight": "lm_head.weight",
-    "trf_blocks.{}.att.W_query.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "trf_blocks.{}.att.W_key.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "trf_blocks.{}.att.W_value.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "trf_blocks.{}.att.out_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
     "trf_blocks.{}.att.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
     "trf_blocks.{}.att.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
-    "trf_blocks.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
-    "trf_blocks.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "trf_blocks.{}.pre_feedforward_layernorm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
-    "trf_blocks.{}.post_feedforward_layernorm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
-    "trf_blocks.{}.ff.fc1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "trf_blocks.{}.ff.fc2.weight": "model.layers.{}.mlp.up_proj.weight",
-    "trf_blocks.{}.ff.fc3.weight": "model.layers.{}.mlp.down_proj.weight",
 }
-
-# llama.cpp's names (architecture gemma3). It stores every norm weight as 1 + weight (the family's
-# gguf_norm_offset undoes that) and the q/k rows unpermuted.
 GGUF_NAMES: dict[str, str] = {
-    "tok_emb.weight": "token_embd.weight",
+    **{k: v for k, v in llama.GGUF_NAMES.items() if ".norm" not in k},
+    **{f"trf_blocks.{{}}.{ours}.weight": f"blk.{{}}.{gguf}.weight" for ours, (_, gguf) in _NORMS.items()},
     "final_norm.weight": "output_norm.weight",
-    "out_head.weight": "output.weight",
-    "trf_blocks.{}.att.W_query.weight": "blk.{}.attn_q.weight",
-    "trf_blocks.{}.att.W_key.weight": "blk.{}.attn_k.weight",
-    "trf_blocks.{}.att.W_value.weight": "blk.{}.attn_v.weight",
-    "trf_blocks.{}.att.out_proj.weight": "blk.{}.attn_output.weight",
     "trf_blocks.{}.att.q_norm.weight": "blk.{}.attn_q_norm.weight",
     "trf_blocks.{}.att.k_norm.weight": "blk.{}.attn_k_norm.weight",
-    "trf_blocks.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
-    "trf_blocks.{}.post_attention_layernorm.weight": "blk.{}.post_attention_norm.weight",
-    "trf_blocks.{}.pre_feedforward_layernorm.weight": "blk.{}.ffn_norm.weight",
-    "trf_blocks.{}.post_feedforward_layernorm.weight": "blk.{}.post_ffw_norm.weight",
-    "trf_blocks.{}.ff.fc1.weight": "blk.{}.ffn_gate.weight",
-    "trf_blocks.{}.ff.fc2.weight": "blk.{}.ffn_up.weight",
-    "trf_blocks.{}.ff.fc3.weight": "blk.{}.ffn_down.weight",
 }
 
 
@@ -307,15 +233,12 @@ def _rope_bases(hf: Mapping[str, Any], name: str) -> tuple[float, float]:
 
 
 def config_from_hf(hf: Mapping[str, Any], name: str) -> Gemma3Config:
-    """Our config from a Hugging Face config.json of model_type "gemma3_text" (or the text part,
-    `text_config`, of a multimodal "gemma3" one).
+    """Our config from a Hugging Face config.json of model_type "gemma3_text".
 
     Fields the model does not implement (rope scaling, logit soft-capping, another activation,
     bidirectional attention, attention biases) are a CheckpointError naming them, as is a missing
     key; keys transformers itself defaults (rope bases, query_pre_attn_scalar, rms_norm_eps,
     tie_word_embeddings, layer_types) take transformers' defaults."""
-    if hf.get("model_type") == "gemma3" and isinstance(hf.get("text_config"), Mapping):
-        hf = hf["text_config"]
     if hf.get("model_type", "gemma3_text") != "gemma3_text":
         raise CheckpointError(f"{name}: model_type {hf.get('model_type')!r} is not gemma3_text")
     rope_base, rope_local_base = _rope_bases(hf, name)

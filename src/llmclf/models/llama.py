@@ -9,6 +9,7 @@ run_blocks, attention_inputs, KV cache), so generation, evaluation and classific
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -117,24 +118,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: fc3(silu(fc1(x)) * fc2(x))."""
+    """SwiGLU: fc3(silu(fc1(x)) * fc2(x)); Gemma's GeGLU with `activation` tanh-GELU."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, activation: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
         self.fc2 = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
         self.fc3 = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
+        return self.fc3(self.activation(self.fc1(x)) * self.fc2(x))
 
 
 class GroupedQueryAttention(nn.Module):
-    """Grouped-query attention through SDPA; Qwen3 adds a free head size and q/k RMSNorm, Qwen2 qkv biases."""
+    """Grouped-query attention through SDPA. Qwen3 adds a free head size and q/k RMSNorm, Qwen2 qkv
+    biases; Gemma 3 its own RMSNorm (`norm`) and query scaling (`scale`, default 1/sqrt(head_dim))."""
 
     def __init__(self, d_in: int, num_heads: int, num_kv_groups: int, head_dim: int, qk_norm: bool = False,
-                 qkv_bias: bool = False, rms_eps: float = 1e-6, dropout: float = 0.0) -> None:
+                 qkv_bias: bool = False, rms_eps: float = 1e-6, dropout: float = 0.0, scale: float | None = None,
+                 norm: type[nn.Module] = nn.RMSNorm) -> None:
         super().__init__()
+        self.scale = scale
         self.num_heads = num_heads
         self.num_kv_groups = num_kv_groups
         self.head_dim = head_dim
@@ -144,8 +149,8 @@ class GroupedQueryAttention(nn.Module):
         self.W_value = nn.Linear(d_in, num_kv_groups * head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(self.d_out, d_in, bias=False)
         if qk_norm:
-            self.q_norm = nn.RMSNorm(head_dim, eps=rms_eps)
-            self.k_norm = nn.RMSNorm(head_dim, eps=rms_eps)
+            self.q_norm = norm(head_dim, eps=rms_eps)
+            self.k_norm = norm(head_dim, eps=rms_eps)
         else:
             self.q_norm = self.k_norm = None
         self.dropout = nn.Dropout(dropout)
@@ -170,7 +175,7 @@ class GroupedQueryAttention(nn.Module):
             queries, keys, values, attn_mask=mask,
             dropout_p=self.dropout.p if self.training else 0.0,
             is_causal=mask is None and past == 0 and num_tokens > 1,
-            enable_gqa=self.num_kv_groups != self.num_heads,
+            scale=self.scale, enable_gqa=self.num_kv_groups != self.num_heads,
         )
         return self.out_proj(context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out))
 
