@@ -27,16 +27,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # Main job: the course's spam classifier, for real. Prepare the SMS Spam Collection (course split),
-# fine-tune the pretrained SmolLM2-135M (packaged GGUF) into a classifier, print test metrics,
-# save the model and classify the course's two messages. The recipe (each message inside an
-# instruction in SmolLM2's chat format; last 2 blocks + final norm + head, last-token pooling,
-# 6 epochs, lr 1e-4) was chosen by cross-validation on train + validation: bench/bench_smollm2_recipes.py.
-SMS_TEMPLATE := <|im_start|>user\nIs the following SMS spam?\n{text}<|im_end|>\n<|im_start|>assistant\n
+# fine-tune the pretrained Gemma 3 270M (packaged GGUF) into a classifier with llmclf's defaults,
+# print test metrics, save the model and classify the course's two messages. The defaults (the
+# instruction "Classify the following text as one of: ham, spam." in Gemma's chat format, mean
+# pooling, a new head trained on the cached frozen model, 5 epochs at lr 1e-3) were chosen by
+# 5-fold cross-validation on three data sets: bench/bench_backbones.py, README "Measured".
 demo: setup
 	$(VENV)/bin/llmclf data sms-spam --out $(DEMO_DIR)/sms --source $(SHARED)/data/sms_spam/sms_spam_collection.zip
-	$(VENV)/bin/llmclf train --model smollm2-135m --train $(DEMO_DIR)/sms/train.csv \
-		--val $(DEMO_DIR)/sms/validation.csv --test $(DEMO_DIR)/sms/test.csv --out $(DEMO_DIR)/spam \
-		--template '$(SMS_TEMPLATE)' --trainable last-n:2 --pooling last --lr 1e-4 --epochs 6 --bucket
+	$(VENV)/bin/llmclf train --train $(DEMO_DIR)/sms/train.csv --val $(DEMO_DIR)/sms/validation.csv \
+		--test $(DEMO_DIR)/sms/test.csv --out $(DEMO_DIR)/spam
 	$(VENV)/bin/llmclf predict --model $(DEMO_DIR)/spam \
 		"You are a winner you have been specially selected to receive \$$1000 cash or a \$$2000 award." \
 		"Hey, just wanted to check if we're still on for dinner tonight? Let me know!"

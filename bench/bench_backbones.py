@@ -21,7 +21,10 @@ Per data set:
    `llmclf train` does (train; best epoch by validation accuracy) and scored on test, once.
 
     python bench/bench_backbones.py [--datasets sms,ag_news,imdb] [--backbones smollm2-135m,gemma3-270m]
-        [--recipes head:mean:1e-3:8,last-block:last:1e-4:4] [--folds 5] [--imdb-max-length 128]
+        [--recipes head:mean:1e-3:8,last-block:last:1e-4:4] [--folds 5] [--imdb-max-length 128] [--json F]
+    # one data set at a time: the default is chosen over this run and the earlier ones' JSON
+    python bench/bench_backbones.py --datasets imdb --previous runs/sms_ag.json --json runs/imdb.json
+    python bench/bench_backbones.py --combine runs/sms_ag.json runs/imdb.json   # the choice, no runs
 
 Timings are wall seconds on this machine (print the CPU with `lscpu`); the frozen pass of each
 backbone is timed once and shared by its recipes.
@@ -61,6 +64,7 @@ from llmclf.training.classifier import Batches, evaluate_batches, train_classifi
 SPLITS = ("train", "validation", "test")
 SHARED = Path(os.environ.get("LLMCLF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 COURSE = ("smollm2-135m", None, "last-block:last:5e-5:5")
+IMDB_SIZES = (600, 200, 200)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -100,7 +104,7 @@ def load_ag_news(shared: Path, seed: int) -> dict:
 def load_imdb(shared: Path, seed: int) -> dict:
     data = read_labelled(shared / "data/imdb/imdb_train_1000_balanced.csv")
     labels = ["positive" if label == "1" else "negative" for label in data.labels]
-    return stratified_sizes(data.texts, labels, (600, 200, 200), seed)
+    return stratified_sizes(data.texts, labels, IMDB_SIZES, seed)
 
 
 DATASETS = {"sms": load_sms, "ag_news": load_ag_news, "imdb": load_imdb}
@@ -255,8 +259,25 @@ def main() -> None:
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--limit", type=int, help="at most this many texts per split (a quick smoke run)")
+    parser.add_argument("--imdb-sizes", default="600,200,200", help="IMDB train,validation,test texts")
+    parser.add_argument("--previous", type=Path, nargs="*", default=[], help="--json files of earlier runs (other "
+                        "data sets): the default is chosen over them and this run together")
+    parser.add_argument("--combine", type=Path, nargs="+", help="no runs: the default over the data sets of "
+                        "these --json files (written by earlier runs, e.g. one per data set)")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.combine:
+        results = {name: res for path in args.combine for name, res in json.loads(path.read_text()).items()}
+        for name, res in results.items():
+            own = best_epochs(res["candidates"])
+            for key in sorted(own, key=lambda k: own[k], reverse=True):
+                print(f"{name:8s} {key:40s} best cv {own[key][0]:.4f} at epoch {-own[key][1]}")
+        key, epochs, mean = choose_default(results)
+        per_set = ", ".join(f"{n} {results[n]['candidates'][key]['cv'][epochs - 1]:.4f}" for n in results)
+        print(f"default (best mean cv accuracy over {', '.join(results)}): {key} x{epochs} ({mean:.4f}); "
+              f"per data set: {per_set}")
+        return
+    global IMDB_SIZES
+    IMDB_SIZES = tuple(int(n) for n in args.imdb_sizes.split(","))
     shared = SHARED
     print(f"machine: {platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, float32", flush=True)
@@ -301,7 +322,8 @@ def main() -> None:
             kept[name, key] = features
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
-    choose_and_test(results, kept, args)
+    previous = {n: r for path in args.previous for n, r in json.loads(path.read_text()).items()}
+    choose_and_test(results, kept, args, {**previous, **results})
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
@@ -311,17 +333,26 @@ def best_epochs(candidates: dict) -> dict[str, tuple[float, int]]:
     return {k: max((s, -e) for e, s in enumerate(v["cv"], start=1)) for k, v in candidates.items()}
 
 
-def choose_and_test(results: dict, kept: dict, args: argparse.Namespace) -> None:
+def choose_default(results: dict) -> tuple[str, int, float]:
+    """(candidate, epochs, mean cv accuracy): the best mean over the data sets in `results`; ties go
+    to fewer epochs, then to the candidate first in sorted order."""
     names = list(results)
     shared_keys = set.intersection(*(set(results[n]["candidates"]) for n in names))
-    # the default: one (candidate, epochs) for every data set, by mean cv accuracy
     scored = []
     for rank, key in enumerate(sorted(shared_keys)):
         for epoch in range(1, parse_recipe(key.split("|")[2])[3] + 1):
             mean = sum(results[n]["candidates"][key]["cv"][epoch - 1] for n in names) / len(names)
             scored.append((mean, -epoch, -rank, key, epoch))
-    mean, _, _, default_key, default_epochs = max(scored)
-    print(f"\ndefault (best mean {args.folds}-fold cv accuracy over {', '.join(names)}): {default_key} "
+    mean, _, _, key, epochs = max(scored)
+    return key, epochs, mean
+
+
+def choose_and_test(results: dict, kept: dict, args: argparse.Namespace, chosen_over: dict) -> None:
+    """The default by `chosen_over` (these results and earlier runs' --previous ones); test runs of it
+    and of each data set's own best, for the data sets of this run."""
+    names = list(results)
+    default_key, default_epochs, mean = choose_default(chosen_over)
+    print(f"\ndefault (best mean {args.folds}-fold cv accuracy over {', '.join(chosen_over)}): {default_key} "
           f"{default_epochs} epochs ({mean:.4f})")
     for name in names:
         res = results[name]

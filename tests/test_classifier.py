@@ -189,7 +189,7 @@ def test_fit_learns_saves_and_reloads(tmp_path, tiny_lm):
     for name in ("model.safetensors", "config.json", "metrics.jsonl", "history.json", "loss.png", "accuracy.png"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
-    assert config["labels"] == ["neg", "pos"] and config["pooling"] == "last" and config["pad_id"] == 50256
+    assert config["labels"] == ["neg", "pos"] and config["pooling"] == "mean" and config["pad_id"] == 50256
     reloaded = load_classifier(out, precision="float32")
     np.testing.assert_allclose(reloaded.predict_proba(["great", "sad day"]), clf.predict_proba(["great", "sad day"]),
                                atol=1e-6)
@@ -229,7 +229,7 @@ def test_a_template_wraps_every_text_in_training_and_after_reloading(tmp_path, t
     wrapped = clf._encode(LabelledTexts(["great day"], []), with_labels=False).ids[0]
     assert wrapped == tokenizer.encode("SMS: great day\nSpam?")
     templated = clf.predict_proba(["great day", "sad"])
-    clf.template = None
+    clf.template_ = None  # the fitted template (the option as filled in)
     assert not np.allclose(clf.predict_proba(["great day", "sad"]), templated)
 
 

@@ -198,7 +198,9 @@ def test_a_corrupt_chunk_package_is_refused_and_leaves_no_file(tmp_path, monkeyp
 
 
 def test_the_course_recipe_is_one_option_away_and_explicit_options_win():
-    clf = make_classifier("smollm2-135m", recipe="course", epochs=2)  # building it loads nothing
+    default = make_classifier("smollm2-135m")  # building it loads nothing
+    assert (default.trainable, default.pooling, default.template, default.lr) == ("head", "mean", "auto", 1e-3)
+    clf = make_classifier("smollm2-135m", recipe="course", epochs=2)
     assert (clf.trainable, clf.pooling, clf.template, clf.lr, clf.epochs) == ("last-block", "last", None, 5e-5, 2)
     with pytest.raises(ConfigError, match="unknown recipe 'fast'; known: course"):
         make_classifier("smollm2-135m", recipe="fast")

