@@ -264,7 +264,7 @@ class TrainArgs:
             return text
         if defaults["scratch"] == defaults["hf"] or engines != ENGINES:
             return f"{text} [default: {defaults['scratch']}]"
-        return f"{text} [default: {defaults['scratch']} scratch, {defaults['hf']} hf]"
+        return f"{text} [default: {defaults['scratch']} scratch, {defaults['hf'] or 'none'} hf]"
 
     @classmethod
     def docs(cls, engine: str) -> str:
