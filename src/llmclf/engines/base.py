@@ -197,8 +197,10 @@ class BaseClassifier:
         return apply_template(self.template_, texts)
 
     def _restore_template(self, config: dict[str, Any]) -> None:
-        """`template_` of a loaded model: as saved (older directories: the template option as given)."""
-        self.template_ = config.get("input_template", self.template)
+        """`template_` of a loaded model: as saved; older directories saved only the template option
+        (then concrete), a bare state_dict file none."""
+        self.template_ = config["input_template"] if "input_template" in config else \
+            (config.get("training") or {}).get("template")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_") or not hasattr(self, "max_length_"):
