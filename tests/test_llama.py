@@ -223,7 +223,8 @@ def test_llama_classifier_saves_and_reloads_with_its_tokenizer(tmp_path, tiny_hf
     path, _ = tiny_hf_dir
     texts = [f"w{2 + i % 30} w{40 + (i % 2)}" for i in range(32)]
     data = LabelledTexts(texts, ["a" if i % 2 else "b" for i in range(32)], "toy")
-    clf = TextClassifier(str(path), trainable="last-n:2", epochs=3, lr=3e-3, precision="float32", log_every=100)
+    clf = TextClassifier(str(path), trainable="last-n:2", pooling="last", template=None, epochs=3, lr=3e-3,
+                         precision="float32", log_every=100)
     clf.fit(data, data, out_dir=tmp_path / "clf", progress=False)
     assert clf.evaluate(data)["accuracy"] == 1.0
     assert (tmp_path / "clf" / "tokenizer.json").is_file()
