@@ -46,6 +46,14 @@ class KVCache:
 class DecoderModel(nn.Module):
     """forward / hidden_states / run_blocks / new_kv_cache over a subclass's embed and blocks."""
 
+    def past_length(self, in_idx: torch.Tensor, kv_cache: KVCache | None) -> int:
+        """Tokens already in `kv_cache` (0 without one); a ValueError if `in_idx` would overflow the context."""
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + in_idx.shape[1] > self.context_length:
+            raise ValueError(f"{past + in_idx.shape[1]} tokens exceed the model's context length of "
+                             f"{self.context_length}; truncate the input")
+        return past
+
     def new_kv_cache(self, max_length: int | None = None) -> KVCache:
         return KVCache(len(self.trf_blocks), max_length or self.context_length)
 

@@ -154,10 +154,7 @@ class Gemma3Model(DecoderModel):
     def embed(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
               kv_cache: KVCache | None = None) -> tuple[torch.Tensor, Gemma3Inputs]:
         """Scaled token embeddings (B, T, C) and the blocks' attention inputs."""
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + in_idx.shape[1] > self.context_length:
-            raise ValueError(f"{past + in_idx.shape[1]} tokens exceed the model's context length of "
-                             f"{self.context_length}; truncate the input")
+        past = self.past_length(in_idx, kv_cache)
         x = self.tok_emb(in_idx)
         x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)  # the normalizer rounded to x's dtype, as Gemma
         return x, self.attention_inputs(attention_mask, in_idx.shape[1], past)

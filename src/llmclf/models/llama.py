@@ -221,10 +221,7 @@ class LlamaModel(DecoderModel):
 
     def embed(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
               kv_cache: KVCache | None = None) -> tuple[torch.Tensor, AttentionInputs]:
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + in_idx.shape[1] > self.context_length:
-            raise ValueError(f"{past + in_idx.shape[1]} tokens exceed the model's context length of "
-                             f"{self.context_length}; truncate the input")
+        past = self.past_length(in_idx, kv_cache)
         return self.tok_emb(in_idx), self.attention_inputs(attention_mask, in_idx.shape[1], past)
 
     def attention_inputs(self, attention_mask: torch.Tensor | None, num_queries: int,
