@@ -10,7 +10,8 @@ Per data set:
    TF-IDF word 1-2-grams + char 2-5-grams + LinearSVC (scikit-learn, fitted on train + validation);
    the hf engine with all-MiniLM-L6-v2 (its defaults: 3 epochs, lr 5e-5, linear decay); the
    course's recipe on SmolLM2-135M (no template, last block + final norm + head, 5 epochs, lr 5e-5).
-2. Candidates: backbone x template x recipe (TRAINABLE:POOLING:LR:EPOCHS, scored after every epoch).
+2. Candidates: backbone x template x recipe (TRAINABLE:POOLING:LR:EPOCHS, scored after every epoch;
+   a `+tfidf` suffix makes it `--ensemble tfidf`: see "The ensemble under cross-validation").
    Each backbone reads every text once up to its last two blocks (train, validation and test
    together; `Batches(cache_from=...)`, exact because the frozen part has no dropout); recipes
    that train fewer blocks continue from those states. Each candidate is scored by 5-fold
@@ -25,6 +26,11 @@ Per data set:
     # one data set at a time: the default is chosen over this run and the earlier ones' JSON
     python bench/bench_backbones.py --datasets imdb --previous runs/sms_ag.json --json runs/imdb.json
     python bench/bench_backbones.py --combine runs/sms_ag.json runs/imdb.json   # the choice, no runs
+
+The ensemble under cross-validation: in each fold, the head and the n-gram model train on 80 % of
+the fold's training part and the two weights are fitted on the other 20 % (as `llmclf train` fits
+them on the validation set), after every epoch; the held-out fold scores the blend. The ensemble
+thus trains on less data than the plain candidates it is compared with.
 
 Timings are wall seconds on this machine (print the CPU with `lscpu`); the frozen pass of each
 backbone is timed once and shared by its recipes.
@@ -43,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmclf.data.classification import (
@@ -57,9 +64,10 @@ from llmclf.data.classification import (
 from llmclf.families import chat_template_for
 from llmclf.loaders.spec import load_model
 from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, replace_head
+from llmclf.ngrams import NgramModel
 from llmclf.runtime import autocast
 from llmclf.training.args import TrainArgs
-from llmclf.training.classifier import Batches, evaluate_batches, train_classifier
+from llmclf.training.classifier import Batches, ClassifierTraining, iter_logits
 
 SPLITS = ("train", "validation", "test")
 SHARED = Path(os.environ.get("LLMCLF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -151,8 +159,8 @@ class Features:
         self.classes = label_order(data["train"].labels)
         chat = chat_template_for(backbone_spec) if template == "auto" else None
         self.template = resolve_template(template, chat, self.classes)
-        texts = [t for s in SPLITS for t in data[s].texts]
-        labels = [self.classes.index(label) for s in SPLITS for label in data[s].labels]
+        texts = self.texts = [t for s in SPLITS for t in data[s].texts]
+        labels = self.labels = [self.classes.index(label) for s in SPLITS for label in data[s].labels]
         templated = [t if self.template is None else self.template.replace("{text}", t) for t in texts]
         length = min(max_length or self.backbone.context_length, self.backbone.context_length)
         encoded = encode_texts(templated, self.tokenizer, length, labels,
@@ -193,52 +201,102 @@ class Features:
         return self.cached[block]
 
 
-def parse_recipe(text: str) -> tuple[Trainable, str, float, int]:
-    """TRAINABLE:POOLING:LR:EPOCHS (e.g. last-block:last:1e-4:4)."""
-    *trainable, pooling, lr, epochs = text.split(":")
-    return Trainable.parse(":".join(trainable)), pooling, float(lr), int(epochs)
+def parse_recipe(text: str) -> tuple[Trainable, str, float, int, bool]:
+    """TRAINABLE:POOLING:LR:EPOCHS[+tfidf] (e.g. last-block:last:1e-4:4, head:mean:1e-3:6+tfidf)."""
+    ensemble = text.endswith("+tfidf")
+    *trainable, pooling, lr, epochs = text.removesuffix("+tfidf").split(":")
+    return Trainable.parse(":".join(trainable)), pooling, float(lr), int(epochs), ensemble
 
 
-def train_recipe(features: Features, recipe: str, epochs: int, train_idx: list[int], val_idx: list[int]):
-    """Train `recipe` on `train_idx` (best epoch by accuracy on `val_idx`); (classifier, history, val batches)."""
-    trainable, pooling, lr, _ = parse_recipe(recipe)
+class RecordingTraining(ClassifierTraining):
+    """Training that also keeps the class probabilities of `watch` at every evaluation."""
+
+    def __init__(self, *args, watch: Batches | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.watch, self.watched = watch, []
+
+    def _evaluate(self) -> bool:
+        stop = super()._evaluate()
+        if self.watch is not None:
+            self.watched.append(probabilities(self.model, self.watch))
+        return stop
+
+
+def probabilities(classifier: SequenceClassifier, batches: Batches) -> np.ndarray:
+    return torch.cat([torch.softmax(logits, -1) for logits, _ in iter_logits(classifier, batches)]).numpy()
+
+
+def train_recipe(features: Features, recipe: str, epochs: int, train_idx: list[int], val_idx: list[int],
+                 watch_idx: list[int] | None = None):
+    """Train `recipe` on `train_idx` (best epoch by accuracy on `val_idx`); (classifier, history, batches,
+    the probabilities of `watch_idx` after every epoch)."""
+    trainable, pooling, lr, _, _ = parse_recipe(recipe)
     backbone = features.backbone
     backbone.load_state_dict(features.initial)
     classifier = SequenceClassifier(backbone, pooling)
     apply_trainable(classifier, trainable)
     batches = features.at(trainable.first_trainable_block(features.n_layers))
     val = batches.subset(val_idx, bucket=False)
-    history = train_classifier(classifier, batches.subset(train_idx, bucket=True), val,
-                               TrainArgs.for_engine("scratch", epochs=epochs, lr=lr, log_every=10**9, eval_iter=1),
-                               progress=False, say=lambda _: None)
-    return classifier, history, batches
+    training = RecordingTraining(
+        classifier, batches.subset(train_idx, bucket=True), val,
+        TrainArgs.for_engine("scratch", epochs=epochs, lr=lr, log_every=10**9, eval_iter=1), progress=False,
+        say=lambda _: None, watch=batches.subset(watch_idx, bucket=False) if watch_idx else None)
+    history = training.run()
+    return classifier, history, batches, training.watched
+
+
+def ensemble_scores(features: Features, train_idx: list[int], weight_idx: list[int], lm_probs: np.ndarray,
+                    scored_idx: list[int], ngrams: NgramModel | None = None) -> np.ndarray:
+    """`--ensemble tfidf` probabilities of `scored_idx`: n-grams fitted on `train_idx` (or `ngrams`),
+    weights on `weight_idx`; `lm_probs` holds the language model's for `weight_idx + scored_idx`."""
+    texts = lambda idx: [features.texts[i] for i in idx]  # noqa: E731
+    if ngrams is None:
+        ngrams = NgramModel.fit(texts(train_idx), [features.labels[i] for i in train_idx], len(features.classes))
+    ngrams.fit_weights(lm_probs[:len(weight_idx)], texts(weight_idx), [features.labels[i] for i in weight_idx])
+    return ngrams.blend(lm_probs[len(weight_idx):], texts(scored_idx))
 
 
 def cross_validate(features: Features, recipe: str, folds: int, seed: int = 0) -> list[float]:
     """K-fold accuracy on train + validation after each of the recipe's epochs."""
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    epochs = parse_recipe(recipe)[3]
+    epochs, ensemble = parse_recipe(recipe)[3:]
     pool = features.index["train"] + features.index["validation"]
-    labels = [features.cached[features.n_layers - 2].data.labels[i] for i in pool]
+    labels = [features.labels[i] for i in pool]
     correct = [0] * epochs
     for train_pos, held_pos in StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels):
-        _, history, _ = train_recipe(features, recipe, epochs, [pool[i] for i in train_pos],
-                                     [pool[i] for i in held_pos])
-        for epoch, accuracy in enumerate(history.val_accuracy_full):
-            correct[epoch] += round(accuracy * len(held_pos))
+        train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
+        if not ensemble:
+            _, history, _, _ = train_recipe(features, recipe, epochs, train_idx, held_idx)
+            for epoch, accuracy in enumerate(history.val_accuracy_full):
+                correct[epoch] += round(accuracy * len(held_idx))
+            continue
+        inner_train, inner_val = train_test_split(train_idx, test_size=0.2, random_state=seed,
+                                                  stratify=[features.labels[i] for i in train_idx])
+        _, _, _, watched = train_recipe(features, recipe, epochs, inner_train, inner_val, inner_val + held_idx)
+        ngrams = NgramModel.fit([features.texts[i] for i in inner_train], [features.labels[i] for i in inner_train],
+                                len(features.classes))
+        gold = np.array([features.labels[i] for i in held_idx])
+        for epoch, lm_probs in enumerate(watched):
+            blended = ensemble_scores(features, inner_train, inner_val, lm_probs, held_idx, ngrams)
+            correct[epoch] += int((blended.argmax(1) == gold).sum())
     return [c / len(pool) for c in correct]
 
 
 def test_run(features: Features, recipe: str, epochs: int) -> dict:
     """As `llmclf train` does: train on train, keep the best validation epoch, score test once."""
     start = time.perf_counter()
-    classifier, history, batches = train_recipe(features, recipe, epochs, features.index["train"],
-                                                features.index["validation"])
+    train_idx, val_idx, test_idx = (features.index[s] for s in SPLITS)
+    classifier, history, batches, _ = train_recipe(features, recipe, epochs, train_idx, val_idx)
+    lm_probs = probabilities(classifier, batches.subset(val_idx + test_idx, bucket=False))
+    if parse_recipe(recipe)[4]:
+        test_probs = ensemble_scores(features, train_idx, val_idx, lm_probs, test_idx)
+    else:
+        test_probs = lm_probs[len(val_idx):]
     seconds = time.perf_counter() - start
-    test = evaluate_batches(classifier, batches.subset(features.index["test"], bucket=False))
-    return {"test": test["accuracy"], "val": history.best_val_accuracy, "best_epoch": history.best_epoch,
-            "train_seconds": seconds}
+    gold = np.array([features.labels[i] for i in test_idx])
+    return {"test": float((test_probs.argmax(1) == gold).mean()), "val": history.best_val_accuracy,
+            "best_epoch": history.best_epoch, "train_seconds": seconds}
 
 
 # --- the bench ----------------------------------------------------------------------------------

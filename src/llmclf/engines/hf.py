@@ -465,7 +465,9 @@ class HFClassifier(BaseClassifier):
         self.train_seconds_ = time.perf_counter() - start
         self.n_trainable_ = n_trainable
         self.config_ = {"backbone": str(self.model)}
-        self.val_metrics_ = self.evaluate(val, batch_size=args.eval_batch_size or 32)
+        self.ngrams_ = None
+        val_probs = self._probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
+        self.val_metrics_ = self._metrics(self._label_ids(val), self._fit_ensemble(train, val, val_probs))
         if out_dir is not None:
             self.save(out_dir)
             self._plot(Path(out_dir))
@@ -541,6 +543,7 @@ class HFClassifier(BaseClassifier):
         final = out_dir / HF_MODEL_DIR
         old = final.with_name(f".{HF_MODEL_DIR}-old-{os.getpid()}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{HF_MODEL_DIR}-", dir=out_dir))
+        self._save_ngrams(out_dir)
         try:
             self.model_.save_pretrained(tmp)
             self.tokenizer_.save_pretrained(tmp)
@@ -584,7 +587,7 @@ class HFClassifier(BaseClassifier):
         clf.max_length_ = min(max_length or config.get("max_length") or hard_limit, hard_limit)
         clf.model_ = model.to(resolve_device(device)).eval()
         clf.config_ = config
-        clf._restore_template(config)
+        clf._restore_fitted(config, path)
         return clf
 
 

@@ -21,6 +21,7 @@ from llmclf.runtime import PRECISIONS
 ENGINES = ("scratch", "hf")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SELECT_BY = ("accuracy", "macro-f1", "loss")
+ENSEMBLES = ("none", "tfidf")
 
 # Named sets of option values (`--recipe NAME`); options given explicitly win over a recipe's.
 # The defaults themselves are the cross-validated winner (README, "Which backbone and recipe").
@@ -144,6 +145,11 @@ class TrainArgs:
     class_weights: str = option(
         "none", "Weighted cross-entropy for imbalanced data: none | balanced (n / (classes x count), "
         "scikit-learn's) | W1,W2,... (one per label, labels in sorted order).", check=_class_weights)
+    ensemble: str = option(
+        "none", "none | tfidf: combine the language model with a logistic regression on TF-IDF word 1-2-grams "
+        "and character 2-5-grams, fitted on the training texts; the two are weighted by log-loss on the "
+        "validation set after training (saved beside the model as ngrams.safetensors).",
+        check=_one_of(ENSEMBLES))
     # --- evaluation, model selection, checkpoints
     select_by: str = option(
         "accuracy", "Validation metric that picks the best evaluation, whose weights are kept: accuracy | "

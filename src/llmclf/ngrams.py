@@ -1,0 +1,148 @@
+"""The n-gram half of `--ensemble tfidf`: what the TF-IDF baseline sees, inside the classifier.
+
+A logistic regression (scikit-learn) on TF-IDF word 1-2-grams and character 2-5-grams, fitted on
+the training texts; its class scores are combined with the language model's as
+
+    p(class | text) = softmax(w_lm * log p_lm(class | text) + w_ngram * score_ngram(class | text)),
+
+the two weights fitted on the validation set (log-loss). The n-grams are hashed (scikit-learn's
+`HashingVectorizer`), so the saved state is four arrays and no vocabulary: `ngrams.safetensors`
+(idf, coef, intercept, weights) beside the model, and nothing in it runs code when loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmclf.errors import ConfigError
+
+NGRAMS_FILE = "ngrams.safetensors"
+N_FEATURES = 2**18  # hashed features per analyzer (word, character)
+WORD_NGRAMS = (1, 2)
+CHAR_NGRAMS = (2, 5)
+MIN_DF = (1, 2)  # n-grams seen in fewer training texts are dropped (word, character), as the baseline does
+C = 10.0  # inverse L2 strength of the logistic regression
+MAX_WEIGHT = 10.0
+
+
+def _counts(texts: list[str]):
+    """Sparse (texts, 2 * N_FEATURES) n-gram counts: word block, then character block."""
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    common = dict(n_features=N_FEATURES, alternate_sign=False, norm=None, dtype=np.float64)
+    word = HashingVectorizer(ngram_range=WORD_NGRAMS, **common)
+    char = HashingVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS, **common)
+    return hstack([word.transform(texts), char.transform(texts)]).tocsr()
+
+
+def _tfidf(counts, idf: np.ndarray):
+    """Sublinear TF x idf, each block L2-normalised (as two `TfidfVectorizer(sublinear_tf=True)`)."""
+    from scipy.sparse import hstack
+    from sklearn.preprocessing import normalize
+
+    x = counts.copy()
+    x.data = 1.0 + np.log(x.data)
+    x = x.multiply(idf.reshape(1, -1)).tocsr()
+    x.eliminate_zeros()
+    return hstack([normalize(x[:, :N_FEATURES]), normalize(x[:, N_FEATURES:])]).tocsr()
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+@dataclass
+class NgramModel:
+    """A fitted TF-IDF logistic regression and its blend weights (see the module docstring)."""
+
+    idf: np.ndarray  # (2 * N_FEATURES,): 0 for n-grams dropped by MIN_DF
+    coef: np.ndarray  # (classes, 2 * N_FEATURES)
+    intercept: np.ndarray  # (classes,)
+    weights: np.ndarray  # (2,): w_lm, w_ngram
+
+    @classmethod
+    def fit(cls, texts: list[str], labels: list[int], n_classes: int) -> NgramModel:
+        """The n-gram model of these training texts (label ids in 0..n_classes-1); weights 1, 1."""
+        from sklearn.linear_model import LogisticRegression
+
+        counts = _counts(texts)
+        n = counts.shape[0]
+        df = np.bincount(counts.indices, minlength=counts.shape[1])
+        idf = np.log((1 + n) / (1 + df)) + 1.0  # scikit-learn's smooth idf
+        min_df = np.repeat(np.array(MIN_DF), N_FEATURES)
+        idf[df < min_df] = 0.0
+        lr = LogisticRegression(C=C, max_iter=2000).fit(_tfidf(counts, idf), labels)
+        if list(lr.classes_) != list(range(n_classes)):
+            raise ValueError(f"the n-gram model needs every label id 0..{n_classes - 1} in its training data")
+        coef, intercept = lr.coef_, lr.intercept_
+        if n_classes == 2:  # scikit-learn's binary form: one row, the score of class 1 over class 0
+            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+        as_float32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731 (coef_ may be Fortran-ordered)
+        return cls(as_float32(idf), as_float32(coef), as_float32(intercept), np.ones(2, dtype=np.float32))
+
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """Class log-probabilities of the n-gram model alone, (len(texts), classes)."""
+        x = _tfidf(_counts(texts), self.idf.astype(np.float64))
+        return _log_softmax(np.asarray(x @ self.coef.T.astype(np.float64)) + self.intercept)
+
+    def combine(self, lm_probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The ensemble's probabilities from the language model's and `scores(texts)`."""
+        w_lm, w_ngram = self.weights.astype(np.float64)
+        z = w_lm * np.log(np.clip(lm_probs, 1e-12, 1.0)) + w_ngram * scores
+        return np.exp(_log_softmax(z)).astype(np.float32)
+
+    def blend(self, lm_probs: np.ndarray, texts: list[str]) -> np.ndarray:
+        return self.combine(lm_probs, self.scores(texts))
+
+    def fit_weights(self, lm_probs: np.ndarray, texts: list[str], labels: list[int]) -> NgramModel:
+        """Choose (w_lm, w_ngram) in [0, MAX_WEIGHT]^2 by log-loss on held-out texts; returns self."""
+        from scipy.optimize import minimize
+
+        scores, y = self.scores(texts), np.asarray(labels)
+        log_lm = np.log(np.clip(lm_probs, 1e-12, 1.0))
+
+        def loss(w: np.ndarray) -> float:
+            z = _log_softmax(w[0] * log_lm + w[1] * scores)
+            return float(-z[np.arange(len(y)), y].mean() + 1e-3 * (w ** 2).sum())
+
+        result = minimize(loss, np.ones(2), method="L-BFGS-B", bounds=[(0.0, MAX_WEIGHT)] * 2)
+        self.weights = result.x.astype(np.float32)
+        return self
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """`out_dir/ngrams.safetensors`, written to a temporary name and renamed."""
+        from safetensors.numpy import save_file
+
+        path = Path(out_dir) / NGRAMS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        arrays = {"idf": self.idf, "coef": self.coef, "intercept": self.intercept, "weights": self.weights}
+        save_file({name: np.ascontiguousarray(a, dtype=np.float32) for name, a in arrays.items()},
+                  str(tmp), metadata={"n_features": str(N_FEATURES), "word_ngrams": "1-2", "char_ngrams": "2-5"})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, n_classes: int) -> NgramModel:
+        """The n-gram model saved in `model_dir`, checked against the classifier's classes."""
+        from safetensors.numpy import load_file
+
+        path = Path(model_dir) / NGRAMS_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: the model's config.json says it was trained with "
+                              "--ensemble tfidf; copy the whole model directory")
+        arrays = load_file(str(path))
+        expected = {"idf": (2 * N_FEATURES,), "coef": (n_classes, 2 * N_FEATURES), "intercept": (n_classes,),
+                    "weights": (2,)}
+        for name, shape in expected.items():
+            if name not in arrays or arrays[name].shape != shape:
+                found = arrays[name].shape if name in arrays else "missing"
+                raise ConfigError(f"{path}: tensor {name!r} should have shape {shape}, found {found}")
+        return cls(**{name: arrays[name] for name in expected})
