@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmclf import distributed
 from llmclf import language_model as lm
 from llmclf.config import DEFAULT_BACKBONE, DEFAULT_MODEL
 from llmclf.engines.base import TEST_METRICS_FILE, prediction_record
@@ -31,6 +32,31 @@ app = typer.Typer(
 )
 
 # Options shared by every command that builds a model.
+DevicesOpt = Annotated[Optional[int], typer.Option(
+    "--devices", min=1, help="Run as N worker processes on this machine, started by torch's elastic agent "
+    "(the same as `torchrun --nproc-per-node N -m llmclf ...`): one per GPU (cuda:0..N-1, NCCL), or N CPU "
+    "processes (gloo) without GPUs.")]
+MaxRestartsOpt = Annotated[int, typer.Option(
+    "--max-restarts", min=0, help="With --devices: when a worker fails, restart the whole group up to K times; "
+    "training resumes from its last training state (as `torchrun --max-restarts K`).")]
+
+
+def relaunched(devices: int | None, max_restarts: int) -> bool:
+    """With `--devices N` (N > 1) in a process that is not already a worker: run this same command
+    line as N workers through torch's elastic agent, wait for them, and return True."""
+    if devices is None or devices == 1 or distributed.launched():
+        return False
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        distributed.launch_local(devices, sys.argv[1:], max_restarts)
+    except ChildFailedError as exc:
+        raise LlmclfError(f"{len(exc.failures)} of {devices} worker process(es) failed"
+                          + (f" (after {max_restarts} restart(s))" if max_restarts else "")
+                          + "; their errors are above") from None
+    return True
+
+
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help=f"A preset or packaged model ({', '.join(scratch_model_names())}), a .gguf file, "
     f"a Hugging Face directory of a registered family ({', '.join(FAMILIES)}), an llmclf checkpoint directory, "
@@ -313,6 +339,8 @@ def train(
         "--eval-batch-size may differ). On a run that already finished: says so and loads its model.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final metrics as one JSON object.")] = False,
+    devices: DevicesOpt = None,
+    max_restarts: MaxRestartsOpt = 0,
     random_init: RandomInitOpt = False,
     base_config: BaseConfigOpt = None,
     context_length: ContextLengthOpt = None,
@@ -328,7 +356,12 @@ def train(
     fine-tunes encoders (BERT family, all-minilm-l6-v2) with transformers' Trainer. Where the
     engines' defaults differ, both are shown. A training state is saved in --out/checkpoints after
     every epoch (and every --save-every steps): an interrupted run continues with --resume.
+
+    Several processes: `--devices N`, or `torchrun --nproc-per-node N -m llmclf train ...` (also
+    across machines); each process takes --batch-size texts of every global batch.
     """
+    if relaunched(devices, max_restarts):
+        return
     from llmclf.classifier import evaluation_report, make_classifier
     from llmclf.data.classification import read_labelled
 
@@ -343,6 +376,8 @@ def train(
     val_data = read_labelled(val_file, text_col, label_col)
     test_data = read_labelled(test_file, text_col, label_col) if test_file else None
     clf.fit(train_data, val_data, out_dir=out, progress=progress, resume=resume)
+    if not distributed.is_main():
+        return  # rank 0 reports
     if getattr(clf, "finished_before_", None):
         typer.echo(f"{clf.finished_before_} (its model is loaded)", err=True)
     result = {"engine": clf.engine, "validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1),
@@ -565,3 +600,5 @@ def main() -> None:
     except LlmclfError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise SystemExit(1) from None
+    finally:
+        distributed.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,12 +20,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from llmclf import distributed
 from llmclf.data.classification import AUTO_TEMPLATE, LabelledTexts, apply_template, label_order, resolve_template
 from llmclf.errors import ConfigError, DataError, LlmclfError
 from llmclf.families import chat_template_for
+from llmclf.ngrams import NgramModel
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_metrics, plot_confusion_matrix
-from llmclf.training.state import RunFinishedError, prepare_run, run_fingerprint
+from llmclf.training.state import RunFinishedError, has_unfinished_run, prepare_run, run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,9 @@ class BaseClassifier:
         options = {**args.result_options(self.engine), "input_template": self.template_}  # `auto`, filled in
         self.run_ = run_fingerprint(self.engine, str(self.model), options, train, val,
                                     getattr(self, "model_options", None))
+        distributed.check_same("training options or data", self.run_)
+        if distributed.restarted() and out_dir is not None and has_unfinished_run(out_dir):
+            resume = True  # the elastic agent restarted the workers: continue from the last training state
         try:
             return prepare_run(out_dir, self.run_, resume)
         except RunFinishedError as done:
@@ -196,11 +202,40 @@ class BaseClassifier:
         (`template_`: the template with the chat format and class names filled in, see `fit`)."""
         return apply_template(self.template_, texts)
 
-    def _restore_template(self, config: dict[str, Any]) -> None:
-        """`template_` of a loaded model: as saved; older directories saved only the template option
-        (then concrete), a bare state_dict file none."""
+    def _restore_fitted(self, config: dict[str, Any], model_dir: Path) -> None:
+        """`template_` and `ngrams_` of a model loaded from `model_dir` (`classes_` set). The template
+        as saved; older directories saved only the template option (then concrete), a bare
+        state_dict file none."""
         self.template_ = config["input_template"] if "input_template" in config else \
             (config.get("training") or {}).get("template")
+        trained_with = (config.get("training") or {}).get("ensemble", "none")
+        self.ngrams_ = NgramModel.load(model_dir, len(self.classes_)) if trained_with == "tfidf" else None
+
+    # --- the n-gram ensemble (`ensemble="tfidf"`, llmclf.ngrams) ---------------------------------
+
+    def _fit_ensemble(self, train: LabelledTexts, val: LabelledTexts, val_probs: np.ndarray) -> np.ndarray:
+        """With `ensemble="tfidf"`, fit `ngrams_` on `train` and its weights on `val`, given the
+        language model's validation probabilities; returns the whole classifier's."""
+        self.ngrams_ = None
+        if self.ensemble == "none":
+            return val_probs
+        start = time.perf_counter()
+        ngrams = NgramModel.fit(train.texts, self._label_ids(train), len(self.classes_))
+        self.ngrams_ = ngrams.fit_weights(val_probs, val.texts, self._label_ids(val))
+        log.info("n-gram ensemble fitted in %.1f s: weights %.3f (language model), %.3f (n-grams)",
+                 time.perf_counter() - start, *self.ngrams_.weights)
+        return self.ngrams_.blend(val_probs, val.texts)
+
+    def _with_ngrams(self, probs: np.ndarray, texts: list[str], scores: np.ndarray | None = None) -> np.ndarray:
+        """The language model's probabilities, combined with the n-gram model's if there is one."""
+        if getattr(self, "ngrams_", None) is None:
+            return probs
+        return self.ngrams_.combine(probs, self.ngrams_.scores(texts) if scores is None else scores)
+
+    def _save_ngrams(self, out_dir: Path) -> None:
+        if getattr(self, "ngrams_", None) is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.ngrams_.save(out_dir)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_") or not hasattr(self, "max_length_"):
@@ -230,7 +265,7 @@ class BaseClassifier:
         texts = self._as_texts(texts)
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        return self._probabilities(texts, batch_size, dropout=False)
+        return self._with_ngrams(self._probabilities(texts, batch_size, dropout=False), texts)
 
     def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[str]:
         """Predicted label names, in input order."""
@@ -261,8 +296,10 @@ class BaseClassifier:
             return MCDropoutResult([], empty, empty.copy(), [], list(self.classes_), passes, threshold)
         if seed is not None:
             torch.manual_seed(seed)
+        scores = self.ngrams_.scores(texts) if getattr(self, "ngrams_", None) is not None else None
         with dropout_active(self._torch_module(), dropout_rate):
-            runs = np.stack([self._probabilities(texts, batch_size, dropout=True) for _ in range(passes)])
+            runs = np.stack([self._with_ngrams(self._probabilities(texts, batch_size, dropout=True), texts, scores)
+                             for _ in range(passes)])
         mean, std = runs.mean(axis=0), runs.std(axis=0)
         best = mean.argmax(axis=1)
         confident = [threshold is None or bool(mean[i, best[i]] >= threshold) for i in range(len(texts))]

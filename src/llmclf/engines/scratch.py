@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmclf import distributed
 from llmclf.config import DEFAULT_BACKBONE
 from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts, template_suffix_tokens
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
@@ -22,7 +23,7 @@ from llmclf.loaders.tensors import atomic_write_json
 from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, merge_lora, replace_head
 from llmclf.runtime import resolve_device, resolve_precision
 from llmclf.training.args import TrainArgs
-from llmclf.training.classifier import Batches, ClassifierTraining, iter_logits
+from llmclf.training.classifier import Batches, ClassifierTraining, all_logits, iter_logits
 from llmclf.training.optim import class_weight_tensor
 from llmclf.training.plots import plot_values
 from llmclf.training.state import finish_run, load_training_state, start_run
@@ -64,11 +65,13 @@ class TextClassifier(BaseClassifier):
         (`metrics.jsonl`), history and the course's plots. Returns self."""
         args = self.train_args()
         trainable = Trainable.parse(args.trainable)
+        device = distributed.init(args.device)  # under torchrun: this rank's device, process group joined
+        main = distributed.is_main()
+        progress = progress and main
         self._learn_classes(train, val)
         resuming = self._prepare_run(args, train, val, out_dir, resume)
         if resuming is None:
             return self
-        device = resolve_device(args.device)
         dtype = resolve_precision(args.precision, device)
         start = time.perf_counter()
 
@@ -98,17 +101,24 @@ class TextClassifier(BaseClassifier):
         fixed = self.max_length_ if args.pooling == "last-position" else None
         common = dict(pad_id=self.tokenizer_.pad_id, fixed_length=fixed, device=device, dtype=dtype,
                       cache_from=cache_from, progress=progress)
-        train_batches = Batches(classifier, train_enc, args.batch_size, bucket=args.bucket, name="(train)", **common)
+        world = distributed.world_size()
+        if world > 1:
+            log.info("%d processes x batch %d x grad-accum %d = %d texts per optimizer step", world,
+                     args.batch_size, args.grad_accum, world * args.batch_size * args.grad_accum)
+        # Global batches: each rank trains on its slice of every one (ClassifierTraining).
+        train_batches = Batches(classifier, train_enc, args.batch_size * world, bucket=args.bucket, name="(train)",
+                                **common)
         val_batches = Batches(classifier, val_enc, args.eval_batch_size or args.batch_size, name="(validation)",
                               **common)
-        state_dir = start_run(out_dir, self.run_) if out_dir is not None else None
+        writes = out_dir is not None and main  # only rank 0 writes
+        state_dir = start_run(out_dir, self.run_) if writes else None
         log_file = None
-        if out_dir is not None:
+        if writes:
             log_file = open(Path(out_dir) / METRICS_LOG_FILE, "a" if resuming else "w", encoding="utf-8")  # noqa: SIM115
         try:
             training = ClassifierTraining(classifier, train_batches, val_batches, args, class_weights,
                                           state_dir=state_dir, metrics_log=log_file, progress=progress)
-            state = load_training_state(state_dir) if resuming else None
+            state = distributed.broadcast(load_training_state(state_dir) if resuming and main else None)
             if state is not None:
                 training.load_state_dict(state)
                 log.info("resuming %s at epoch %d, step %d (batch %d of the epoch)", out_dir, training.epoch + 1,
@@ -123,12 +133,13 @@ class TextClassifier(BaseClassifier):
         self.n_trainable_ = n_trainable
         # From the validation batches already built (with their cached frozen states): the same
         # metrics as `self.evaluate(val)` without another pass through the frozen layers.
-        val_probs = torch.cat([torch.softmax(logits, dim=-1) for logits, _ in iter_logits(classifier, val_batches)])
-        self.val_metrics_ = self._metrics(val_enc.labels, val_probs.cpu().numpy())
-        if out_dir is not None:
+        val_probs = torch.softmax(all_logits(classifier, val_batches), dim=-1).numpy()
+        self.val_metrics_ = self._metrics(val_enc.labels, self._fit_ensemble(train, val, val_probs))
+        if writes:
             self.save(out_dir)
             self._plot(Path(out_dir))
             finish_run(out_dir)
+        distributed.barrier()  # the model is saved before any rank returns
         return self
 
     def _encode(self, data: LabelledTexts, with_labels: bool = True,
@@ -185,6 +196,7 @@ class TextClassifier(BaseClassifier):
         history = getattr(self, "history_", None)
         if history is not None:
             atomic_write_json(out_dir / HISTORY_FILE, history.to_dict())
+        self._save_ngrams(out_dir)
         save_checkpoint(
             out_dir, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
             backbone=str(self.model), labels=self.classes_, max_length=self.max_length_, pooling=self.model_.pooling,
@@ -224,7 +236,7 @@ class TextClassifier(BaseClassifier):
                               backbone.context_length)
         clf.model_ = SequenceClassifier(backbone, clf.pooling).to(resolve_device(device)).eval()
         clf.config_ = config
-        clf._restore_template(config)
+        clf._restore_fitted(config, path)
         return clf
 
 

@@ -65,7 +65,12 @@ class SequenceClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.backbone.out_head.out_features
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                start: int | None = None) -> torch.Tensor:
+        """Class logits of token ids; with `start`, `input_ids` are instead cached hidden states after
+        block `start - 1` (see `forward_from`; through `forward` so that DDP sees the call)."""
+        if start is not None:
+            return self.forward_from(input_ids, attention_mask, start=start)
         if self.pooling == "last-position":
             attention_mask = None  # the course attends to its padding tokens; reproduce that
         x, mask = self.backbone.embed(input_ids, attention_mask)

@@ -5,6 +5,7 @@ frozen layers, mixed precision, a metrics log and training states that resume ex
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -17,8 +18,10 @@ from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from llmclf import distributed
 from llmclf.data.classification import EncodedTexts, batch_order, collate
 from llmclf.models.heads import SequenceClassifier
 from llmclf.runtime import autocast
@@ -71,16 +74,20 @@ class Batches:
         # Longest first in big chunks: little padding, and memory peaks at once.
         order = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])
         chunk = max(self.batch_size, 32)
+        mine = distributed.shard(order)  # several processes: each computes a share, then all get all
         by_index: dict[int, torch.Tensor] = {}
-        for start in tqdm(range(0, len(order), chunk), desc=f"caching frozen layers {name}".strip(),
+        for start in tqdm(range(0, len(mine), chunk), desc=f"caching frozen layers {name}".strip(),
                           disable=not progress, unit="batch", leave=False):
-            idx = order[start:start + chunk]
+            idx = mine[start:start + chunk]
             ids, mask = collate([self.data.ids[i] for i in idx], self.pad_id, self.fixed_length)
             attn = None if model.pooling == "last-position" else mask.to(self.device)
             with autocast(self.device, dtype):
                 x = model.prefix_states(ids.to(self.device), attn, self.cache_from)
             for row, i in enumerate(idx):
                 by_index[i] = x[row, : self.lengths[i]].clone()  # compact: no view of the padded batch
+        if distributed.world_size() > 1:
+            shares = distributed.all_gather({i: t.cpu() for i, t in by_index.items()})
+            by_index = {i: t.to(self.device) for share in shares for i, t in share.items()}
         states = [by_index[i] for i in range(len(order))]
         model.train(was_training)
         return states
@@ -109,12 +116,12 @@ class Batches:
         return x.to(self.device), mask.to(self.device), labels
 
 
-def classifier_logits(model: SequenceClassifier, batches: Batches, inputs: torch.Tensor,
+def classifier_logits(model: SequenceClassifier | DistributedDataParallel, batches: Batches, inputs: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
-    attn = None if model.pooling == "last-position" else mask
+    attn = None if distributed.unwrap(model).pooling == "last-position" else mask
     if batches.states is None:
         return model(inputs, attn)
-    return model.forward_from(inputs, attn, start=batches.cache_from)
+    return model(inputs, attn, start=batches.cache_from)
 
 
 def calc_loss_batch(model: SequenceClassifier, batches: Batches, batch: Batch,
@@ -157,18 +164,30 @@ def calc_loss_and_accuracy(model: SequenceClassifier, batches: Batches,
     return total_loss / count, correct / count
 
 
+def all_logits(model: SequenceClassifier, batches: Batches) -> torch.Tensor:
+    """Float32 logits (N, classes) of every text of `batches`, on the CPU, in their order. Several
+    processes each compute a share and gather the rest, so every rank gets every row once."""
+    n = len(batches.data.ids)
+    mine = distributed.shard(range(n))
+    part = batches.subset(mine, bucket=False)
+    logits = [chunk.cpu() for chunk, _ in iter_logits(model, part)]
+    local = torch.cat(logits) if logits else torch.zeros((0, distributed.unwrap(model).num_classes))
+    if distributed.world_size() == 1:
+        return local
+    out = torch.empty((n, local.shape[1]))
+    for indices, rows in distributed.all_gather((mine, local)):
+        out[indices] = rows
+    return out
+
+
 def evaluate_batches(model: SequenceClassifier, batches: Batches) -> dict[str, float]:
-    """Loss (unweighted mean), accuracy and macro-F1 over every batch: one full evaluation."""
-    losses, all_logits, golds = [], [], []
-    for logits, labels in iter_logits(model, batches):
-        labels = labels.to(logits.device)
-        losses.append(F.cross_entropy(logits, labels, reduction="sum").item())
-        all_logits.append(logits.cpu())
-        golds.append(labels.cpu())
-    if not golds:
+    """Loss (unweighted mean), accuracy and macro-F1 over every text: one full evaluation (over
+    all ranks' shares when several processes run)."""
+    if not batches.data.ids:
         return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
-    y_true = torch.cat(golds).numpy()
-    return {"loss": sum(losses) / len(y_true), **classification_scores(torch.cat(all_logits).numpy(), y_true)}
+    logits, y_true = all_logits(model, batches), torch.tensor(batches.data.labels)
+    loss = F.cross_entropy(logits, y_true, reduction="sum").item()
+    return {"loss": loss / len(y_true), **classification_scores(logits.numpy(), y_true.numpy())}
 
 
 @dataclass
@@ -205,6 +224,12 @@ class ClassifierHistory:
 class ClassifierTraining:
     """The scratch engine's training loop over prepared batches, with a resumable state.
 
+    Under several processes (`llmclf.distributed`), `train` holds the global batches (per-rank
+    batch size x world size, one seeded order on every rank); each rank computes the loss of its
+    slice of every global batch, DDP averages the gradients (skipping the all-reduce while
+    accumulating), so the steps equal one process's on the same global batches. Evaluations are
+    over every rank's share; only rank 0 logs, writes the metrics log and training states.
+
     Every optimizer step: warmup/schedule, optional clipping, AdamW (parameter groups). Every
     `log_every` steps, the course's train/validation loss estimate on `eval_iter` batches. After
     every epoch (or every `eval_freq` steps and after the last one), a full validation evaluation:
@@ -222,6 +247,11 @@ class ClassifierTraining:
         self.state_dir, self.metrics_log, self.progress = state_dir, metrics_log, progress
         self.say = say or log.info
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.world, self.main = distributed.world_size(), distributed.is_main()
+        self.ddp: SequenceClassifier | DistributedDataParallel = model
+        if self.world > 1:  # every rank starts from the same seeded weights: no initial broadcast
+            device_ids = [train.device] if train.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=device_ids, init_sync=False)
         self.optimizer = make_optimizer(model, args.lr, args.weight_decay)
         self.steps_per_epoch = math.ceil(len(train) / args.grad_accum)
         self.total_steps = self.steps_per_epoch * args.epochs
@@ -293,14 +323,16 @@ class ClassifierTraining:
             self.optimizer.zero_grad()
             stop = False
             for batch_no in range(self.batches_done, len(order)):
-                batch = self.train.make(order[batch_no])
-                loss = calc_loss_batch(self.model, self.train, batch, self.class_weights)
-                (loss / args.grad_accum).backward()
-                h.examples_seen += len(batch[2])
+                accumulating = (batch_no + 1) % args.grad_accum and batch_no + 1 != len(order)
+                no_sync = self.ddp.no_sync() if accumulating and self.world > 1 else contextlib.nullcontext()
+                with no_sync:
+                    loss = self._global_batch_loss(order[batch_no])
+                    (loss / args.grad_accum).backward()
+                h.examples_seen += len(order[batch_no])
                 bar.update(1)
-                if (batch_no + 1) % args.grad_accum and batch_no + 1 != len(order):
+                if accumulating:
                     continue
-                stop = self._step(loss.item(), batch_no + 1)
+                stop = self._step(self._reported(loss), batch_no + 1)
                 if stop:
                     break
             if not stop:
@@ -317,6 +349,29 @@ class ClassifierTraining:
             self.say(f"restored the weights of step {h.best_step} (epoch {h.best_epoch:g}; validation "
                      f"{self.args.select_by} {self._best_score():.4f})")
         return h
+
+    def _global_batch_loss(self, indices: list[int]) -> torch.Tensor:
+        """This rank's part of the loss of global batch `indices` (its contiguous slice): the summed,
+        class-weighted loss of its texts over the global batch's total weight, times the world size
+        (DDP averages over ranks). One process: the batch's (weighted) mean loss."""
+        labels = torch.tensor([self.train.data.labels[i] for i in indices])
+        total = float(len(indices)) if self.class_weights is None else float(self.class_weights[labels].sum())
+        start, stop = (len(indices) * r // self.world for r in (distributed.rank(), distributed.rank() + 1))
+        mine = indices[start:stop]
+        # A rank with no text in a short last batch still joins the step (DDP's all-reduce) with zero loss.
+        inputs, mask, y = self.train.make(mine or indices[:1])
+        with autocast(self.train.device, self.train.dtype):
+            logits = classifier_logits(self.ddp, self.train, inputs, mask)
+        loss = classification_loss(logits, y, self.class_weights, reduction="sum") * (self.world / total)
+        return loss if mine else loss * 0.0
+
+    def _reported(self, loss: torch.Tensor) -> float:
+        """The global batch's loss (summed over ranks; each rank's part is scaled by the world size)."""
+        if self.world == 1:
+            return loss.item()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total.item() / self.world
 
     def _best_score(self) -> float:
         return metric_value(self.selection.best, self.args.select_by) if self.selection.best else float("nan")
@@ -335,7 +390,7 @@ class ClassifierTraining:
         self._write({"event": "step", "epoch": self.epoch + 1, "step": h.global_step,
                      "examples_seen": h.examples_seen, "loss": round(last_loss, 6), "lr": lr})
         fault_point("step", h.global_step)
-        if h.global_step % args.log_every == 0:
+        if h.global_step % args.log_every == 0 and self.main:
             self._log_losses(lr)
         stop = False
         last_step = h.global_step == self.total_steps
@@ -389,15 +444,16 @@ class ClassifierTraining:
     def _end_epoch(self) -> None:
         """The course's per-epoch accuracies, the epoch's evaluation and a training state."""
         h, args = self.history, self.args
-        _, train_acc = calc_loss_and_accuracy(self.model, self.train, args.eval_iter)
-        _, val_acc = calc_loss_and_accuracy(self.model, self.val, args.eval_iter)
-        h.train_accs.append(train_acc)
-        h.val_accs.append(val_acc)
-        h.examples_at_epoch.append(h.examples_seen)
-        self._write({"event": "epoch", "epoch": self.epoch + 1, "step": h.global_step,
-                     "train_accuracy": train_acc, "val_accuracy": val_acc})
-        self.say(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}% "
-                 f"(on {args.eval_iter} batches)")
+        if self.main:  # the course's estimates are for the log: other ranks skip them
+            _, train_acc = calc_loss_and_accuracy(self.model, self.train, args.eval_iter)
+            _, val_acc = calc_loss_and_accuracy(self.model, self.val, args.eval_iter)
+            h.train_accs.append(train_acc)
+            h.val_accs.append(val_acc)
+            h.examples_at_epoch.append(h.examples_seen)
+            self._write({"event": "epoch", "epoch": self.epoch + 1, "step": h.global_step,
+                         "train_accuracy": train_acc, "val_accuracy": val_acc})
+            self.say(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}% "
+                     f"(on {args.eval_iter} batches)")
         self.epoch += 1
         self.batches_done = 0
         self.epoch_rng_state = self.rng.getstate()

@@ -37,12 +37,23 @@ KEEP_STATES = 2  # the newest and the one before, in case the newest turns out d
 FAULT_ENV = "LLMCLF_FAULT"  # test hook: "step:N" or "save:N" kills the process there with SIGKILL
 
 
+def _fault_requested(event: str, step: int) -> bool:
+    spec = os.environ.get(FAULT_ENV, "")
+    where, _, rank = spec.partition("@")
+    if where != f"{event}:{step}":
+        return False
+    if rank and rank != os.environ.get("RANK", "0"):
+        return False
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0  # a restarted group runs on
+
+
 def fault_point(event: str, step: int) -> None:
     """SIGKILL this process at `event` when $LLMCLF_FAULT says so ("step:N": after optimizer step N,
     before its state is saved; "save:N": while the state of step N is written, i.e. halfway through
-    the file (scratch) or after Trainer wrote checkpoint-N but before it is marked complete (hf)).
-    The resume tests kill runs this way."""
-    if os.environ.get(FAULT_ENV) == f"{event}:{step}":
+    the file (scratch) or after Trainer wrote checkpoint-N but before it is marked complete (hf);
+    "step:N@R": only the worker of rank R, and only before the elastic agent restarted the group).
+    The resume and fault-tolerance tests kill runs this way."""
+    if _fault_requested(event, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -127,6 +138,11 @@ def prepare_run(out_dir: str | os.PathLike | None, fingerprint: dict[str, Any], 
     return True
 
 
+def has_unfinished_run(out_dir: str | os.PathLike) -> bool:
+    """Whether `out_dir` holds a run's training states (started, not finished)."""
+    return (Path(out_dir) / STATE_DIR / RUN_FILE).is_file()
+
+
 def start_run(out_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
     """Create `OUT/checkpoints/` with the run's fingerprint; returns the directory."""
     state_dir = Path(out_dir) / STATE_DIR
@@ -147,7 +163,7 @@ def save_training_state(state_dir: Path, step: int, state: dict[str, Any]) -> Pa
     path = state_dir / f"{STATE_PREFIX}{step:08d}.pt"
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        if os.environ.get(FAULT_ENV) == f"save:{step}":
+        if _fault_requested("save", step):
             with open(tmp, "r+b") as f:
                 f.truncate(tmp.stat().st_size // 2)
             fault_point("save", step)

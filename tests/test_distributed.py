@@ -1,0 +1,147 @@
+"""Training under torchrun / the elastic agent: 2 CPU processes (gloo) against 1, on a tiny GPT-2.
+
+Each test starts real worker processes (`python -m torch.distributed.run` or `llmclf train
+--devices 2`), so each takes some seconds; OMP_NUM_THREADS=1 keeps two workers on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmclf.config import GPTConfig
+from llmclf.data.classification import LabelledTexts, write_labelled
+from llmclf.distributed import free_port
+from llmclf.loaders.checkpoint import save_checkpoint
+from llmclf.models.gpt2 import GPTModel
+
+WORDS = {"pos": "great wonderful happy fine", "neg": "awful terrible sad bad"}
+TIMEOUT = 300
+
+
+def _texts(n: int, seed: int) -> LabelledTexts:
+    import random
+
+    rng = random.Random(seed)
+    labels = [rng.choice(["pos", "neg", "neg"]) for _ in range(n)]  # imbalanced: class weights matter
+    texts = [" ".join(rng.sample(WORDS[label].split(), 2) + ["item"] * rng.randint(0, 6)) for label in labels]
+    return LabelledTexts(texts, labels, f"toy-{seed}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    torch.manual_seed(0)
+    # No q/k/v biases: the key bias cannot change attention (softmax ignores a per-query constant), so its
+    # gradient is rounding noise, which AdamW scales up to full-size steps that differ between any two runs.
+    lm = save_checkpoint(root / "lm", GPTModel(GPTConfig(context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                                                          drop_rate=0.0, qkv_bias=False)), tokenizer)
+    # 43 training texts: the last global batch of 8 has 3 (ranks get 1 and 2); 13 validation texts
+    write_labelled(_texts(43, 1), root / "train.csv")
+    write_labelled(_texts(13, 2), root / "val.csv")
+    return {"root": root, "lm": lm, "train": root / "train.csv", "val": root / "val.csv"}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LLMCLF_FAULT")}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], env=env or _env(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def _train_args(setup: dict[str, Path], out: Path, batch_size: int, *extra: str) -> list[str]:
+    return ["train", "--model", str(setup["lm"]), "--train", str(setup["train"]), "--val", str(setup["val"]),
+            "--out", str(out), "--batch-size", str(batch_size), "--epochs", "2", "--trainable", "last-block",
+            "--pooling", "last", "--template", "{text}", "--lr", "3e-3", "--class-weights", "balanced",
+            "--precision", "float32", "--no-progress", "--log-every", "2", *extra]
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "llmclf", *args]
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.mark.parametrize("cache", ["--cache", "--no-cache"], ids=["from-cached-states", "from-tokens"])
+def test_two_processes_of_batch_4_train_what_one_of_batch_8_trains(setup, cache):
+    root = setup["root"]
+    one, two = root / f"one{cache}", root / f"two{cache}"
+    _run(["-m", "llmclf", *_train_args(setup, one, 8, cache)])
+    result = _run(_torchrun(2, *_train_args(setup, two, 4, cache)))
+    assert "2 processes x batch 4 x grad-accum 1 = 8 texts per optimizer step" in result.stderr
+    assert _max_diff(one, two) < 1e-5
+    saved = [json.loads((d / "config.json").read_text())["metrics"]["validation"] for d in (one, two)]
+    assert saved[0]["n"] == saved[1]["n"] == 13  # every validation text once, none twice
+    assert saved[0]["confusion_matrix"] == saved[1]["confusion_matrix"]
+    assert saved[0]["loss"] == pytest.approx(saved[1]["loss"], abs=1e-5)
+    # rank 0 alone writes: one metrics log, with as many step lines as one process writes
+    steps = [sum(json.loads(line)["event"] == "step" for line in (d / "metrics.jsonl").read_text().splitlines())
+             for d in (one, two)]
+    assert steps[0] == steps[1] == 2 * 6
+    assert result.stdout.count("trained in") == 1
+
+
+def test_devices_restarts_a_killed_worker_and_finishes_like_an_uninterrupted_run(setup):
+    root = setup["root"]
+    reference, killed = root / "reference", root / "killed"
+    args = ["--grad-accum", "2", "--save-every", "2"]
+    _run(_torchrun(2, *_train_args(setup, reference, 4, *args)))
+    # rank 1 SIGKILLs itself right after optimizer step 5 (mid-epoch 2); the agent restarts both workers
+    result = _run(["-m", "llmclf", *_train_args(setup, killed, 4, *args), "--devices", "2", "--max-restarts", "1"],
+                  env=_env(LLMCLF_FAULT="step:5@1"))
+    assert "exitcode: -9" in result.stderr and "resuming" in result.stderr, result.stderr[-3000:]
+    assert _max_diff(reference, killed) < 1e-6
+    assert not (killed / "checkpoints").exists()
+
+
+def test_two_nodes_on_loopback_train_what_one_node_of_two_processes_trains(setup):
+    root = setup["root"]
+    single, multi = root / "single-node", root / "two-nodes"
+    _run(_torchrun(2, *_train_args(setup, single, 4)))
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+         "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "--rdzv-id", "llmclf-test", "-m", "llmclf", *_train_args(setup, multi, 4)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-4000:]
+    assert _max_diff(single, multi) < 1e-6
+
+
+def test_ranks_with_different_data_refuse_to_train(setup, tmp_path):
+    """Rank 1 reads other training data (an environment-dependent path): every rank says so."""
+    other = tmp_path / "other.csv"
+    write_labelled(_texts(43, 9), other)
+    script = ("import os, sys; from llmclf.cli import main; "
+              "sys.argv = ['llmclf'] + [a.replace('TRAIN', os.environ['TRAIN_' + os.environ['RANK']]) "
+              "for a in sys.argv[1:]]; main()")
+    args = _train_args(setup, tmp_path / "out", 4)
+    args[args.index(str(setup["train"]))] = "TRAIN"
+    env = _env(TRAIN_0=str(setup["train"]), TRAIN_1=str(other))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--no-python", sys.executable, "-c", script, *args],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode != 0
+    assert "were started with other training options or data than rank 0" in result.stderr
