@@ -19,7 +19,7 @@ from llmclf.errors import LlmclfError
 from llmclf.families import FAMILIES, scratch_model_names
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.loaders.tensors import atomic_write_json
-from llmclf.runtime import PRECISIONS
+from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.training.args import RECIPES
 
 app = typer.Typer(
@@ -78,7 +78,8 @@ TokenizerDirOpt = Annotated[Optional[Path], typer.Option(
     "--tokenizer-dir", help="Directory with encoder.json + vocab.bpe (or vocab.json + merges.txt); "
     "default: the model directory, then $LLMCLF_GPT2_TOKENIZER_DIR, then tiktoken's download.")]
 PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", help="auto = bfloat16 where the hardware runs it fast (AMX CPU, bf16 GPU), else float32.")]
+    "--precision", help="auto = bfloat16 where the hardware runs it fast (a CPU with AMX or AVX512-BF16, a bf16 "
+    f"GPU), else float32; {auto_precision_note()}.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: auto).")]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmclf.errors import ConfigError
 from llmclf.models.heads import POOLINGS, Trainable
-from llmclf.runtime import PRECISIONS
+from llmclf.runtime import PRECISIONS, auto_precision_note
 
 ENGINES = ("scratch", "hf")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -183,8 +183,9 @@ class TrainArgs:
         True, "Run the frozen layers once per text and cache their output (exact when they have no dropout).",
         engines=("scratch",), flag="--cache/--no-cache")
     # --- where it runs
-    precision: str = option("auto", "auto = bfloat16 where the hardware runs it fast (AMX CPU, bf16 GPU), "
-                            "else float32.", check=_one_of(PRECISIONS))
+    precision: str = option("auto", "auto = bfloat16 where the hardware runs it fast (a CPU with AMX or "
+                            f"AVX512-BF16, a bf16 GPU), else float32; {auto_precision_note()}.",
+                            check=_one_of(PRECISIONS))
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: CUDA if present, else CPU).",
                                 affects_result=False)
 
