@@ -145,3 +145,35 @@ def test_ranks_with_different_data_refuse_to_train(setup, tmp_path):
                             env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode != 0
     assert "were started with other training options or data than rank 0" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, shared_dir) -> Path:
+    from tiny_classifier import tiny_classifier_dir
+
+    return tiny_classifier_dir(tmp_path_factory, shared_dir)
+
+
+@pytest.mark.parametrize("output, extra", [("out.csv", []), ("out.jsonl", ["--mc-dropout", "2", "--seed", "1"])],
+                         ids=["csv", "jsonl-mc-dropout"])
+def test_sharded_prediction_writes_the_one_process_file_and_resumes_after_a_kill(classifier, tmp_path, output,
+                                                                                 extra):
+    texts = tmp_path / "texts.txt"
+    words = ["great", "wonderful", "awful", "sad", "happy", "terrible", "today"]
+    texts.write_text("".join(f"{words[i % 7]} {words[(3 * i) % 7]} {i}\n" for i in range(103)), encoding="utf-8")
+    args = ["predict", "--model", str(classifier), "--input", str(texts), "--chunk-size", "10", "--no-progress",
+            "--precision", "float32", *extra]
+    one, two = tmp_path / f"one-{output}", tmp_path / f"two-{output}"
+    _run(["-m", "llmclf", *args, "--output", str(one)])
+    _run(["-m", "llmclf", *args, "--output", str(two), "--devices", "2"])
+    assert two.read_bytes() == one.read_bytes()
+    # rank 1 dies once 40 rows are saved (after the second round of 2 x 10): rank 0 keeps them, a rerun resumes
+    killed = tmp_path / f"killed-{output}"
+    failed = subprocess.run([sys.executable, *_torchrun(2, *args, "--output", str(killed))], capture_output=True,
+                            text=True, timeout=TIMEOUT, env=_env(LLMCLF_FAULT="rows:40@1"))
+    assert failed.returncode != 0 and not killed.exists()
+    state = json.loads(killed.with_name(killed.name + ".partial.json").read_text())
+    assert state["rows"] == 40
+    result = _run(_torchrun(2, *args, "--output", str(killed)))
+    assert "(resumed after 40 rows)" in result.stdout
+    assert killed.read_bytes() == one.read_bytes()

@@ -488,15 +488,26 @@ def predict(
     tokenizer_dir: TokenizerDirOpt = None,
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = None,
+    devices: DevicesOpt = None,
+    max_restarts: MaxRestartsOpt = 0,
 ) -> None:
     """Classify texts given as arguments or in a file; prints or writes label and probabilities.
 
     With --input/--output the file is streamed and resumable: rerunning an interrupted command
     continues after the last saved chunk (no row lost or repeated); --restart starts over;
-    a finished OUTPUT is only replaced with --overwrite.
+    a finished OUTPUT is only replaced with --overwrite. With --devices N (or under torchrun)
+    each process classifies its share of the chunks; the output is the one-process output.
     """
     _check_precision(precision)
     from llmclf.predict import predict_file
+
+    if (devices or distributed.launched()) and input_file is None:
+        raise typer.BadParameter("several processes share the chunks of an --input file; give --input and --output",
+                                 param_hint="--devices")
+    if relaunched(devices, max_restarts):
+        return
+    if distributed.launched():
+        device = str(distributed.init(device))
 
     if not texts and input_file is None:
         raise typer.BadParameter("give texts as arguments or --input FILE")
@@ -514,6 +525,8 @@ def predict(
                              chunk_size=chunk_size, mc_dropout=mc_dropout, threshold=threshold,
                              dropout_rate=dropout_rate, seed=seed, restart=restart, overwrite=overwrite,
                              progress=progress)
+        if not distributed.is_main():
+            return
         resumed = f" (resumed after {stats['resumed_from']} rows)" if stats["resumed_from"] else ""
         typer.echo(f"{stats['new_rows']} texts classified in {stats['seconds']:.1f} s "
                    f"({stats['texts_per_second']:.1f} texts/s){resumed}; {stats['rows']} rows -> {output_file}")

@@ -15,6 +15,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -32,9 +33,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from llmclf import distributed
 from llmclf.engines.base import prediction_record
 from llmclf.errors import DataError
 from llmclf.loaders.tensors import atomic_write_json
+from llmclf.training.state import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +216,9 @@ def predict_file(clf: Any, input_path: str | os.PathLike, output_path: str | os.
         raise DataError(f"{output_path}: the output must end in .csv, .tsv or .jsonl")
     if chunk_size < 1 or batch_size < 1:
         raise DataError(f"chunk_size and batch_size must be >= 1, got {chunk_size} and {batch_size}")
+    if not distributed.is_main():
+        return _predict_file(clf, input_path, output_path, fmt, text_col, batch_size, chunk_size, mc_dropout,
+                             threshold, dropout_rate, seed, restart, overwrite, progress=False)
     with _exclusive(output_path):
         return _predict_file(clf, input_path, output_path, fmt, text_col, batch_size, chunk_size, mc_dropout,
                              threshold, dropout_rate, seed, restart, overwrite, progress)
@@ -221,9 +227,9 @@ def predict_file(clf: Any, input_path: str | os.PathLike, output_path: str | os.
 def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_col: str, batch_size: int,
                   chunk_size: int, mc_dropout: int | None, threshold: float | None, dropout_rate: float | None,
                   seed: int | None, restart: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
-    if output_path.exists() and not overwrite:
-        raise DataError(f"{output_path} already exists (a finished run); pass --overwrite to replace it "
-                        "or choose another --output")
+    """The streaming loop. Under several processes, rounds of world-size chunks: rank r classifies
+    chunk r of each round, rank 0 gathers the encoded rows and alone touches the files."""
+    main = distributed.is_main()
     partial, state_file = partial_paths(output_path)
     classes = list(clf.classes_)
     writer = _Writer(fmt, text_col, classes, with_std=mc_dropout is not None,
@@ -234,51 +240,58 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
                 # MC-dropout seeds follow chunk starts, so another chunk size would give other rows
                 "chunk_size": chunk_size if mc_dropout is not None else None}
 
-    if restart:
-        partial.unlink(missing_ok=True)
-        state_file.unlink(missing_ok=True)
-    done_rows, done_bytes = _resume_point(partial, state_file, settings)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    if done_rows is None:  # a fresh start
-        with open(partial, "wb") as f:
-            f.write(writer.header())
-            _fsync(f)
-            done_rows, done_bytes = 0, f.tell()
-        atomic_write_json(state_file, {**settings, "rows": 0, "bytes": done_bytes})
-    else:
-        log.info("resuming %s after %d rows (pass --restart to start over)", partial, done_rows)
+    start_point: tuple[int, int] | DataError | None = None
+    if main:
+        try:
+            start_point = _start(output_path, partial, state_file, settings, writer, restart, overwrite)
+        except DataError as exc:
+            start_point = exc
+    start_point = distributed.broadcast(start_point)  # every rank starts where rank 0 does, or fails with it
+    if isinstance(start_point, DataError):
+        raise start_point
+    done_rows, done_bytes = start_point
     resumed_from, rows = done_rows, done_rows
 
     start = time.perf_counter()
     bar = tqdm(desc="predict", unit="text", initial=rows, disable=not progress, dynamic_ncols=True)
+    def classify(texts: list[str], first_row: int) -> bytes:
+        if mc_dropout is not None:
+            result = clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold, batch_size=batch_size,
+                                            dropout_rate=dropout_rate, seed=None if seed is None else seed + first_row)
+            return writer.encode(texts, result.labels, result.mean, result.std, result.confident)
+        probs = np.asarray(clf.predict_proba(texts, batch_size))
+        best = probs.argmax(axis=1)
+        confident = None if threshold is None else [bool(probs[i, b] >= threshold) for i, b in enumerate(best)]
+        return writer.encode(texts, [classes[int(b)] for b in best], probs, None, confident)
+
+    world, rank = distributed.world_size(), distributed.rank()
     try:
-        with open(partial, "r+b") as out:
-            out.truncate(done_bytes)  # drop rows written after the last checkpoint
-            out.seek(done_bytes)
+        with open(partial, "r+b") if main else contextlib.nullcontext() as out:
+            if out is not None:
+                out.truncate(done_bytes)  # drop rows written after the last checkpoint
+                out.seek(done_bytes)
             texts_iter = iter_rows(input_path, text_col)
             skipped = sum(1 for _ in zip(range(rows), texts_iter, strict=False))
             if skipped < rows:
                 raise DataError(f"{input_path} has {skipped} rows but {partial} already holds {rows}: "
                                 "the input changed; pass --restart to start over")
-            for texts in _chunked(texts_iter, chunk_size):
-                if mc_dropout is not None:
-                    result = clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold,
-                                                    batch_size=batch_size, dropout_rate=dropout_rate,
-                                                    seed=None if seed is None else seed + rows)
-                    data = writer.encode(texts, result.labels, result.mean, result.std, result.confident)
-                else:
-                    probs = np.asarray(clf.predict_proba(texts, batch_size))
-                    best = probs.argmax(axis=1)
-                    confident = (None if threshold is None
-                                 else [bool(probs[i, b] >= threshold) for i, b in enumerate(best)])
-                    data = writer.encode(texts, [classes[int(b)] for b in best], probs, None, confident)
-                out.write(data)
-                _fsync(out)
-                rows += len(texts)
-                atomic_write_json(state_file, {**settings, "rows": rows, "bytes": out.tell()})
-                bar.update(len(texts))
+            chunks = _chunked(texts_iter, chunk_size)
+            while chunks_round := list(itertools.islice(chunks, world)):
+                starts = [rows + sum(len(c) for c in chunks_round[:i]) for i in range(len(chunks_round))]
+                mine = classify(chunks_round[rank], starts[rank]) if rank < len(chunks_round) else b""
+                data = b"".join(distributed.all_gather(mine))  # rank order = chunk order
+                n = sum(len(c) for c in chunks_round)
+                rows += n
+                if out is not None:
+                    out.write(data)
+                    _fsync(out)
+                    atomic_write_json(state_file, {**settings, "rows": rows, "bytes": out.tell()})
+                bar.update(n)
+                fault_point("rows", rows)
     except BaseException:
         bar.close()
+        if not main:
+            raise
         if rows == 0:  # nothing worth keeping
             partial.unlink(missing_ok=True)
             state_file.unlink(missing_ok=True)
@@ -287,12 +300,37 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
                         "(or pass --restart to start over)", rows, partial)
         raise
     bar.close()
-    os.replace(partial, output_path)
-    state_file.unlink(missing_ok=True)
+    if main:
+        os.replace(partial, output_path)
+        state_file.unlink(missing_ok=True)
+    distributed.barrier()
     seconds = time.perf_counter() - start
     new_rows = rows - resumed_from
     return {"rows": rows, "new_rows": new_rows, "resumed_from": resumed_from, "seconds": seconds,
             "texts_per_second": new_rows / seconds if seconds > 0 else 0.0, "output": str(output_path)}
+
+
+def _start(output_path: Path, partial: Path, state_file: Path, settings: dict[str, Any], writer: _Writer,
+           restart: bool, overwrite: bool) -> tuple[int, int]:
+    """(rows, bytes) already in `partial`: those of an unfinished run to resume, else (0, header size)
+    of a fresh partial file."""
+    if output_path.exists() and not overwrite:
+        raise DataError(f"{output_path} already exists (a finished run); pass --overwrite to replace it "
+                        "or choose another --output")
+    if restart:
+        partial.unlink(missing_ok=True)
+        state_file.unlink(missing_ok=True)
+    done_rows, done_bytes = _resume_point(partial, state_file, settings)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    if done_rows is not None:
+        log.info("resuming %s after %d rows (pass --restart to start over)", partial, done_rows)
+        return done_rows, done_bytes
+    with open(partial, "wb") as f:
+        f.write(writer.header())
+        _fsync(f)
+        done_bytes = f.tell()
+    atomic_write_json(state_file, {**settings, "rows": 0, "bytes": done_bytes})
+    return 0, done_bytes
 
 
 def _resume_point(partial: Path, state_file: Path, settings: dict[str, Any]) -> tuple[int | None, int | None]:

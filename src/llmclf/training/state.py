@@ -51,8 +51,8 @@ def fault_point(event: str, step: int) -> None:
     """SIGKILL this process at `event` when $LLMCLF_FAULT says so ("step:N": after optimizer step N,
     before its state is saved; "save:N": while the state of step N is written, i.e. halfway through
     the file (scratch) or after Trainer wrote checkpoint-N but before it is marked complete (hf);
-    "step:N@R": only the worker of rank R, and only before the elastic agent restarted the group).
-    The resume and fault-tolerance tests kill runs this way."""
+    "rows:N": once batch prediction has saved N rows; "step:N@R" etc.: only the worker of rank R, and only
+    before the elastic agent restarted the group). The resume and fault-tolerance tests kill runs this way."""
     if _fault_requested(event, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
