@@ -177,3 +177,23 @@ def test_sharded_prediction_writes_the_one_process_file_and_resumes_after_a_kill
     result = _run(_torchrun(2, *args, "--output", str(killed)))
     assert "(resumed after 40 rows)" in result.stdout
     assert killed.read_bytes() == one.read_bytes()
+
+
+def test_hf_engine_under_torchrun_writes_one_directory_like_one_process(tmp_path):
+    from test_hf_engine import _reviews, _tiny_bert_dir
+
+    bert = _tiny_bert_dir(tmp_path / "bert")
+    write_labelled(_reviews(40, 1), tmp_path / "train.csv")
+    write_labelled(_reviews(13, 2), tmp_path / "val.csv")
+    args = ["train", "--model", str(bert), "--train", str(tmp_path / "train.csv"), "--val", str(tmp_path / "val.csv"),
+            "--epochs", "2", "--batch-size", "4", "--lr", "5e-3", "--precision", "float32", "--no-progress"]
+    _run(["-m", "llmclf", *args, "--out", str(tmp_path / "one")])
+    result = _run(_torchrun(2, *args, "--out", str(tmp_path / "two")))
+    listing = [sorted(p.relative_to(tmp_path / d).as_posix() for p in (tmp_path / d).rglob("*")) for d in ("one", "two")]
+    assert listing[0] == listing[1] and "hf_model/model.safetensors" in listing[1]
+    assert not list(tmp_path.glob("llmclf-trainer-*")) and "checkpoints" not in listing[1]
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["metrics"]["validation"]["n"] == 13 and config["engine"] == "hf"
+    assert result.stdout.count("trained in") == 1
+    history = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert history["global_step"] == 2 * 5  # 40 texts / (2 processes x 4) per step, 2 epochs

@@ -28,6 +28,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from llmclf import distributed
 from llmclf.data.classification import LabelledTexts
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError
@@ -45,7 +46,7 @@ from llmclf.training.optim import (
     warmup_steps,
 )
 from llmclf.training.plots import plot_series
-from llmclf.training.state import fault_point, finish_run, start_run
+from llmclf.training.state import STATE_DIR, fault_point, finish_run, start_run
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +303,10 @@ def _trainer_classes() -> tuple[type, type]:
         def on_save(self, args, state, control, **kwargs):
             checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
             fault_point("save", state.global_step)  # written, not yet marked complete
-            atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": state.global_step, "epoch": state.epoch})
             self.saved_step = state.global_step
-            _rotate_checkpoints(Path(args.output_dir), state.best_model_checkpoint)
+            if state.is_world_process_zero:  # (rank 0 wrote the checkpoint; it alone marks and rotates)
+                atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": state.global_step, "epoch": state.epoch})
+                _rotate_checkpoints(Path(args.output_dir), state.best_model_checkpoint)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs:  # keys sorted, as in the checkpoints' trainer_state.json that a resumed run rewrites it from
@@ -408,6 +410,9 @@ class HFClassifier(BaseClassifier):
         continues an interrupted run from the newest complete one, exactly), then the model, the
         metrics log (`metrics.jsonl`), history and plots. Returns self."""
         args = self.train_args()
+        distributed.init(args.device)  # under torchrun: joined here; Trainer (accelerate) uses this group
+        main = distributed.is_main()
+        progress = progress and main
         self._learn_classes(train, val)
         resuming = self._prepare_run(args, train, val, out_dir, resume)
         if resuming is None:
@@ -433,10 +438,15 @@ class HFClassifier(BaseClassifier):
             named = zip(self.classes_, class_weights.tolist(), strict=True)
             log.info("class weights: %s", ", ".join(f"{c} {w:.3f}" for c, w in named))
 
-        work_dir = None if out_dir is not None else Path(tempfile.mkdtemp(prefix="llmclf-trainer-"))
-        state_dir = start_run(out_dir, self.run_) if out_dir is not None else work_dir
-        checkpoint = resume_checkpoint(state_dir) if resuming else None
-        metrics_log = open(Path(out_dir) / METRICS_LOG_FILE, "w", encoding="utf-8") if out_dir else None  # noqa: SIM115
+        # One directory for all ranks: rank 0 creates it (or a temporary one) and names it to the others.
+        work_dir = None
+        if out_dir is None:
+            work_dir = distributed.broadcast(tempfile.mkdtemp(prefix="llmclf-trainer-") if main else None)
+        state_dir = Path(work_dir) if work_dir else Path(out_dir) / STATE_DIR
+        if out_dir is not None and main:
+            start_run(out_dir, self.run_)
+        checkpoint = distributed.broadcast(resume_checkpoint(state_dir) if resuming and main else None)
+        metrics_log = open(Path(out_dir) / METRICS_LOG_FILE, "w", encoding="utf-8") if out_dir and main else None  # noqa: SIM115
         selector = selection_callback(args, metrics_log)
         try:
             trainer = _trainer_classes()[1](
@@ -447,6 +457,7 @@ class HFClassifier(BaseClassifier):
             trainer.remove_callback(PrinterCallback)  # without progress bars: logs go to the log, not stdout
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
             state, best = trainer.state, selector.selection.best
+            distributed.barrier()  # rank 0 has written every checkpoint
             if best is not None and best["step"] != state.global_step:
                 _load_checkpoint_weights(trainer.model, Path(state_dir) / f"{CHECKPOINT_PREFIX}{best['step']}")
                 log.info("restored the weights of step %d (epoch %g; validation %s %.4f)", best["step"],
@@ -459,7 +470,7 @@ class HFClassifier(BaseClassifier):
         finally:
             if metrics_log is not None:
                 metrics_log.close()
-            if work_dir is not None:
+            if work_dir is not None and main:
                 shutil.rmtree(work_dir, ignore_errors=True)
         self.model_ = trainer.model.eval()
         self.train_seconds_ = time.perf_counter() - start
@@ -468,10 +479,11 @@ class HFClassifier(BaseClassifier):
         self.ngrams_ = None
         val_probs = self._probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
         self.val_metrics_ = self._metrics(self._label_ids(val), self._fit_ensemble(train, val, val_probs))
-        if out_dir is not None:
+        if out_dir is not None and main:
             self.save(out_dir)
             self._plot(Path(out_dir))
             finish_run(out_dir)
+        distributed.barrier()
         return self
 
     def _dataset(self, data: LabelledTexts, name: str) -> _Encoded:
