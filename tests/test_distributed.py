@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -189,7 +190,8 @@ def test_hf_engine_under_torchrun_writes_one_directory_like_one_process(tmp_path
             "--epochs", "2", "--batch-size", "4", "--lr", "5e-3", "--precision", "float32", "--no-progress"]
     _run(["-m", "llmclf", *args, "--out", str(tmp_path / "one")])
     result = _run(_torchrun(2, *args, "--out", str(tmp_path / "two")))
-    listing = [sorted(p.relative_to(tmp_path / d).as_posix() for p in (tmp_path / d).rglob("*")) for d in ("one", "two")]
+    listing = [sorted(p.relative_to(tmp_path / d).as_posix() for p in (tmp_path / d).rglob("*"))
+               for d in ("one", "two")]
     assert listing[0] == listing[1] and "hf_model/model.safetensors" in listing[1]
     assert not list(tmp_path.glob("llmclf-trainer-*")) and "checkpoints" not in listing[1]
     config = json.loads((tmp_path / "two" / "config.json").read_text())
@@ -197,3 +199,15 @@ def test_hf_engine_under_torchrun_writes_one_directory_like_one_process(tmp_path
     assert result.stdout.count("trained in") == 1
     history = json.loads((tmp_path / "two" / "history.json").read_text())
     assert history["global_step"] == 2 * 5  # 40 texts / (2 processes x 4) per step, 2 epochs
+
+
+def test_a_node_that_never_joins_ends_the_run_with_an_error_not_a_hang(setup, tmp_path):
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-conf", "join_timeout=5",
+         "-m", "llmclf", *_train_args(setup, tmp_path / "out", 4)],
+        env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "out").exists()
