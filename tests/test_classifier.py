@@ -221,7 +221,7 @@ def test_a_template_wraps_every_text_in_training_and_after_reloading(tmp_path, t
     assert isinstance(result.exception, ConfigError) and "template must contain {text}" in str(result.exception)
     result = runner.invoke(app, ["train", "--model", str(tiny_lm), "--train", str(path), "--val", str(path),
                                  "--out", str(tmp_path / "clf"), "--epochs", "1", "--precision", "float32",
-                                 "--template", "SMS: {text}\\nSpam?"])
+                                 "--template", "SMS: {text}\\nSpam?", "--ensemble", "none"])
     assert result.exit_code == 0, result.output
     clf = load_classifier(tmp_path / "clf", precision="float32")
     assert clf.template == "SMS: {text}\nSpam?"

@@ -1,7 +1,8 @@
 """Training under torchrun / the elastic agent: 2 CPU processes (gloo) against 1, on a tiny GPT-2.
 
 Each test starts real worker processes (`python -m torch.distributed.run` or `llmclf train
---devices 2`), so each takes some seconds; OMP_NUM_THREADS=1 keeps two workers on two cores.
+--devices 2`), so each takes some seconds; OMP_NUM_THREADS=1 keeps two workers on two cores. The
+longer variants (from tokens, two nodes, MC-dropout prediction, the hf engine) are `slow`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
-@pytest.mark.parametrize("cache", ["--cache", "--no-cache"], ids=["from-cached-states", "from-tokens"])
+@pytest.mark.parametrize("cache", ["--cache", pytest.param("--no-cache", marks=pytest.mark.slow)],
+                         ids=["from-cached-states", "from-tokens"])
 def test_two_processes_of_batch_4_train_what_one_of_batch_8_trains(setup, cache):
     root = setup["root"]
     one, two = root / f"one{cache}", root / f"two{cache}"
@@ -111,6 +113,7 @@ def test_devices_restarts_a_killed_worker_and_finishes_like_an_uninterrupted_run
     assert not (killed / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_train_what_one_node_of_two_processes_trains(setup):
     root = setup["root"]
     single, multi = root / "single-node", root / "two-nodes"
@@ -155,8 +158,9 @@ def classifier(tmp_path_factory, shared_dir) -> Path:
     return tiny_classifier_dir(tmp_path_factory, shared_dir)
 
 
-@pytest.mark.parametrize("output, extra", [("out.csv", []), ("out.jsonl", ["--mc-dropout", "2", "--seed", "1"])],
-                         ids=["csv", "jsonl-mc-dropout"])
+@pytest.mark.parametrize("output, extra", [
+    ("out.csv", []), pytest.param("out.jsonl", ["--mc-dropout", "2", "--seed", "1"], marks=pytest.mark.slow)],
+    ids=["csv", "jsonl-mc-dropout"])
 def test_sharded_prediction_writes_the_one_process_file_and_resumes_after_a_kill(classifier, tmp_path, output,
                                                                                  extra):
     texts = tmp_path / "texts.txt"
@@ -180,6 +184,7 @@ def test_sharded_prediction_writes_the_one_process_file_and_resumes_after_a_kill
     assert killed.read_bytes() == one.read_bytes()
 
 
+@pytest.mark.slow
 def test_hf_engine_under_torchrun_writes_one_directory_like_one_process(tmp_path):
     from test_hf_engine import _reviews, _tiny_bert_dir
 
@@ -211,3 +216,12 @@ def test_a_node_that_never_joins_ends_the_run_with_an_error_not_a_hang(setup, tm
     assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_cuda_requested_without_a_gpu_is_a_clear_error(setup):
+    from llmclf.engines.scratch import TextClassifier
+    from llmclf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--device cuda was requested but this machine has no CUDA GPU"):
+        TextClassifier(str(setup["lm"]), device="cuda").fit(_texts(8, 1), _texts(4, 2), progress=False)

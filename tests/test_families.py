@@ -94,7 +94,7 @@ def test_every_classification_feature_works_on_every_family(family_lm, tmp_path,
     data = _toy()
     clf = TextClassifier(str(directory), trainable=trainable, pooling=pooling, cache_frozen=cache, epochs=2,
                          lr=1e-2, batch_size=8, log_every=1000, precision="float32",
-                         template="w4 {text} w4", bucket=True)
+                         template="w4 {text} w4", bucket=True, ensemble="none")
     clf.fit(data, data, out_dir=tmp_path / "clf", progress=False)
     probs = clf.predict_proba(data.texts)
     loaded = load_classifier(tmp_path / "clf")

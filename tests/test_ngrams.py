@@ -122,7 +122,7 @@ def test_scratch_ensemble_trains_saves_reloads_and_refuses_a_missing_file(tmp_pa
 
 
 def test_without_the_ensemble_nothing_changes(tmp_path: Path, tiny_lm: Path):
-    clf = TextClassifier(str(tiny_lm), epochs=1, template=None, precision="float32")
+    clf = TextClassifier(str(tiny_lm), epochs=1, template=None, precision="float32", ensemble="none")
     clf.fit(_topics(24, 1), _topics(12, 2), out_dir=tmp_path / "clf", progress=False)
     assert clf.ngrams_ is None and not (tmp_path / "clf" / NGRAMS_FILE).exists()
     assert load_classifier(tmp_path / "clf").ngrams_ is None
@@ -156,3 +156,10 @@ def test_hf_engine_ensemble_saves_and_reloads(tmp_path: Path):
     reloaded = load_classifier(tmp_path / "clf")
     assert reloaded.ngrams_ is not None
     np.testing.assert_allclose(reloaded.predict_proba(new), clf.predict_proba(new), atol=1e-5)
+
+
+def test_any_string_gets_scores():
+    model = NgramModel.fit(_topics(30, 1).texts, [i % 3 for i in range(30)], 3)
+    odd = ["", " ", "\x00", "\ud800 lone surrogate", "émoji 🙂", "a" * 20_000, "\r\n\t"]
+    scores = model.scores(odd)
+    assert scores.shape == (len(odd), 3) and np.isfinite(scores).all()

@@ -69,7 +69,8 @@ def test_engines_share_one_definition_with_their_own_defaults():
     assert (hf.lr_schedule, hf.max_grad_norm, hf.weight_decay) == ("linear", 1.0, 0.0)
     assert set(TrainArgs.names("hf")) < set(TrainArgs.names("scratch")) == {f.name for f in
                                                                            dataclasses.fields(TrainArgs)}
-    assert TextClassifier("m").get_params()["epochs"] == 5 and HFClassifier("m").get_params()["epochs"] == 3
+    assert TextClassifier("m").get_params()["epochs"] == 7 and HFClassifier("m").get_params()["epochs"] == 3
+    assert (TextClassifier("m").get_params()["ensemble"], HFClassifier("m").get_params()["ensemble"]) == ("tfidf", "none")
 
 
 def test_estimators_clone_like_scikit_learn():
@@ -130,7 +131,7 @@ def test_balanced_class_weights_are_scikit_learns():
 
 def test_class_weights_clipping_and_schedule_change_training(tiny_checkpoint, monkeypatch):
     data = _toy(24, spam_every=4)  # 6 pos, 18 neg
-    base = dict(trainable="all", epochs=2, lr=3e-3, batch_size=4, precision="float32", log_every=1000)
+    base = dict(trainable="all", epochs=2, lr=3e-3, batch_size=4, precision="float32", log_every=1000, ensemble="none")
 
     def probs(**options):
         return TextClassifier(str(tiny_checkpoint), **base, **options).fit(data, data, progress=False) \

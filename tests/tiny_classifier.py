@@ -36,7 +36,7 @@ def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Pa
     labels = ["pos" if i % 2 else "neg" for i in range(32)]
     data = LabelledTexts([f"item {i}: {WORDS[lab]}" for i, lab in enumerate(labels)], labels, "toy")
     clf = TextClassifier(str(lm), trainable="all", pooling="last", template=None, epochs=3, lr=3e-3, batch_size=8,
-                         log_every=1000, precision="float32")
+                         ensemble="none", log_every=1000, precision="float32")
     clf.fit(data, data, progress=False)
     tmp = out.with_name(out.name + ".tmp")
     clf.save(tmp)

@@ -66,7 +66,11 @@ def init(device: str | None = None) -> torch.device:
     `device` None: `cuda:LOCAL_RANK` when CUDA is present, else the CPU; NCCL for CUDA, gloo for CPU.
     Single process: `resolve_device(device)`, no process group."""
     if not launched():
-        return resolve_device(device)
+        chosen = resolve_device(device)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} was requested but this machine has no CUDA GPU; leave --device "
+                              "out to run on the CPU")
+        return chosen
     if device in (None, "auto"):
         chosen = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     else:

@@ -34,6 +34,8 @@ def _counts(texts: list[str]):
     from scipy.sparse import hstack
     from sklearn.feature_extraction.text import HashingVectorizer
 
+    # The hash reads UTF-8: a lone surrogate (e.g. from JSON "\ud800") becomes U+FFFD instead of an error.
+    texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
     common = dict(n_features=N_FEATURES, alternate_sign=False, norm=None, dtype=np.float64)
     word = HashingVectorizer(ngram_range=WORD_NGRAMS, **common)
     char = HashingVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS, **common)

@@ -30,7 +30,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # AdamW (weight decay 0.1) at a constant 5e-5 for 5 epochs, batches of 8.
     "course": {"trainable": "last-block", "pooling": "last", "template": None, "epochs": 5, "lr": 5e-5,
                "weight_decay": 0.1, "lr_schedule": "constant", "warmup": 0.0, "max_grad_norm": 0.0,
-               "batch_size": 8},
+               "batch_size": 8, "ensemble": "none"},
 }
 
 
@@ -113,7 +113,7 @@ class TrainArgs:
     engine's; `TrainArgs.for_engine("hf")` gives the hf engine's)."""
 
     # --- data and length
-    epochs: int = option(5, "Passes over the training data.", hf=3, check=_at_least(1))
+    epochs: int = option(7, "Passes over the training data.", hf=3, check=_at_least(1))
     batch_size: int = option(8, "Texts per batch (per optimizer step with --grad-accum 1).", check=_at_least(1))
     eval_batch_size: int | None = option(
         None, "Texts per batch when evaluating (default: --batch-size).",
@@ -146,10 +146,10 @@ class TrainArgs:
         "none", "Weighted cross-entropy for imbalanced data: none | balanced (n / (classes x count), "
         "scikit-learn's) | W1,W2,... (one per label, labels in sorted order).", check=_class_weights)
     ensemble: str = option(
-        "none", "none | tfidf: combine the language model with a logistic regression on TF-IDF word 1-2-grams "
+        "tfidf", "none | tfidf: combine the language model with a logistic regression on TF-IDF word 1-2-grams "
         "and character 2-5-grams, fitted on the training texts; the two are weighted by log-loss on the "
         "validation set after training (saved beside the model as ngrams.safetensors).",
-        check=_one_of(ENSEMBLES))
+        hf="none", check=_one_of(ENSEMBLES))
     # --- evaluation, model selection, checkpoints
     select_by: str = option(
         "accuracy", "Validation metric that picks the best evaluation, whose weights are kept: accuracy | "

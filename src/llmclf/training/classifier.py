@@ -105,7 +105,7 @@ class Batches:
         labels = torch.tensor([self.data.labels[i] for i in idx], dtype=torch.long) if self.data.labels else None
         if self.states is None:
             ids, mask = collate([self.data.ids[i] for i in idx], self.pad_id, self.fixed_length)
-            return ids.to(self.device), mask.to(self.device), labels
+            return self._to_device(ids), self._to_device(mask), labels
         length = max(self.lengths[i] for i in idx)
         first = self.states[idx[0]]
         x = first.new_zeros((len(idx), length, first.shape[-1]))
@@ -113,7 +113,13 @@ class Batches:
         for row, i in enumerate(idx):
             x[row, : self.lengths[i]] = self.states[i]
             mask[row, : self.lengths[i]] = 1
-        return x.to(self.device), mask.to(self.device), labels
+        return x.to(self.device), self._to_device(mask), labels
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the batches' device; to a GPU from pinned memory, without waiting."""
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
 
 def classifier_logits(model: SequenceClassifier | DistributedDataParallel, batches: Batches, inputs: torch.Tensor,
