@@ -70,7 +70,8 @@ def test_engines_share_one_definition_with_their_own_defaults():
     assert set(TrainArgs.names("hf")) < set(TrainArgs.names("scratch")) == {f.name for f in
                                                                            dataclasses.fields(TrainArgs)}
     assert TextClassifier("m").get_params()["epochs"] == 7 and HFClassifier("m").get_params()["epochs"] == 3
-    assert (TextClassifier("m").get_params()["ensemble"], HFClassifier("m").get_params()["ensemble"]) == ("tfidf", "none")
+    ensembles = TextClassifier("m").get_params()["ensemble"], HFClassifier("m").get_params()["ensemble"]
+    assert ensembles == ("tfidf", "none")
 
 
 def test_estimators_clone_like_scikit_learn():
