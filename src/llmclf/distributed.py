@@ -162,6 +162,9 @@ def launch_local(nproc: int, argv: list[str], max_restarts: int = 0) -> None:
         raise ConfigError(f"--devices must be at least 1, got {nproc}")
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ConfigError(f"--devices {nproc}: this machine has {torch.cuda.device_count()} GPU(s)")
+    # Each restart gets a fresh store hosted by rank 0: with the agent's shared rendezvous store, the
+    # restarted group could read the dead workers' addresses and fail to connect (pytorch#167288).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
                           max_restarts=max_restarts, monitor_interval=0.5, start_method="spawn")
