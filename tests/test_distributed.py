@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,9 +57,20 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
+def _call(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` in its own process group: a timeout kills the launcher and every worker it started."""
+    with subprocess.Popen([sys.executable, *args], env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], env=env or _env(), capture_output=True, text=True,
-                            timeout=TIMEOUT)
+    result = _call(args, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -124,12 +136,14 @@ def test_two_nodes_on_loopback_train_what_one_node_of_two_processes_trains(setup
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
          "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
          "--rdzv-id", "llmclf-test", "-m", "llmclf", *_train_args(setup, multi, 4)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for rank in (0, 1)]
     try:
         outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
     finally:
         for node in nodes:
-            node.kill()
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
     for node, (_, err) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, err[-4000:]
     assert _max_diff(single, multi) < 1e-6
@@ -145,9 +159,8 @@ def test_ranks_with_different_data_refuse_to_train(setup, tmp_path):
     args = _train_args(setup, tmp_path / "out", 4)
     args[args.index(str(setup["train"]))] = "TRAIN"
     env = _env(TRAIN_0=str(setup["train"]), TRAIN_1=str(other))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "--no-python", sys.executable, "-c", script, *args],
-                            env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    result = _call(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+                    sys.executable, "-c", script, *args], env=env)
     assert result.returncode != 0
     assert "were started with other training options or data than rank 0" in result.stderr
 
@@ -175,8 +188,7 @@ def test_sharded_prediction_writes_the_one_process_file_and_resumes_after_a_kill
     assert two.read_bytes() == one.read_bytes()
     # rank 1 dies once 40 rows are saved (after the second round of 2 x 10): rank 0 keeps them, a rerun resumes
     killed = tmp_path / f"killed-{output}"
-    failed = subprocess.run([sys.executable, *_torchrun(2, *args, "--output", str(killed))], capture_output=True,
-                            text=True, timeout=TIMEOUT, env=_env(LLMCLF_FAULT="rows:40@1"))
+    failed = _call(_torchrun(2, *args, "--output", str(killed)), env=_env(LLMCLF_FAULT="rows:40@1"))
     assert failed.returncode != 0 and not killed.exists()
     state = json.loads(killed.with_name(killed.name + ".partial.json").read_text())
     assert state["rows"] == 40
@@ -209,11 +221,10 @@ def test_hf_engine_under_torchrun_writes_one_directory_like_one_process(tmp_path
 
 def test_a_node_that_never_joins_ends_the_run_with_an_error_not_a_hang(setup, tmp_path):
     start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "1",
+    result = _call(
+        ["-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-conf", "join_timeout=5",
-         "-m", "llmclf", *_train_args(setup, tmp_path / "out", 4)],
-        env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+         "-m", "llmclf", *_train_args(setup, tmp_path / "out", 4)])
     assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "out").exists()
