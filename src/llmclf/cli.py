@@ -501,7 +501,7 @@ def predict(
     _check_precision(precision)
     from llmclf.predict import predict_file
 
-    if (devices or distributed.launched()) and input_file is None:
+    if ((devices or 1) > 1 or distributed.launched()) and input_file is None:
         raise typer.BadParameter("several processes share the chunks of an --input file; give --input and --output",
                                  param_hint="--devices")
     if relaunched(devices, max_restarts):

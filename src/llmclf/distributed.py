@@ -65,22 +65,15 @@ def init(device: str | None = None) -> torch.device:
 
     `device` None: `cuda:LOCAL_RANK` when CUDA is present, else the CPU; NCCL for CUDA, gloo for CPU.
     Single process: `resolve_device(device)`, no process group."""
+    chosen = resolve_device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was requested but this machine has no CUDA GPU (NCCL needs one); "
+                          "leave --device out to run on the CPU (gloo with several processes)")
     if not launched():
-        chosen = resolve_device(device)
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} was requested but this machine has no CUDA GPU; leave --device "
-                              "out to run on the CPU")
         return chosen
-    if device in (None, "auto"):
-        chosen = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        chosen = torch.device(device)
-        if chosen.type == "cuda" and chosen.index is None:
-            chosen = torch.device("cuda", local_rank())
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", local_rank())
     if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("CUDA was requested but this machine has no CUDA GPU (NCCL needs one); "
-                              "leave --device out to run on the CPU with gloo")
         if chosen.index >= torch.cuda.device_count():
             raise ConfigError(f"local rank {local_rank()} needs cuda:{chosen.index}, but this machine has "
                               f"{torch.cuda.device_count()} GPU(s); start at most that many processes per node")

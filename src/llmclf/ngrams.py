@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 from llmclf.errors import ConfigError
+from llmclf.loaders.tensors import atomic_path
 
 NGRAMS_FILE = "ngrams.safetensors"
 N_FEATURES = 2**18  # hashed features per analyzer (word, character)
@@ -54,11 +56,6 @@ def _tfidf(counts, idf: np.ndarray):
     return hstack([normalize(x[:, :N_FEATURES]), normalize(x[:, N_FEATURES:])]).tocsr()
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
 @dataclass
 class NgramModel:
     """A fitted TF-IDF logistic regression and its blend weights (see the module docstring)."""
@@ -91,13 +88,13 @@ class NgramModel:
     def scores(self, texts: list[str]) -> np.ndarray:
         """Class log-probabilities of the n-gram model alone, (len(texts), classes)."""
         x = _tfidf(_counts(texts), self.idf.astype(np.float64))
-        return _log_softmax(np.asarray(x @ self.coef.T.astype(np.float64)) + self.intercept)
+        return log_softmax(np.asarray(x @ self.coef.T.astype(np.float64)) + self.intercept, axis=1)
 
     def combine(self, lm_probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The ensemble's probabilities from the language model's and `scores(texts)`."""
         w_lm, w_ngram = self.weights.astype(np.float64)
         z = w_lm * np.log(np.clip(lm_probs, 1e-12, 1.0)) + w_ngram * scores
-        return np.exp(_log_softmax(z)).astype(np.float32)
+        return np.exp(log_softmax(z, axis=1)).astype(np.float32)
 
     def blend(self, lm_probs: np.ndarray, texts: list[str]) -> np.ndarray:
         return self.combine(lm_probs, self.scores(texts))
@@ -110,7 +107,7 @@ class NgramModel:
         log_lm = np.log(np.clip(lm_probs, 1e-12, 1.0))
 
         def loss(w: np.ndarray) -> float:
-            z = _log_softmax(w[0] * log_lm + w[1] * scores)
+            z = log_softmax(w[0] * log_lm + w[1] * scores, axis=1)
             return float(-z[np.arange(len(y)), y].mean() + 1e-3 * (w ** 2).sum())
 
         result = minimize(loss, np.ones(2), method="L-BFGS-B", bounds=[(0.0, MAX_WEIGHT)] * 2)
@@ -124,11 +121,10 @@ class NgramModel:
         from safetensors.numpy import save_file
 
         path = Path(out_dir) / NGRAMS_FILE
-        tmp = path.with_name(path.name + ".tmp")
         arrays = {"idf": self.idf, "coef": self.coef, "intercept": self.intercept, "weights": self.weights}
-        save_file({name: np.ascontiguousarray(a, dtype=np.float32) for name, a in arrays.items()},
-                  str(tmp), metadata={"n_features": str(N_FEATURES), "word_ngrams": "1-2", "char_ngrams": "2-5"})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({name: np.ascontiguousarray(a, dtype=np.float32) for name, a in arrays.items()}, str(tmp),
+                      metadata={"n_features": str(N_FEATURES), "word_ngrams": "1-2", "char_ngrams": "2-5"})
         return path
 
     @classmethod

@@ -476,7 +476,6 @@ class HFClassifier(BaseClassifier):
         self.train_seconds_ = time.perf_counter() - start
         self.n_trainable_ = n_trainable
         self.config_ = {"backbone": str(self.model)}
-        self.ngrams_ = None
         val_probs = self._probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
         self.val_metrics_ = self._metrics(self._label_ids(val), self._fit_ensemble(train, val, val_probs))
         if out_dir is not None and main:
