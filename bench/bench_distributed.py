@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=10_000)
     parser.add_argument("--train-options", default="--epochs 2 --batch-size 8")
     parser.add_argument("--kill-step", type=int, default=150, help="optimizer step after which rank 1 dies")
+    parser.add_argument("--stages", default="train,predict,restart", help="which of train,predict,restart to run")
     args = parser.parse_args()
+    stages = set(args.stages.split(","))
     n, per_worker = args.devices, max(1, args.threads // args.devices)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; 1 x {args.threads} threads vs {n} x "
           f"{per_worker} thread(s); model {args.model} ({args.train_options})", flush=True)
@@ -66,6 +68,8 @@ def main() -> None:
         results = {}
         for label, extra, threads in (("1 process", [], args.threads), (f"{n} processes", ["--devices", str(n)],
                                                                           per_worker)):
+            if "train" not in stages and (label != "1 process" or "predict" not in stages):
+                continue  # predict needs the 1-process model
             out = tmp / label.replace(" ", "-")
             seconds, stdout = run([*common, "--out", str(out), *extra], threads)
             metrics = json.loads(stdout.strip().splitlines()[-1])
@@ -73,27 +77,45 @@ def main() -> None:
             print(f"train   {label:12s} {seconds:7.1f} s   test accuracy {metrics['test']['accuracy'] * 100:.2f} %",
                   flush=True)
 
-        with open(tmp / "sms/train.csv", encoding="utf-8") as f:
-            texts = [row["text"] for row in csv.DictReader(f)]
-        lines = [" ".join(texts[i % len(texts)].split()) for i in range(args.texts)]
-        (tmp / "texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        outputs = []
-        for label, extra, threads in (("1 process", [], args.threads), (f"{n} processes", ["--devices", str(n)],
-                                                                          per_worker)):
-            output = tmp / f"pred-{len(outputs)}.csv"
-            seconds, _ = run(["predict", "--model", str(results["1 process"]), "--input", str(tmp / "texts.txt"),
-                              "--output", str(output), "--no-progress", *extra], threads)
-            outputs.append(output.read_bytes())
-            print(f"predict {label:12s} {seconds:7.1f} s   {args.texts / seconds:6.1f} texts/s (model load included)",
-                  flush=True)
-        print(f"predict outputs byte-identical: {outputs[0] == outputs[1]}")
+        if "predict" in stages:
+            predict(args, tmp, results["1 process"], n, per_worker)
+        if "restart" in stages:
+            restart(common, tmp, n, per_worker, args.kill_step)
 
-        seconds_ok, _ = run([*common, "--out", str(tmp / "again"), "--devices", str(n), "--max-restarts", "1"],
-                            per_worker)
-        seconds_killed, _ = run([*common, "--out", str(tmp / "killed"), "--devices", str(n), "--max-restarts", "1"],
-                                per_worker, LLMCLF_FAULT=f"step:{args.kill_step}@1")
-        print(f"restart: uninterrupted {seconds_ok:.1f} s, rank 1 killed after step {args.kill_step}: "
-              f"{seconds_killed:.1f} s -> {seconds_killed - seconds_ok:.1f} s lost")
+
+def predict(args: argparse.Namespace, tmp: Path, model: Path, n: int, per_worker: int) -> None:
+    """Texts/s of 1 process and of N, and whether their outputs are byte-identical."""
+    with open(tmp / "sms/train.csv", encoding="utf-8") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
+    lines = [" ".join(texts[i % len(texts)].split()) for i in range(args.texts)]
+    (tmp / "texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    outputs = []
+    for label, extra, threads in (("1 process", [], args.threads), (f"{n} processes", ["--devices", str(n)],
+                                                                      per_worker)):
+        output = tmp / f"pred-{len(outputs)}.csv"
+        seconds, _ = run(["predict", "--model", str(model), "--input", str(tmp / "texts.txt"),
+                          "--output", str(output), "--no-progress", *extra], threads)
+        outputs.append(output.read_bytes())
+        print(f"predict {label:12s} {seconds:7.1f} s   {args.texts / seconds:6.1f} texts/s (model load included)",
+              flush=True)
+    print(f"predict outputs byte-identical: {outputs[0] == outputs[1]}")
+
+
+def restart(common: list[str], tmp: Path, n: int, per_worker: int, kill_step: int) -> None:
+    """Wall time of an uninterrupted N-process run against one whose rank 1 is killed, and whether
+    the two final models are the same."""
+    from safetensors.torch import load_file
+
+    seconds_ok, _ = run([*common, "--out", str(tmp / "again"), "--devices", str(n), "--max-restarts", "1"],
+                        per_worker)
+    seconds_killed, _ = run([*common, "--out", str(tmp / "killed"), "--devices", str(n), "--max-restarts", "1"],
+                            per_worker, LLMCLF_FAULT=f"step:{kill_step}@1")
+    weights = ("model.safetensors", "hf_model/model.safetensors")  # scratch engine, hf engine
+    a, b = (load_file(next(tmp / name / w for w in weights if (tmp / name / w).is_file()))
+            for name in ("again", "killed"))
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a) if a.keys() == b.keys() else float("nan")
+    print(f"restart: uninterrupted {seconds_ok:.1f} s, rank 1 killed after step {kill_step}: "
+          f"{seconds_killed:.1f} s -> {seconds_killed - seconds_ok:.1f} s lost; final weights max abs diff {diff:.3g}")
 
 
 if __name__ == "__main__":
