@@ -10,7 +10,7 @@ export LLMCLF_GPT2_TOKENIZER_DIR ?= $(SHARED)/tokenizers/gpt2
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup browser demo demo-imdb demo-lm serve test test-slow lint bench bench-serve bench-predict clean
+.PHONY: setup browser demo demo-imdb demo-lm serve test test-slow lint bench bench-serve bench-predict bench-soak clean
 
 setup: $(VENV)/.installed
 
@@ -91,6 +91,9 @@ bench-serve: setup
 
 bench-predict: setup
 	$(PY) bench/bench_predict.py
+
+bench-soak: setup
+	$(PY) bench/bench_soak.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

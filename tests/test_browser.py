@@ -1,4 +1,6 @@
-"""The web page end to end: `llmclf serve` in a subprocess, driven by headless Chromium (Playwright).
+"""The web page end to end: `llmclf serve` in a subprocess, driven by headless Chromium (Playwright):
+classifying and errors, the API docs, hostile label names and texts shown as text, the key field
+only where a key is needed, no Content-Security-Policy violation, and CORS for the given origin only.
 
 Needs Debian's chromium at /usr/bin/chromium (`make test` installs it in CI). Locally the test is
 skipped with the reason when the browser or the `playwright` package is missing; in CI (CI=true)
@@ -7,10 +9,14 @@ a missing browser fails instead, so the end-to-end check cannot silently vanish.
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,17 +52,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, shared_dir):
-    """`llmclf serve` with an API key and at most 5 texts per request, on a free loopback port."""
-    _need_browser()
-    model = tiny_classifier_dir(tmp_path_factory, shared_dir)
+def _serve(tmp_path_factory, model: Path, *options: str):
+    """`llmclf serve --model MODEL OPTIONS` on a free loopback port: yields its URL, stops it after."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llmclf", "serve", "--model", str(model), "--port", str(port),
-             "--api-key", API_KEY, "--max-texts", "5", "--precision", "float32", "--no-access-log"],
+             "--precision", "float32", "--no-access-log", *options],
             stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -72,7 +75,7 @@ def server(tmp_path_factory, shared_dir):
             if time.monotonic() > deadline:
                 pytest.fail(f"llmclf serve did not answer within 90 s:\n{log.read_text()}")
             time.sleep(0.2)
-        yield url, model
+        yield url
     finally:
         proc.terminate()
         try:
@@ -80,6 +83,69 @@ def server(tmp_path_factory, shared_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, shared_dir):
+    """`llmclf serve` with an API key (from a file) and at most 5 texts per request."""
+    _need_browser()
+    model = tiny_classifier_dir(tmp_path_factory, shared_dir)
+    key_file = tmp_path_factory.mktemp("key") / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    for url in _serve(tmp_path_factory, model, "--api-key-file", str(key_file), "--max-texts", "5"):
+        yield url, model
+
+
+HOSTILE_LABELS = ['<img src=x onerror="window.__xss=1">', "</script><script>window.__xss=2</script><!--<script>"]
+HOSTILE_BACKBONE = '<svg onload="window.__xss=3">'
+
+
+@pytest.fixture(scope="module")
+def other_site():
+    """A blank page on another loopback server: its origin http://localhost:PORT is given to
+    open_server's --cors-origin, http://127.0.0.1:PORT is not. (A real server, not Playwright's
+    routing: with routes set, Playwright answers CORS preflights itself.)"""
+
+    class Blank(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>another site</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    port = site.server_address[1]
+    yield f"http://localhost:{port}", f"http://127.0.0.1:{port}"
+    site.shutdown()
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory, shared_dir, other_site):
+    """`llmclf serve` without an API key, with CORS for the other site's allowed origin, serving the tiny
+    classifier with its labels renamed to HTML/script injections (as a hostile config.json could name them)."""
+    _need_browser()
+    model = tmp_path_factory.mktemp("hostile") / "model"
+    shutil.copytree(tiny_classifier_dir(tmp_path_factory, shared_dir), model)
+    config = json.loads((model / "config.json").read_text())
+    assert config["labels"] == ["neg", "pos"]
+    config["labels"], config["backbone"] = HOSTILE_LABELS, HOSTILE_BACKBONE
+    (model / "config.json").write_text(json.dumps(config))
+    yield from _serve(tmp_path_factory, model, "--cors-origin", other_site[0])
+
+
+def _watch(page) -> list[str]:
+    """Console errors and failed requests of `page` (a CSP violation shows as a console error)."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    return problems
 
 
 def test_the_page_classifies_texts_and_shows_errors(server):
@@ -96,9 +162,11 @@ def test_the_page_classifies_texts_and_shows_errors(server):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 900})
+            problems = _watch(page)
             page.goto(url + "/")
             expect(page).to_have_title("llmclf: try the classifier")
             expect(page.locator("#api-key")).to_be_visible()  # this server needs a key
+            assert page.locator("#api-key").get_attribute("placeholder") == "required by this server"
 
             # Without the key: the API's 401 is shown.
             page.fill("#texts", "\n".join(texts) + "\n\n")
@@ -135,6 +203,8 @@ def test_the_page_classifies_texts_and_shows_errors(server):
             print(f"\nscreenshot: {shot}")
         finally:
             browser.close()
+    # The API's 401 and 413 show as console errors ("Failed to load resource"); nothing else may.
+    assert [p for p in problems if "status of 401" not in p and "status of 413" not in p] == []
 
 
 def test_the_api_docs_render_offline(server):
@@ -147,11 +217,86 @@ def test_the_api_docs_render_offline(server):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
+            problems = _watch(page)
             page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
                        else (external.append(route.request.url), route.abort()))
-            page.goto(url + "/docs")
+            response = page.goto(url + "/docs")
+            assert "default-src 'self'" in response.headers["content-security-policy"]
             expect(page.locator(".swagger-ui .info .title")).to_contain_text("llmclf")
             expect(page.locator(".opblock-summary-path", has_text="/v1/classify")).to_be_visible()
+            page.locator(".opblock-summary-path", has_text="/v1/classify").click()  # expand: the schema renders
+            expect(page.locator(".opblock-body").first).to_be_visible()
         finally:
             browser.close()
-    assert external == []
+    assert external == [] and problems == []  # every asset from this server, nothing blocked by the CSP
+
+
+def test_hostile_labels_and_texts_render_as_text_and_no_key_is_asked_for(open_server):
+    """Labels and a backbone name that are HTML/script injections, and an injected text, show as
+    plain text: no script runs, no image loads; the page of a server without a key has no key field."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url = open_server
+    hostile_text = '<img src=y onerror="window.__xss=4"> great wonderful happy'
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            problems = _watch(page)
+            requested: list[str] = []
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(url + "/")
+            expect(page.locator("#model-line")).to_contain_text(HOSTILE_LABELS[0])
+            assert page.locator("#model-line").inner_text() == (f"Model {HOSTILE_BACKBONE} \u00b7 labels: "
+                                                                 f"{', '.join(HOSTILE_LABELS)} \u00b7 up to 256 texts "
+                                                                 "per request")
+            expect(page.locator("#api-key")).to_be_hidden()  # no key on this server: no key field
+            assert "required" not in page.locator("body").inner_text().lower()
+
+            page.fill("#texts", f"{POSITIVE}\n{NEGATIVE}\n{hostile_text}")
+            page.click("#classify")
+            expect(page.locator("[data-testid=result]")).to_have_count(3)
+            labels = page.locator("[data-testid=label]").all_inner_texts()
+            assert labels[:2] == [HOSTILE_LABELS[1], HOSTILE_LABELS[0]]  # "pos", "neg" renamed
+            assert page.locator("[data-testid=result] .text").nth(2).inner_text() == hostile_text
+            assert set(page.locator(".bars .name").all_inner_texts()) == set(HOSTILE_LABELS)
+            assert page.locator("#results img, #results script, #results svg, #model-line *").count() == 0
+            assert page.evaluate("window.__xss") is None
+
+            response = page.goto(url + "/docs")  # the labels are in the API description too
+            expect(page.locator(".swagger-ui .info .title")).to_contain_text("llmclf")
+            assert page.evaluate("window.__xss") is None
+            assert "default-src 'self'" in response.headers["content-security-policy"]
+        finally:
+            browser.close()
+    assert not [u for u in requested if u.endswith(("/x", "/y"))]  # the injected <img> never loaded
+    assert problems == []
+
+
+def test_cors_lets_only_the_given_origin_call_the_api(open_server, other_site):
+    """A page of the --cors-origin origin may call the API from the browser; any other origin's
+    page is blocked by the browser (the server sends it no CORS headers)."""
+    from playwright.sync_api import sync_playwright
+
+    url, (allowed, other) = open_server, other_site
+    call = """async (url) => {
+        try {
+            const r = await fetch(url + "/v1/classify", {method: "POST", headers: {"Content-Type": "application/json"},
+                                                        body: JSON.stringify({texts: ["great"]})});
+            return String(r.status) + " " + (await r.json()).results.length;
+        } catch (e) { return "blocked: " + e.name; }
+    }"""
+    outcome = {}
+    texts_before = httpx.get(f"{url}/healthz").json()["texts"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            for origin in (allowed, other):
+                page = browser.new_page()
+                page.goto(origin + "/")
+                outcome[origin] = page.evaluate(call, url)
+                page.close()
+        finally:
+            browser.close()
+    assert outcome == {allowed: "200 1", other: "blocked: TypeError"}
+    assert httpx.get(f"{url}/healthz").json()["texts"] == texts_before + 1  # the refused preflight ran nothing

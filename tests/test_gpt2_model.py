@@ -122,11 +122,13 @@ def test_not_a_tensor_file_is_a_clear_error(tmp_path):
 
 
 def test_pickled_code_is_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
     class Evil:
         def __reduce__(self):
-            return (exec, ("import pathlib; pathlib.Path('pwned').write_text('x')",))
+            return (exec, (f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "evil.pth", base_config="gpt2-small")
-    assert not (tmp_path / "pwned").exists()
+    assert not marker.exists()

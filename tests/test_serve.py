@@ -17,6 +17,7 @@ import uvicorn
 from llmclf.engines.base import MCDropoutResult
 from llmclf.serve import MicroBatcher, create_app
 from llmclf.serve.batching import BatcherClosedError
+from llmclf.serve.server import uvicorn_config
 from tiny_classifier import NEGATIVE, POSITIVE, tiny_classifier_dir
 
 
@@ -207,6 +208,8 @@ def test_mc_dropout_requests_are_batched_apart_from_plain_ones():
     (b'{"texts": ["a"], "dropout_rate": 1}', "dropout_rate"),
     (b'{"texts": ["a"], "colour": "red"}', "unknown field"),
     (b"\xff\xfe not utf-8", ""),
+    (b'{"texts": ["caf\xe9"]}', "the body is not UTF-8"),  # Latin-1
+    (b"[" * 100_000, "nested too deeply"),  # json's RecursionError, once a 400 "error parsing the body"
 ])
 def test_bad_requests_are_422_with_a_message(body, where):
     async def go():
@@ -295,7 +298,7 @@ def test_odd_texts_do_not_crash_the_server(tiny_clf):
                       headers={"Content-Type": "application/json"})
 
     async def go():
-        async with client(create_app(tiny_clf)) as c:
+        async with client(create_app(tiny_clf, max_chars=len(odd[6]))) as c:
             each = [await post(c, [t]) for t in odd]
             together = await post(c, odd)
             empty = await c.post("/v1/classify", json={"texts": []})
@@ -308,7 +311,7 @@ def test_odd_texts_do_not_crash_the_server(tiny_clf):
     assert health.json()["status"] == "ok"
 
 
-def test_a_full_queue_is_503_and_shutdown_fails_waiting_requests():
+def test_a_full_queue_is_503_with_retry_after():
     gate = threading.Event()
     fake = FakeClassifier(gate=gate)
     app = create_app(fake, max_batch=2, max_queue=2, max_wait_ms=0)
@@ -329,20 +332,45 @@ def test_a_full_queue_is_503_and_shutdown_fails_waiting_requests():
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
     assert first.status_code == 200 and waiting.status_code == 200
 
+
+def test_closing_the_batcher_finishes_queued_requests_and_refuses_new_ones():
+    release = threading.Event()
+
+    async def closing():
+        batcher = MicroBatcher(lambda key, texts: (release.wait(10), [t.upper() for t in texts])[1], max_batch=1)
+        running = asyncio.create_task(batcher.submit(["x"]))
+        waiting = asyncio.create_task(batcher.submit(["y"]))
+        while batcher.queued_texts != 1:  # "x" runs, "y" waits
+            await asyncio.sleep(0.01)
+        closed = asyncio.create_task(batcher.close(timeout=10))
+        await asyncio.sleep(0.05)
+        with pytest.raises(BatcherClosedError):  # closing: no new requests
+            await batcher.submit(["z"])
+        release.set()
+        await closed
+        return await running, await waiting
+
+    try:
+        assert run(closing()) == (["X"], ["Y"])  # both finished before the worker stopped
+    finally:
+        release.set()
+
+
+def test_closing_the_batcher_gives_up_after_its_timeout():
     release = threading.Event()
 
     async def closing():
         batcher = MicroBatcher(lambda key, texts: (release.wait(10), texts)[1], max_batch=1)
         running = asyncio.create_task(batcher.submit(["x"]))
         waiting = asyncio.create_task(batcher.submit(["y"]))
-        while batcher.queued_texts != 1:  # "x" runs, "y" waits
+        while batcher.queued_texts != 1:
             await asyncio.sleep(0.01)
-        await batcher.close()
+        started = time.monotonic()
+        await batcher.close(timeout=0.2)
+        assert time.monotonic() - started < 2
         for task in (running, waiting):
             with pytest.raises(BatcherClosedError):
                 await task
-        with pytest.raises(BatcherClosedError):
-            await batcher.submit(["z"])
 
     try:
         run(closing())
@@ -394,11 +422,13 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """uvicorn serving `app` on a free loopback port in a background thread."""
+    """uvicorn serving `app` on a free loopback port in a background thread, with the settings of
+    `llmclf serve` (`options` go to `uvicorn_config`)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **options) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,9 +20,10 @@ from llmclf.engines.base import TEST_METRICS_FILE, prediction_record
 from llmclf.errors import LlmclfError
 from llmclf.families import FAMILIES, scratch_model_names
 from llmclf.loaders.spec import DEFAULT_SEED
-from llmclf.loaders.tensors import atomic_write_json
+from llmclf.loaders.tensors import atomic_files, atomic_write_json
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.training.args import RECIPES
+from llmclf.training.state import Interrupted, TrainingInterruptedError, raise_interrupted
 
 app = typer.Typer(
     name="llmclf",
@@ -231,7 +234,8 @@ def data_sms_spam(
     """The UCI SMS Spam Collection, balanced and split 70/10/20 as the course does."""
     from llmclf.data.classification import prepare_sms_spam
 
-    counts = prepare_sms_spam(out, source, seed=seed, balance=not no_balance)
+    with atomic_files(out) as staging:  # the three files together: never a mix of two splits
+        counts = prepare_sms_spam(staging, source, seed=seed, balance=not no_balance)
     for name, c in counts.items():
         typer.echo(f"{name:10s} {c['rows']:5d} rows  " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "rows"))
     typer.echo(f"written to {out}/")
@@ -242,7 +246,8 @@ def data_split(
     file: Annotated[Path, typer.Argument(help="CSV, TSV or JSONL file with a header.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
     ratios: Annotated[str, typer.Option(
-        "--ratios", help="train,validation,test shares; a 0 share writes no file (0.8,0.2,0 = 80/20).",
+        "--ratios", help="train,validation,test shares; a 0 share writes no file and removes the one an earlier "
+        "split left (0.8,0.2,0 = 80/20).",
     )] = "0.7,0.1,0.2",
     stratify: Annotated[bool, typer.Option("--stratify", help="Keep label proportions in every split.")] = False,
     seed: SeedOpt = DEFAULT_SEED,
@@ -269,12 +274,16 @@ def data_split(
     if label_names:
         data = rename_labels(data, parse_label_names(label_names))
     parts = split_labelled(data, shares, stratify, seed)
+    with atomic_files(out) as staging:  # the files together: never a mix of two splits (test rows in train)
+        for name, part in zip(("train", "validation", "test"), parts, strict=True):
+            if len(part) > 0:
+                write_labelled(part, staging / f"{name}.csv")
     for name, part in zip(("train", "validation", "test"), parts, strict=True):
-        if len(part) == 0:
-            typer.echo(f"{name:10s}      0 rows (share 0: no file written)")
-            continue
-        write_labelled(part, out / f"{name}.csv")
-        typer.echo(f"{name:10s} {len(part):6d} rows")
+        stale = not len(part) and (out / f"{name}.csv").is_file()
+        if stale:  # an earlier split's rows, now partly in the other files: using it would leak them
+            (out / f"{name}.csv").unlink()
+        typer.echo(f"{name:10s} {len(part):6d} rows" + (
+            "" if len(part) else f" (share 0: no file written{f'; the old {name}.csv removed' if stale else ''})"))
     typer.echo(f"written to {out}/")
 
 
@@ -554,24 +563,48 @@ def predict(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(
         "--model", "-m", help="A classifier directory written by `llmclf train` (either engine).")],
     host: Annotated[str, typer.Option(
         "--host", help="Address to bind; the default serves this machine only. Use 0.0.0.0 to expose it "
-        "(then set --api-key).")] = "127.0.0.1",
+        "(then set an API key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="TCP port (0 = any free port).")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(
-        "--api-key", envvar="LLMCLF_API_KEY", help="Require this key on /v1/* ('Authorization: Bearer KEY' or "
-        "'X-API-Key: KEY'); also read from $LLMCLF_API_KEY.")] = None,
+        "--api-key", envvar="LLMCLF_API_KEY", show_envvar=False, help="Require this key on /v1/* "
+        "('Authorization: Bearer KEY' or 'X-API-Key: KEY'). Prefer $LLMCLF_API_KEY or --api-key-file: a key "
+        "on the command line is visible to every local user in the process list.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(
+        "--api-key-file", help="Read the API key from the first line of this file (e.g. mode 600).")] = None,
     max_batch: Annotated[int, typer.Option(
         "--max-batch", min=1, help="Texts per forward pass: concurrent requests are merged up to this.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
         "--max-wait-ms", min=0.0, help="How long a batch waits for more requests once one arrives.")] = 2.0,
     max_texts: Annotated[int, typer.Option("--max-texts", min=1, help="Texts per request (413 beyond).")] = 256,
+    max_chars: Annotated[int, typer.Option(
+        "--max-chars", min=1, help="Characters per text (413 beyond, naming the text).")] = 100_000,
     max_body_bytes: Annotated[int, typer.Option(
         "--max-body-bytes", min=1, help="Request body size (413 beyond).")] = 1 << 20,
     max_mc_passes: Annotated[int, typer.Option(
         "--max-mc-passes", min=1, help="Largest mc_dropout a request may ask for (422 beyond).")] = 50,
+    max_queue: Annotated[Optional[int], typer.Option(
+        "--max-queue", min=1, help="Texts waiting for inference before new requests get 503 with Retry-After "
+        "[default: 64 x --max-batch].")] = None,
+    max_header_bytes: Annotated[int, typer.Option(
+        "--max-header-bytes", min=1024, help="Request line and headers together (431 beyond).")] = 16 * 1024,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", min=1, help="Open connections at once; requests beyond get 503.")] = 256,
+    keep_alive_timeout: Annotated[float, typer.Option(
+        "--keep-alive-timeout", min=0.1, help="Seconds an idle keep-alive connection stays open.")] = 5.0,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", min=0.1, help="Seconds a connection has to deliver a complete request (headers and "
+        "body) before it is closed: bounds clients that connect and send nothing or send slowly.")] = 30.0,
+    shutdown_timeout: Annotated[float, typer.Option(
+        "--shutdown-timeout", min=0.1, help="On SIGTERM/SIGINT, seconds the requests in flight have to finish "
+        "(new connections are refused meanwhile); a second Ctrl+C stops at once.")] = 30.0,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(
+        "--cors-origin", help="Let pages of this origin (e.g. https://app.example.com) call the API from a "
+        "browser; repeat for several. Without it, no CORS headers are sent.")] = None,
     dropout_rate: Annotated[Optional[float], typer.Option(
         "--dropout-rate", min=0.0, max=0.99, help="Dropout probability for MC-dropout requests that give none "
         "(for models trained without dropout).")] = None,
@@ -581,38 +614,81 @@ def serve(
     device: DeviceOpt = None,
 ) -> None:
     """Serve a trained classifier over HTTP: REST API (/v1/classify, /v1/model, /healthz), a web page
-    at / and the OpenAPI docs at /docs. Concurrent requests share forward passes (micro-batching)."""
+    at / and the OpenAPI docs at /docs. Concurrent requests share forward passes (micro-batching).
+
+    Every limit below is enforced before inference; every response carries a Content-Security-Policy
+    for this origin only. SIGTERM or Ctrl+C drains: requests in flight finish, then the process exits 0."""
     _check_precision(precision)
     import ipaddress
 
-    import uvicorn
-
     from llmclf.classifier import load_classifier
     from llmclf.serve import create_app
+    from llmclf.serve.server import read_api_key_file, run_server, uvicorn_config
 
+    if api_key is not None:
+        # click's ParameterSource, compared by name: typer may bring its own copy of click.
+        source = ctx.get_parameter_source("api_key")
+        from_env = source is not None and source.name == "ENVIRONMENT"
+        if api_key_file is not None:
+            raise LlmclfError(f"two API keys given ({'$LLMCLF_API_KEY' if from_env else '--api-key'} and "
+                              "--api-key-file): use one")
+        if not api_key.strip():
+            raise LlmclfError("--api-key is empty: give a key, or leave the option out to serve without one")
+        if not from_env:
+            typer.secho("warning: a key given with --api-key can be read by every user of this machine in the "
+                        "process list (ps); use $LLMCLF_API_KEY or --api-key-file instead", fg=typer.colors.YELLOW,
+                        err=True)
+    elif api_key_file is not None:
+        api_key = read_api_key_file(api_key_file)
     clf = load_classifier(model, max_length=max_length, precision=precision, device=device)
     clf.predict_proba(["warm-up"])  # first-call costs (allocation, kernels) before the first request
     application = create_app(clf, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              max_texts=max_texts, max_body_bytes=max_body_bytes, max_mc_passes=max_mc_passes,
-                             dropout_rate=dropout_rate)
+                             max_queue=max_queue, dropout_rate=dropout_rate, max_chars=max_chars,
+                             cors_origins=cors_origin or (), shutdown_timeout=shutdown_timeout)
+    config = uvicorn_config(application, host=host, port=port, access_log=access_log,
+                            shutdown_timeout=shutdown_timeout, keep_alive_timeout=keep_alive_timeout,
+                            request_timeout=request_timeout, max_header_bytes=max_header_bytes,
+                            max_connections=max_connections)
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
     if not loopback and not api_key:
-        typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
+        typer.secho(f"warning: serving on {host} without an API key: anyone who can reach it can use it",
                     fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"serving {model} ({', '.join(clf.classes_)}) on http://{host}:{port}/  (docs: /docs)", err=True)
-    uvicorn.run(application, host=host, port=port, access_log=access_log, log_level="info",
-                timeout_graceful_shutdown=5)
+    typer.echo(f"serving {model} ({', '.join(clf.classes_)}) on http://{host}:{port}/  (docs: /docs"
+               + (", API key required" if api_key else "") + ")", err=True)
+    run_server(config)
+
 
 def main() -> None:
-    """Console entry point: expected errors become one line on stderr and exit code 1."""
+    """Console entry point: expected errors (bad input, a full disk ...) become one line on stderr and exit
+    code 1. SIGINT and SIGTERM raise `Interrupted` where the program is (cleanups run) and exit with 130
+    and 143; an interrupted `train` saves its state first and prints the command that resumes it."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Not in torchrun's workers: its agent stops them with SIGTERM when the group ends or restarts.
+    handled = [] if distributed.launched() else [
+        s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, raise_interrupted) for s in handled}
     try:
         app()
+    except TrainingInterruptedError as exc:
+        argv = sys.argv[1:]
+        command = shlex.join(["llmclf", *argv, *([] if "--resume" in argv else ["--resume"])])
+        typer.secho(f"interrupted: {exc}. Resume with:\n  {command}", fg=typer.colors.YELLOW, err=True)
+        raise SystemExit(exc.exit_code) from None
     except LlmclfError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise SystemExit(1) from None
+    except OSError as exc:  # one that no writer named (e.g. creating a directory): still one line, with its path
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        typer.secho(f"error: {exc.strerror or exc}{where}", fg=typer.colors.RED, err=True)
+        raise SystemExit(1) from None
+    except Interrupted as exc:
+        typer.secho(f"interrupted by {signal.Signals(exc.signum).name}", fg=typer.colors.YELLOW, err=True)
+        raise SystemExit(exc.exit_code) from None
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         distributed.shutdown()

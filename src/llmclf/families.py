@@ -318,9 +318,13 @@ def chat_template_for(spec: str) -> str | None:
     elif (path / "config.json").is_file():
         import json
 
+        from llmclf.loaders.paths import model_file
+
         try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            config = json.loads(model_file(path, "config.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(config, dict):
             return None
         if config.get("format") == "llmclf":  # a model trained from a packaged one keeps its chat format
             backbone = str(config.get("backbone", ""))

@@ -19,7 +19,13 @@ from llmclf.errors import CheckpointError, ConfigError
 from llmclf.generation import generate
 from llmclf.loaders.checkpoint import WEIGHTS_FILE, save_checkpoint
 from llmclf.loaders.spec import DEFAULT_SEED, load_model
-from llmclf.loaders.tensors import atomic_torch_save, atomic_write_json, load_state_dict_checked, read_tensor_file
+from llmclf.loaders.tensors import (
+    atomic_torch_save,
+    atomic_write_json,
+    load_state_dict_checked,
+    load_torch_file,
+    read_tensor_file,
+)
 from llmclf.models.gpt2 import GPTModel
 from llmclf.runtime import autocast, resolve_device, resolve_precision
 from llmclf.tokenizer import GPT2Tokenizer, text_to_token_ids, token_ids_to_text
@@ -168,7 +174,7 @@ def _restore_training(out_dir: Path, model: GPTModel, optimizer: torch.optim.Opt
         raise CheckpointError(f"cannot resume: {out_dir} has no {TRAINING_STATE_FILE} / {TRAINER_STATE_FILE} "
                               "(run without --resume to start a new training run)")
     history = PretrainHistory(**json.loads(history_path.read_text(encoding="utf-8")))
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = load_torch_file(state_path)
     config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
     if not (state.get("epochs_done") == history.epochs_done == config.get("epochs_done")):
         raise CheckpointError(f"cannot resume: the files in {out_dir} come from different epochs "

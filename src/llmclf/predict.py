@@ -30,13 +30,13 @@ except ImportError:  # Windows: no advisory locks; concurrent runs on one output
     fcntl = None  # type: ignore[assignment]
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from llmclf import distributed
+from llmclf.data.classification import RECORD_SUFFIXES, read_lines, read_records
 from llmclf.engines.base import prediction_record
 from llmclf.errors import DataError
-from llmclf.loaders.tensors import atomic_write_json
+from llmclf.loaders.tensors import atomic_write_json, write_error
 from llmclf.training.state import fault_point
 
 log = logging.getLogger(__name__)
@@ -46,38 +46,21 @@ STATE_VERSION = 1
 
 
 def iter_rows(path: Path, text_col: str) -> Iterator[str]:
-    """Texts one at a time from CSV/TSV/JSONL (column `text_col`) or plain text (one per line)."""
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        reader = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
-                             chunksize=4096)
-        for chunk in reader:
-            if text_col not in chunk.columns:
-                raise DataError(f"{path} has no column {text_col!r} (columns: {', '.join(chunk.columns)}); "
-                                "choose one with --text-col")
-            yield from chunk[text_col].tolist()
-    elif suffix in (".jsonl", ".ndjson"):
-        yield from _jsonl_texts(path, text_col)
-    else:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                yield line.rstrip("\r\n")
+    """Texts one at a time from CSV/TSV/JSONL (column `text_col`; `read_records` says what is read
+    and what is refused) or plain text (one per line, `read_lines`). Every record is a row, an
+    empty text too, so output row i is input row i."""
+    if path.suffix.lower() not in RECORD_SUFFIXES:
+        yield from read_lines(path)
+        return
+    for where, (text,) in read_records(path, [text_col]):
+        if text is None:
+            raise DataError(f"{path}, {where}: {text_col!r} is null")
+        yield text
 
 
 def iter_texts(path: Path, text_col: str, chunk_size: int) -> Iterator[list[str]]:
     """Chunks of `chunk_size` texts (see `iter_rows`)."""
     yield from _chunked(iter_rows(path, text_col), chunk_size)
-
-
-def _jsonl_texts(path: Path, text_col: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield str(json.loads(line)[text_col])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DataError(f"{path}, line {line_no}: no JSON object with a {text_col!r} field") from exc
 
 
 def _chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -114,7 +97,8 @@ class _Writer:
 
     def _csv(self, rows: list[list[Any]]) -> bytes:
         buf = io.StringIO()
-        csv.writer(buf, delimiter="\t" if self.fmt == "tsv" else ",", lineterminator="\n").writerows(rows)
+        # CRLF ends (RFC 4180), not LF: only then does the csv module quote a text holding a lone CR
+        csv.writer(buf, delimiter="\t" if self.fmt == "tsv" else ",", lineterminator="\r\n").writerows(rows)
         return buf.getvalue().encode("utf-8")
 
     def encode(self, texts: list[str], labels: list[str], mean: np.ndarray, std: np.ndarray | None,
@@ -146,9 +130,12 @@ def _exclusive(output_path: Path) -> Iterator[None]:
     once it holds the lock, that the file it locked is still the one at that path.
     """
     lock = output_path.with_name(output_path.name + ".lock")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        f = open(lock, "a")  # closed in the finally below, or on retry
+        try:
+            output_path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(lock, "a")  # closed in the finally below, or on retry
+        except OSError as exc:  # e.g. a directory the user may not write in
+            raise write_error(exc, output_path, any_file=True) from exc
         if fcntl is None:
             break
         try:
@@ -186,6 +173,18 @@ def _model_fingerprint(clf: Any) -> str:
 def _fsync(f) -> None:
     f.flush()
     os.fsync(f.fileno())
+
+
+def _append(f, data: bytes, path: Path) -> None:
+    """Write all of `data` to the unbuffered file `f` and fsync it; a failure (e.g. the disk is full)
+    raises WriteError naming `path`, and nothing of `data` is left in a buffer to be written later."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+        _fsync(f)
+    except OSError as exc:
+        raise write_error(exc, path, any_file=True) from exc
 
 
 def predict_file(clf: Any, input_path: str | os.PathLike, output_path: str | os.PathLike, text_col: str = "text",
@@ -266,7 +265,7 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
 
     world, rank = distributed.world_size(), distributed.rank()
     try:
-        with open(partial, "r+b") if main else contextlib.nullcontext() as out:
+        with open(partial, "r+b", buffering=0) if main else contextlib.nullcontext() as out:
             if out is not None:
                 out.truncate(done_bytes)  # drop rows written after the last checkpoint
                 out.seek(done_bytes)
@@ -281,11 +280,10 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
                 mine = classify(chunks_round[rank], starts[rank]) if rank < len(chunks_round) else b""
                 data = b"".join(distributed.all_gather(mine))  # rank order = chunk order
                 n = sum(len(c) for c in chunks_round)
-                rows += n
                 if out is not None:
-                    out.write(data)
-                    _fsync(out)
-                    atomic_write_json(state_file, {**settings, "rows": rows, "bytes": out.tell()})
+                    _append(out, data, partial)
+                    atomic_write_json(state_file, {**settings, "rows": rows + n, "bytes": out.tell()})
+                rows += n  # saved
                 bar.update(n)
                 fault_point("rows", rows)
     except BaseException:
@@ -325,9 +323,8 @@ def _start(output_path: Path, partial: Path, state_file: Path, settings: dict[st
     if done_rows is not None:
         log.info("resuming %s after %d rows (pass --restart to start over)", partial, done_rows)
         return done_rows, done_bytes
-    with open(partial, "wb") as f:
-        f.write(writer.header())
-        _fsync(f)
+    with open(partial, "wb", buffering=0) as f:
+        _append(f, writer.header(), partial)
         done_bytes = f.tell()
     atomic_write_json(state_file, {**settings, "rows": 0, "bytes": done_bytes})
     return 0, done_bytes

@@ -60,7 +60,9 @@ class GPT2Tokenizer:
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer (Llama, Qwen3, Gemma 3 ...). The only special token
-    it adds is `bos_id` at the start of every text, for families that expect one (Gemma)."""
+    it adds is `bos_id` at the start of every text, for families that expect one (Gemma). A special
+    token's string inside a text (`<|im_end|>`, `<end_of_turn>`) is read as that token, as in
+    `transformers` (the chat templates rely on it)."""
 
     TOKENIZER_FILE = "tokenizer.json"
 
@@ -77,9 +79,10 @@ class HFTokenizer:
         return self.backend.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self._prefix + self.backend.encode(text, add_special_tokens=False).ids
+        return self._prefix + self.backend.encode(_unicode(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        texts = [_unicode(text) for text in texts]
         return [self._prefix + e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
@@ -128,13 +131,15 @@ class HFTokenizer:
 
         from tokenizers import Tokenizer
 
+        from llmclf.loaders.paths import model_file
+
         directory = Path(directory)
-        file = directory / cls.TOKENIZER_FILE
+        file = model_file(directory, cls.TOKENIZER_FILE)
         if not file.is_file():
             raise TokenizerError(f"{directory} has no {cls.TOKENIZER_FILE}")
         backend = Tokenizer.from_file(str(file))
         if eos_id is None:
-            config_file = directory / "tokenizer_config.json"
+            config_file = model_file(directory, "tokenizer_config.json")
             config = json.loads(config_file.read_text()) if config_file.is_file() else {}
 
             def token_id(key: str) -> int | None:
@@ -156,6 +161,16 @@ class HFTokenizer:
 
 
 Tokenizer = GPT2Tokenizer | HFTokenizer
+
+
+def _unicode(text: str) -> str:
+    """`text` with each lone surrogate (e.g. from a JSON "\\ud800", no Unicode) replaced by U+FFFD and
+    split surrogate pairs joined, as tiktoken does: `tokenizers` refuses such a str outright."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def find_gpt2_tokenizer_files(directory: str | os.PathLike) -> tuple[Path, Path] | None:
@@ -180,9 +195,13 @@ def load_gpt2_tokenizer(tokenizer_dir: str | os.PathLike | None = None,
         raise TokenizerError(
             f"tokenizer directory {str(tokenizer_dir)!r} has neither encoder.json + vocab.bpe "
             "nor vocab.json + merges.txt")
+    from llmclf.loaders.paths import model_file
+
     env_dir = os.environ.get(TOKENIZER_DIR_ENV)
     for directory in (tokenizer_dir, model_dir, env_dir):
         if directory and (files := find_gpt2_tokenizer_files(directory)):
+            if directory is model_dir:  # a downloaded model's files must not link outside it
+                files = tuple(model_file(model_dir, file.name) for file in files)
             return GPT2Tokenizer(_encoding_from_files(*files), source=str(directory))
     try:
         return GPT2Tokenizer(tiktoken.get_encoding("gpt2"), source="tiktoken")

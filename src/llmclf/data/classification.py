@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import random
+import re
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
+from typing import Any
 
 import pandas as pd
 import torch
@@ -25,42 +31,168 @@ class LabelledTexts:
         return len(self.texts)
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
+# Suffixes read as records with named columns, streamed: CSV/TSV with a header, JSON lines.
+RECORD_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".ndjson")
+_CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) refuses long texts; a C long bounds it
+
+
+def read_records(path: str | os.PathLike, columns: list[str]) -> Iterator[tuple[str, list[str | None]]]:
+    """(where, values of `columns`) of each record of a CSV or TSV file with a header, a JSON-lines
+    file or (`.json`) a JSON array of objects; all but `.json` streamed.
+
+    `where` names the record in messages: `row N` of a CSV/TSV (the header is row 1, as in a
+    spreadsheet; ` (line L)` is added where the row starts on another line, e.g. after a text with
+    line breaks), `line N` of JSON lines, `record N` of a JSON array. CSV values are strings as
+    written (quotes resolved, nothing stripped); JSON numbers and booleans become strings, null
+    None. Blank lines are no records. A leading UTF-8 BOM is dropped. Anything else that is not
+    clean data raises DataError naming the file and line: bytes that are not UTF-8, a quote that
+    is not closed or is followed by more text, a row with more or fewer fields than the header, a
+    line that is not a JSON object, a missing column or key, a JSON array or object as a value, and
+    a JSON string with half a surrogate pair (`"\\ud800"`, which is no Unicode text).
+    """
+    path = Path(path)
     suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return _json_records(path, columns, lines=suffix != ".json")
+    return _csv_records(path, columns, "\t" if suffix in (".tsv", ".tab") else ",")
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines of a UTF-8 text file without their ends (\\n, \\r\\n or \\r), streamed; a leading BOM
+    is dropped. Bytes that are not UTF-8 raise DataError naming the line."""
+    path = Path(path)
     try:
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            return pd.read_json(path, lines=suffix != ".json", dtype=False)
-        sep = "\t" if suffix in (".tsv", ".tab") else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path} as {suffix.lstrip('.') or 'CSV'}: {exc}") from exc
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                yield line.rstrip("\n")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+
+
+def _csv_records(path: Path, columns: list[str], sep: str) -> Iterator[tuple[str, list[str | None]]]:
+    kind = "TSV" if sep == "\t" else "CSV"
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=sep, strict=True)
+            try:
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{path} is empty: a {kind} file starts with a header naming its columns")
+                index = _column_index(path, header, columns)
+                row, last_line = 1, reader.line_num
+                for fields in reader:
+                    first_line, last_line = last_line + 1, reader.line_num
+                    if not fields:  # a blank line
+                        continue
+                    row += 1
+                    where = f"row {row}" + (f" (line {first_line})" if first_line != row else "")
+                    if len(fields) != len(header):
+                        raise DataError(f"{path}, {where}: {len(fields)} field(s) where the header has {len(header)}; "
+                                        f"a text holding {'a tab' if kind == 'TSV' else 'a comma'}, a quote or a line "
+                                        'break must be quoted ("...", with "" for a quote inside)')
+                    yield where, [fields[i] for i in index]
+            except csv.Error as exc:
+                raise DataError(f"{path}, line {reader.line_num}: not valid {kind}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+
+
+def _column_index(path: Path, header: list[str], columns: list[str]) -> list[int]:
+    for column in columns:
+        if column not in header:
+            raise DataError(f"{path} has no column {column!r} (columns: {', '.join(header)}); "
+                            "choose others with --text-col / --label-col")
+        if header.count(column) > 1:
+            raise DataError(f"{path}: the header names the column {column!r} {header.count(column)} times")
+    return [header.index(column) for column in columns]
+
+
+def _json_records(path: Path, columns: list[str], lines: bool) -> Iterator[tuple[str, list[str | None]]]:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        if lines:
+            with open(path, encoding="utf-8-sig", newline="\n") as f:  # JSON lines end in \n (or \r\n)
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line, parse_constant=refuse)
+                    except ValueError as exc:
+                        raise DataError(f"{path}, line {n}: not a JSON object: {exc}") from None
+                    yield f"line {n}", _json_values(path, f"line {n}", record, columns)
+        else:
+            try:
+                records = json.loads(path.read_text(encoding="utf-8-sig"), parse_constant=refuse)
+            except ValueError as exc:
+                if isinstance(exc, UnicodeDecodeError):
+                    raise
+                raise DataError(f"{path}: not JSON: {exc}") from None
+            if not isinstance(records, list):
+                raise DataError(f"{path}: a .json file holds an array of objects [{{...}}, ...], "
+                                f"this one a JSON {type(records).__name__}")
+            for n, record in enumerate(records, 1):
+                yield f"record {n}", _json_values(path, f"record {n}", record, columns)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+
+
+def _json_values(path: Path, where: str, record: Any, columns: list[str]) -> list[str | None]:
+    if not isinstance(record, dict):
+        raise DataError(f"{path}, {where}: a JSON {type(record).__name__} where an object {{...}} is expected")
+    values: list[str | None] = []
+    for column in columns:
+        if column not in record:
+            raise DataError(f"{path}, {where}: no column {column!r} (keys: {', '.join(map(repr, record))}); "
+                            "choose others with --text-col / --label-col")
+        value = record[column]
+        if isinstance(value, (dict, list)):
+            raise DataError(f"{path}, {where}: {column!r} is a JSON {type(value).__name__}, not a text")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(f"{path}, {where}: {column!r} holds {value[exc.start]!r}, half of a UTF-16 "
+                                "surrogate pair, which is no Unicode text") from None
+        values.append(None if value is None else str(value))
+    return values
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """The error for a file that is not UTF-8 text, naming its first line that is not."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return DataError(f"{path}, line {n}: not UTF-8 text ({bad.reason} at byte {bad.start + 1} of the "
+                                 "line); save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8")
 
 
 def read_labelled(path: str | os.PathLike, text_col: str = "text", label_col: str | None = "label") -> LabelledTexts:
-    """Texts and labels (as strings) from a CSV, TSV or JSONL file with a header.
+    """Texts and labels (as strings) from a CSV, TSV or JSONL file with a header (see `read_records`).
 
-    `label_col=None` reads texts only (for prediction). Empty texts and missing labels are errors
-    that name the row.
+    Texts are kept as written; labels lose surrounding whitespace. `label_col=None` reads texts only
+    (for prediction). A blank or missing text or label is an error that names the row.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    frame = _read_frame(path)
-    columns = [text_col] + ([label_col] if label_col else [])
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))}); "
-                        "choose others with --text-col / --label-col")
-    if frame.empty:
+    texts, labels = [], []
+    for where, values in read_records(path, [text_col] + ([label_col] if label_col else [])):
+        if values[0] is None or not values[0].strip():
+            raise DataError(f"{path}, {where}: the text is empty")
+        texts.append(values[0])
+        if label_col:
+            label = (values[1] or "").strip()
+            if not label:
+                raise DataError(f"{path}, {where}: the label is missing")
+            labels.append(label)
+    if not texts:
         raise DataError(f"{path} has no rows")
-    texts = frame[text_col].astype(str).tolist()
-    labels = frame[label_col].astype(str).str.strip().tolist() if label_col else []
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise DataError(f"{path}, row {i + 2}: the text is empty")
-    for i, label in enumerate(labels):
-        if label in ("", "nan", "None"):
-            raise DataError(f"{path}, row {i + 2}: the label is missing")
     return LabelledTexts(texts, labels, str(path))
 
 
@@ -74,19 +206,25 @@ def label_order(labels: list[str]) -> list[str]:
 
 
 def write_labelled(data: LabelledTexts, path: str | os.PathLike) -> None:
-    """A `text,label` CSV, written atomically."""
+    """A `text,label` CSV, written atomically, with CRLF line ends (RFC 4180): then the csv module
+    quotes a text holding a lone CR, which with LF ends it would leave bare, splitting the row."""
     with atomic_path(path) as tmp:
-        pd.DataFrame({"text": data.texts, "label": data.labels}).to_csv(tmp, index=False)
+        pd.DataFrame({"text": data.texts, "label": data.labels}).to_csv(tmp, index=False, lineterminator="\r\n")
 
 
 def parse_label_names(spec: str) -> dict[str, str]:
-    """`"0=negative,1=positive"` -> {"0": "negative", "1": "positive"}."""
+    """`"0=negative,1=positive"` -> {"0": "negative", "1": "positive"}: OLD=NEW pairs separated by
+    commas, spaces around each name dropped; every OLD and every NEW once (NEW may hold `=`)."""
     names: dict[str, str] = {}
     for item in spec.split(","):
         old, sep, new = (part.strip() for part in item.partition("="))
         if not sep or not old or not new or old in names:
             raise DataError(f"label names must be OLD=NEW pairs, each OLD once, separated by commas "
                             f"(e.g. 0=negative,1=positive); got {spec!r}")
+        if new in names.values():
+            first = next(o for o, n in names.items() if n == new)
+            raise DataError(f"label names must differ (two labels would merge): {new!r} is given to both {first!r} "
+                            f"and {old!r} in {spec!r}")
         names[old] = new
     return names
 
@@ -107,7 +245,7 @@ def split_labelled(data: LabelledTexts, ratios: tuple[float, float, float] = (0.
     identical to scikit-learn's `train_test_split(test_size=0.2, random_state=seed)`."""
     from sklearn.model_selection import train_test_split  # slow to import: only when splitting
 
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+    if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise DataError(f"ratios must be three non-negative numbers summing to 1, got {ratios}")
     index = list(range(len(data)))
     n_test = round(len(index) * ratios[2])
@@ -140,31 +278,65 @@ SMS_SPAM_URLS = (
     "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",  # its fallback
 )
 SMS_SPAM_ZIP_SHA256 = "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3"
+SMS_SPAM_MEMBER = "SMSSpamCollection"
+SMS_SPAM_MAX_BYTES = 64 << 20  # the real file is 477 KB; a bigger member is a zip bomb or the wrong file
 
 
 def read_sms_spam(source: str | os.PathLike) -> pd.DataFrame:
     """All 5,574 messages (`label`, `text`) of the raw file or the original zip.
 
     Read with quoting off: a message that starts with a double quote would otherwise swallow
-    the next lines (pandas' default reads only 5,572 rows).
+    the next lines (pandas' default reads only 5,572 rows). From a zip, only the SMSSpamCollection
+    member is read, in memory (nothing is extracted); an archive with a member whose name leads
+    outside it (zip-slip) or a member over SMS_SPAM_MAX_BYTES (zip bomb) is refused.
     """
-    import zipfile
-
     path = Path(source)
     if not path.is_file():
         raise DataError(f"SMS spam source not found: {path}")
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if "SMSSpamCollection" not in archive.namelist():
-                raise DataError(f"{path} has no SMSSpamCollection file")
-            raw = archive.read("SMSSpamCollection").decode("utf-8")
+        data = _read_sms_zip(path)
+    elif path.stat().st_size > SMS_SPAM_MAX_BYTES:
+        raise DataError(f"{path} has {path.stat().st_size:,} bytes; the SMS spam file has 477 KB (limit "
+                        f"{SMS_SPAM_MAX_BYTES:,}): is it the right file?")
     else:
-        raw = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: the SMS spam file is not UTF-8 text ({exc})") from exc
     rows = list(csv.reader(raw.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
     bad = [i + 1 for i, row in enumerate(rows) if len(row) != 2 or row[0] not in ("ham", "spam")]
     if bad:
         raise DataError(f"{path}: line {bad[0]} is not 'ham|spam<TAB>text' ({len(bad)} bad line(s))")
     return pd.DataFrame(rows, columns=["label", "text"])
+
+
+def _read_sms_zip(path: Path) -> bytes:
+    """The SMSSpamCollection member of a zip, after checking every member's name and size."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            for info in members:
+                name = info.filename.replace("\\", "/")
+                if name.startswith("/") or ".." in name.split("/") or PureWindowsPath(info.filename).drive:
+                    raise DataError(f"{path} has a member named {info.filename!r}, which would be written outside "
+                                    "the folder it is unpacked to (zip-slip); refusing the archive")
+            member = next((info for info in members if info.filename == SMS_SPAM_MEMBER), None)
+            if member is None:
+                raise DataError(f"{path} has no {SMS_SPAM_MEMBER} file")
+            if member.file_size > SMS_SPAM_MAX_BYTES:
+                raise DataError(f"{path}: {SMS_SPAM_MEMBER} unpacks to {member.file_size:,} bytes (the real file is "
+                                f"477 KB; the limit is {SMS_SPAM_MAX_BYTES:,}); refusing a zip bomb or wrong file")
+            # Read in blocks: zipfile stops at the declared size and then checks the CRC, so a member
+            # that lies about its size unpacks to at most one block more (`archive.read` would
+            # inflate all of it first).
+            blocks = []
+            with archive.open(member) as stream:
+                while block := stream.read(1 << 20):
+                    blocks.append(block)
+            return b"".join(blocks)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable zip archive: {type(exc).__name__}: {exc}") from exc
 
 
 def download_sms_spam(cache_dir: str | os.PathLike) -> Path:
@@ -259,9 +431,17 @@ DEFAULT_INSTRUCTION = "Classify the following text as one of: {labels}.\n\n{text
 
 
 def template_problem(template: str | None) -> str | None:
-    """What is wrong with a template (None if nothing is)."""
-    if template is not None and template != AUTO_TEMPLATE and TEXT_FIELD not in template:
+    """What is wrong with a template (None if nothing is). `{text}` and `{labels}` are its only
+    placeholders: another `{name}` is refused as a likely typo (`{label}`, `{Text}`), while braces
+    around anything else (JSON, an unbalanced `{`) are kept as written."""
+    if template is None or template == AUTO_TEMPLATE:
+        return None
+    if TEXT_FIELD not in template:
         return f"template must contain {TEXT_FIELD} where the text goes (or be {AUTO_TEMPLATE!r}), got {template!r}"
+    unknown = sorted(set(re.findall(r"\{(\w+)\}", template)) - {TEXT_FIELD[1:-1], LABELS_FIELD[1:-1]})
+    if unknown:
+        return (f"template has the unknown placeholder(s) {', '.join('{' + name + '}' for name in unknown)}: "
+                f"only {TEXT_FIELD} (the text) and {LABELS_FIELD} (the class names) are filled in; got {template!r}")
     return None
 
 
@@ -273,6 +453,10 @@ def resolve_template(template: str | None, chat_template: str | None, labels: li
                                                                                             DEFAULT_INSTRUCTION)
     if template is None:
         return None
+    if LABELS_FIELD in template and any(TEXT_FIELD in label for label in labels):
+        raise DataError(f"the label {next(x for x in labels if TEXT_FIELD in x)!r} holds {TEXT_FIELD}, which the "
+                        f"template's {LABELS_FIELD} would turn into a second place for the text; rename it "
+                        "(--label-names) or use a template without {labels}")
     return template.replace(LABELS_FIELD, ", ".join(labels))
 
 

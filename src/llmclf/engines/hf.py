@@ -13,6 +13,7 @@ as the from-scratch engine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -20,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +35,8 @@ from llmclf.data.classification import LabelledTexts
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
-from llmclf.loaders.tensors import atomic_path, atomic_write_json
+from llmclf.loaders.paths import model_file
+from llmclf.loaders.tensors import WriteError, atomic_files, atomic_write_json, write_error
 from llmclf.runtime import autocast, resolve_device, resolve_precision
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_scores
@@ -46,7 +49,15 @@ from llmclf.training.optim import (
     warmup_steps,
 )
 from llmclf.training.plots import plot_series
-from llmclf.training.state import STATE_DIR, fault_point, finish_run, start_run
+from llmclf.training.state import (
+    STATE_DIR,
+    StopRequest,
+    TrainingInterruptedError,
+    fault_point,
+    finish_run,
+    start_run,
+    stop_requests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +116,12 @@ def load_sequence_classifier(source: str, labels: list[str] | None = None, dtype
     checkpoint that already has a classification head) the same number of labels."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
-        raise CheckpointError(f"{source} has no config.json; expected a Hugging Face model directory "
-                              "(config.json, weights, tokenizer files), e.g. written by save_pretrained")
+    if Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():
+            raise CheckpointError(f"{source} has no config.json; expected a Hugging Face model directory "
+                                  "(config.json, weights, tokenizer files), e.g. written by save_pretrained")
+        for file in Path(source).iterdir():  # from_pretrained would follow a link out of the directory
+            model_file(source, file.name)
     config = _from_pretrained(AutoConfig, source, "model config")
     if labels is not None:
         has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
@@ -250,11 +264,16 @@ def _trainer_classes() -> tuple[type, type]:
             self.selection = Selection(args.select_by)
             self.stopped_early = False
             self.saved_step: int | None = None
+            self.signalled = StopRequest()  # set by `fit` to the one SIGINT/SIGTERM fill in
+            self.stopping = False  # a signal came: stop once the next checkpoint is written
 
         def _write(self, record: dict[str, Any]) -> None:
             if self.metrics_log is not None:
-                self.metrics_log.write(json.dumps(record) + "\n")
-                self.metrics_log.flush()
+                try:
+                    self.metrics_log.write(json.dumps(record) + "\n")
+                    self.metrics_log.flush()
+                except OSError as exc:  # e.g. the disk is full: say which file
+                    raise write_error(exc, self.metrics_log.name, any_file=True) from exc
 
         def on_train_begin(self, args, state, control, **kwargs):
             # Resuming, `state` is the checkpoint's: its evaluations rebuild the selection (and the
@@ -277,6 +296,9 @@ def _trainer_classes() -> tuple[type, type]:
             every, per_epoch = self.args.save_every, state.max_steps // max(1, state.num_train_epochs)
             if every and state.global_step % every == 0 and state.global_step % per_epoch:
                 control.should_save = True  # (the end of an epoch saves anyway)
+            if self.signalled.signum is not None and state.global_step < state.max_steps:
+                self.stopping = True  # on_save stops once this step's checkpoint (or its epoch's) is written
+                control.should_save = control.should_save or bool(state.global_step % per_epoch)
 
         def on_epoch_end(self, args, state, control, **kwargs):
             if not self.stopped_early and self.saved_step != state.global_step:
@@ -307,6 +329,11 @@ def _trainer_classes() -> tuple[type, type]:
             if state.is_world_process_zero:  # (rank 0 wrote the checkpoint; it alone marks and rotates)
                 atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": state.global_step, "epoch": state.epoch})
                 _rotate_checkpoints(Path(args.output_dir), state.best_model_checkpoint)
+            if self.stopping:
+                raise TrainingInterruptedError(
+                    f"training stopped by {signal.Signals(self.signalled.signum).name} after optimizer step "
+                    f"{state.global_step} of {state.max_steps}; its state is saved in {checkpoint}: continue the "
+                    "run with --resume", self.signalled.signum)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs:  # keys sorted, as in the checkpoints' trainer_state.json that a resumed run rewrites it from
@@ -455,7 +482,16 @@ class HFClassifier(BaseClassifier):
                 processing_class=self.tokenizer_, compute_metrics=_compute_metrics, callbacks=[selector],
                 class_weights=class_weights)
             trainer.remove_callback(PrinterCallback)  # without progress bars: logs go to the log, not stdout
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+            # SIGINT/SIGTERM: a checkpoint at the next step, then TrainingInterruptedError (one process: see
+            # ClassifierTraining.run). A checkpoint Trainer could not write is never marked complete.
+            with stop_requests(out_dir is not None and distributed.world_size() == 1) as selector.signalled:
+                try:
+                    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+                except Exception as exc:
+                    error = write_error(exc, state_dir / f"{CHECKPOINT_PREFIX}{trainer.state.global_step}")
+                    if error is None or error is exc:
+                        raise
+                    raise error from exc
             state, best = trainer.state, selector.selection.best
             distributed.barrier()  # rank 0 has written every checkpoint
             if best is not None and best["step"] != state.global_step:
@@ -469,7 +505,8 @@ class HFClassifier(BaseClassifier):
                              "global_step": state.global_step}
         finally:
             if metrics_log is not None:
-                metrics_log.close()
+                with contextlib.suppress(OSError):  # a write that failed (disk full) was reported already
+                    metrics_log.close()
             if work_dir is not None and main:
                 shutil.rmtree(work_dir, ignore_errors=True)
         self.model_ = trainer.model.eval()
@@ -479,8 +516,13 @@ class HFClassifier(BaseClassifier):
         val_probs = self._probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
         self.val_metrics_ = self._metrics(self._label_ids(val), self._fit_ensemble(train, val, val_probs))
         if out_dir is not None and main:
-            self.save(out_dir)
-            self._plot(Path(out_dir))
+            try:
+                self.save(out_dir)
+                self._plot(Path(out_dir))
+            except WriteError as exc:  # the run is not lost: its last checkpoint stays in checkpoints/
+                exc.note += (f"; the finished run's checkpoints are kept in {state_dir}: make room, then rerun "
+                             "with --resume to save the model")
+                raise
             finish_run(out_dir)
         distributed.barrier()
         return self
@@ -537,12 +579,11 @@ class HFClassifier(BaseClassifier):
         """`save_pretrained` files (model + tokenizer) in `hf_model/`, and llmclf's config.json
         (labels, max_length, training options, the run's fingerprint, metrics) and history beside them.
 
-        Everything is written to temporary names first; only then are `hf_model/` and config.json
-        swapped in, one right after the other, so a failure while writing leaves the previous model whole.
+        Everything is written to a staging directory first, then moved in (config.json last): a save that
+        fails (disk full, permission denied: WriteError) leaves the previous model in `out_dir` whole.
         """
         self._check_fitted()
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         config = {
             "format": CHECKPOINT_FORMAT, "format_version": 1, "task": "classification", "engine": self.engine,
             "architecture": self.model_.config.model_type, "hf_model": HF_MODEL_DIR, "backbone": str(self.model),
@@ -551,27 +592,14 @@ class HFClassifier(BaseClassifier):
             "metrics": {"validation": getattr(self, "val_metrics_", None),
                         "train_seconds": getattr(self, "train_seconds_", None),
                         "trainable_parameters": getattr(self, "n_trainable_", None)}}
-        final = out_dir / HF_MODEL_DIR
-        old = final.with_name(f".{HF_MODEL_DIR}-old-{os.getpid()}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{HF_MODEL_DIR}-", dir=out_dir))
-        self._save_ngrams(out_dir)
-        try:
-            self.model_.save_pretrained(tmp)
-            self.tokenizer_.save_pretrained(tmp)
-            with atomic_path(out_dir / CONFIG_FILE) as config_tmp:  # renamed in when the block ends
-                config_tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-                if final.exists():
-                    final.rename(old)
-                tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not final.exists():
-                old.rename(final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
         history = getattr(self, "history_", None)
-        if history is not None:
-            atomic_write_json(out_dir / HISTORY_FILE, history)
+        with atomic_files(out_dir, last=CONFIG_FILE) as staging:
+            self.model_.save_pretrained(staging / HF_MODEL_DIR)
+            self.tokenizer_.save_pretrained(staging / HF_MODEL_DIR)
+            self._save_ngrams(staging)
+            if history is not None:
+                atomic_write_json(staging / HISTORY_FILE, history)
+            atomic_write_json(staging / CONFIG_FILE, config)
         return out_dir
 
     @classmethod

@@ -3,6 +3,7 @@ scikit-learn style: new head, chosen trainable layers, cached frozen layers, mix
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -17,9 +18,9 @@ from llmclf.config import DEFAULT_BACKBONE
 from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts, template_suffix_tokens
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
 from llmclf.errors import ConfigError
-from llmclf.loaders.checkpoint import read_checkpoint_config, save_checkpoint
+from llmclf.loaders.checkpoint import CONFIG_FILE, read_checkpoint_config, save_checkpoint
 from llmclf.loaders.spec import load_model
-from llmclf.loaders.tensors import atomic_write_json
+from llmclf.loaders.tensors import WriteError, atomic_files, atomic_write_json
 from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, merge_lora, replace_head
 from llmclf.runtime import resolve_device, resolve_precision
 from llmclf.training.args import TrainArgs
@@ -126,7 +127,8 @@ class TextClassifier(BaseClassifier):
             self.history_ = training.run()
         finally:
             if log_file is not None:
-                log_file.close()
+                with contextlib.suppress(OSError):  # a write that failed (disk full) was reported already
+                    log_file.close()
         merge_lora(classifier)
         self.model_ = classifier.eval()
         self.train_seconds_ = time.perf_counter() - start
@@ -136,8 +138,13 @@ class TextClassifier(BaseClassifier):
         val_probs = torch.softmax(all_logits(classifier, val_batches), dim=-1).numpy()
         self.val_metrics_ = self._metrics(val_enc.labels, self._fit_ensemble(train, val, val_probs))
         if writes:
-            self.save(out_dir)
-            self._plot(Path(out_dir))
+            try:
+                self.save(out_dir)
+                self._plot(Path(out_dir))
+            except WriteError as exc:  # the run is not lost: its final state stays in checkpoints/
+                exc.note += (f"; the finished run's training state is kept in {state_dir}: make room, then rerun "
+                             "with --resume to save the model")
+                raise
             finish_run(out_dir)
         distributed.barrier()  # the model is saved before any rank returns
         return self
@@ -189,22 +196,24 @@ class TextClassifier(BaseClassifier):
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Weights (safetensors, the book's names), config.json (labels, max_length, pooling,
-        pad id, training options, the run's fingerprint and metrics) and history; each file
-        written atomically."""
+        pad id, training options, the run's fingerprint and metrics), tokenizer files, n-grams and
+        history. All are written first, then moved in together (config.json last): a save that fails
+        (disk full, permission denied: WriteError) leaves the previous model in `out_dir` whole."""
         self._check_fitted()
         out_dir = Path(out_dir)
         history = getattr(self, "history_", None)
-        if history is not None:
-            atomic_write_json(out_dir / HISTORY_FILE, history.to_dict())
-        self._save_ngrams(out_dir)
-        save_checkpoint(
-            out_dir, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
-            backbone=str(self.model), labels=self.classes_, max_length=self.max_length_, pooling=self.model_.pooling,
-            pad_id=self.tokenizer_.pad_id, training=self.training_options(), input_template=self.template_,
-            run=getattr(self, "run_", None),
-            metrics={"validation": getattr(self, "val_metrics_", None),
-                     "train_seconds": getattr(self, "train_seconds_", None),
-                     "trainable_parameters": getattr(self, "n_trainable_", None)})
+        with atomic_files(out_dir, last=CONFIG_FILE) as staging:
+            if history is not None:
+                atomic_write_json(staging / HISTORY_FILE, history.to_dict())
+            self._save_ngrams(staging)
+            save_checkpoint(
+                staging, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
+                backbone=str(self.model), labels=self.classes_, max_length=self.max_length_,
+                pooling=self.model_.pooling, pad_id=self.tokenizer_.pad_id, training=self.training_options(),
+                input_template=self.template_, run=getattr(self, "run_", None),
+                metrics={"validation": getattr(self, "val_metrics_", None),
+                         "train_seconds": getattr(self, "train_seconds_", None),
+                         "trainable_parameters": getattr(self, "n_trainable_", None)})
         return out_dir
 
     @classmethod

@@ -11,6 +11,7 @@ import torch
 
 from llmclf.errors import CheckpointError
 from llmclf.families import family, family_of
+from llmclf.loaders.paths import model_file
 from llmclf.loaders.tensors import atomic_save_safetensors, atomic_write_json, read_tensor_file
 from llmclf.tokenizer import Tokenizer
 
@@ -25,7 +26,7 @@ def is_llmclf_checkpoint(path: str | os.PathLike) -> bool:
 
 def read_checkpoint_config(path: str | os.PathLike, required: bool = True) -> dict[str, Any] | None:
     """The `config.json` of an llmclf checkpoint directory (None, or an error if `required`)."""
-    config_path = Path(path) / CONFIG_FILE
+    config_path = model_file(path, CONFIG_FILE)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -76,7 +77,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise CheckpointError(f"{path} holds a classifier trained by the Transformers engine; "
                               "load it with llmclf.load_classifier (or the evaluate/predict/serve commands)")
     family(str(config.get("architecture")))  # a clear error for an unregistered one
-    state = read_tensor_file(Path(path) / WEIGHTS_FILE)
+    state = read_tensor_file(model_file(path, WEIGHTS_FILE))
     if config.get("tied_out_head") and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
     return config, state

@@ -16,7 +16,7 @@ from llmclf.families import FAMILIES, Family, family, packaged, preset, scratch_
 from llmclf.loaders.checkpoint import is_llmclf_checkpoint, read_checkpoint
 from llmclf.loaders.gguf import read_gguf
 from llmclf.loaders.hf_dir import read_hf_dir
-from llmclf.loaders.tensors import load_state_dict_checked, read_tensor_file
+from llmclf.loaders.tensors import check_state_fits, load_state_dict_checked, read_tensor_file
 from llmclf.models.decoder import DecoderModel
 from llmclf.tokenizer import HFTokenizer, Tokenizer, load_gpt2_tokenizer
 
@@ -75,9 +75,12 @@ def load_model(
         if is_llmclf_checkpoint(path):
             saved, state = read_checkpoint(path)
             fam = family(saved["architecture"])
-            base = fam.config_from_dict(saved["model"])
+            try:
+                base = fam.config_from_dict(saved.get("model"))
+            except ConfigError as exc:
+                raise CheckpointError(f"{path}/config.json: \"model\" is not a valid {fam.name} config: {exc}") from exc
             out_bias = saved.get("out_bias", False)
-            info = saved.get("tokenizer") or {}
+            info = saved.get("tokenizer") if isinstance(saved.get("tokenizer"), dict) else {}
             if info.get("kind") == "hf":
                 tokenizer = HFTokenizer.from_dir(path, info.get("eos_id"), info.get("pad_id"), info.get("bos_id"))
         elif (path / "config.json").is_file():
@@ -141,15 +144,37 @@ def config_from_spec(base_config: str) -> Any:
     return gpt2.config_from_dict(values)
 
 
+# Tables a model computes rather than loads (rotary cos/sin: context_length x head_dim each) may exceed
+# its weights by this much; beyond it, a config.json asks for more memory than its weights justify.
+BUFFER_ALLOWANCE = 256 << 20
+
+
 def _model_for_state(fam: Family, cfg: Any, state: dict[str, torch.Tensor], out_bias: bool,
                      source: str) -> DecoderModel:
+    """The model of `cfg` holding `state`. It is first built on the meta device (shapes, no memory)
+    and checked against the weights, so a config.json asking for far more than its weights hold
+    (`vocab_size: 1e12`) is refused before anything is allocated."""
     pos = state.get("pos_emb.weight")
     if pos is not None and pos.shape[0] > cfg.context_length:
         state = {**state, "pos_emb.weight": pos[: cfg.context_length]}  # shorter context: first positions
-    model = fam.build(cfg)
+    with torch.device("meta"):
+        skeleton = _with_head(fam.build(cfg), cfg, state, out_bias)
+    check_state_fits(skeleton, state, source)
+    weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    tables = sum(b.numel() * b.element_size() for b in skeleton.buffers())
+    if tables > weights + BUFFER_ALLOWANCE:
+        raise CheckpointError(
+            f"{source}: its configuration (context_length {cfg.context_length:,}) needs {tables / 2**20:,.0f} MiB "
+            f"of position tables for {weights / 2**20:,.0f} MiB of weights; refusing it as corrupt "
+            "(pass a smaller --context-length if the file is right)")
+    model = _with_head(fam.build(cfg), cfg, state, out_bias)
+    load_state_dict_checked(model, state, source)
+    return model
+
+
+def _with_head(model: DecoderModel, cfg: Any, state: dict[str, torch.Tensor], out_bias: bool) -> DecoderModel:
     head = state.get("out_head.weight")
     if head is not None and head.shape[0] != cfg.vocab_size:
         # A classifier checkpoint (the book's chapter 6): its head maps to the classes.
         model.out_head = nn.Linear(cfg.emb_dim, head.shape[0], bias=out_bias)
-    load_state_dict_checked(model, state, source)
     return model

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmclf.config import DictConfig
+from llmclf.config import DictConfig, size_problem
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.models import llama
 from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, rows_at
@@ -31,6 +31,8 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 
 def default_layer_types(n_layers: int, pattern: int = 6) -> list[str]:
     """Gemma 3's layout: every `pattern`-th layer attends to the full context, the others to a window."""
+    if problem := size_problem("n_layers", n_layers):  # a hostile config.json must not make it loop 1e9 times
+        raise ConfigError(f"invalid Gemma3 config: {problem}")
     return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
 
 
@@ -58,14 +60,12 @@ class Gemma3Config(DictConfig):
     name: str = "custom-gemma3"
 
     def __post_init__(self) -> None:
+        wrong_types, problems = self.field_problems()
+        if wrong_types or problems:  # before the layer list, which has n_layers entries
+            raise ConfigError(f"invalid Gemma3 config {self.name!r}: " + "; ".join(wrong_types + problems))
         if self.layer_types is None:
             self.layer_types = default_layer_types(self.n_layers)
         self.layer_types = list(self.layer_types)
-        problems = []
-        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "head_dim",
-                    "n_kv_groups", "sliding_window"):
-            if int(getattr(self, key)) < 1:
-                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.head_dim % 2:
             problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.n_kv_groups >= 1 and self.n_heads % self.n_kv_groups:

@@ -1,16 +1,24 @@
 """The REST app: `POST /v1/classify`, `GET /v1/model`, `GET /healthz`, the page at `/`, docs at `/docs`.
 
 Requests are checked in this order, each failure a JSON `{"detail": ...}`:
-API key (401) -> body size (413) -> JSON and fields (422) -> number of texts (413) -> queue room (503).
-Inference runs in a worker thread through `MicroBatcher`, so the event loop keeps answering.
+API key (401) -> body size (413) -> JSON and fields (422) -> number of texts, characters per text (413)
+-> queue room (503 + Retry-After). Inference runs in a worker thread through `MicroBatcher`, so the
+event loop keeps answering. Every response carries a Content-Security-Policy allowing only the
+server's own origin (the page's script and style are files under /static, not inline), `nosniff`,
+`Referrer-Policy` and `X-Frame-Options`; cross-origin requests (CORS) are answered only for the
+origins given. Limits on connections, headers and slow clients are uvicorn's: see `llmclf.serve.server`.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import json
 import logging
 import math
+import re
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, Optional
@@ -18,14 +26,16 @@ from typing import Any, Optional
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_swagger import patch_fastapi
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmclf.engines.base import prediction_record
-from llmclf.errors import LlmclfError
+from llmclf.errors import ConfigError, LlmclfError
 from llmclf.serve.batching import BatcherClosedError, MicroBatcher, ServerBusyError
 
 log = logging.getLogger("llmclf.serve")
@@ -33,7 +43,13 @@ log = logging.getLogger("llmclf.serve")
 DEFAULT_MAX_TEXTS = 256
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_MC_PASSES = 50
+DEFAULT_MAX_CHARS = 100_000
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 PROTECTED_PREFIX = "/v1/"
+MARKDOWN_SPECIAL = set("&<>\"'`*_[]()#!|\\~{}")
+STATIC_FILES = {"index.js": "text/javascript", "index.css": "text/css"}  # the page's script and style
+SWAGGER_UI_PARAMETERS = {"tryItOutEnabled": True, "persistAuthorization": True, "filter": True,
+                         "displayRequestDuration": True, "validatorUrl": None}  # no call to validator.swagger.io
 
 
 class ClassifyRequest(BaseModel):
@@ -79,12 +95,51 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None, **ex
     return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
 
 
-def _api_key_of(headers: dict[bytes, bytes]) -> str | None:
-    auth = headers.get(b"authorization", b"").decode("latin-1").strip()
-    if auth[:7].lower() == "bearer ":
+def _api_key_of(headers: dict[bytes, bytes]) -> bytes | None:
+    """The key a request sends, as raw header bytes (any bytes, never decoded: nothing to fail on)."""
+    auth = headers.get(b"authorization", b"").strip()
+    if auth[:7].lower() == b"bearer ":
         return auth[7:].strip()
     key = headers.get(b"x-api-key")
-    return key.decode("latin-1").strip() if key is not None else None
+    return key.strip() if key is not None else None
+
+
+def _csp_hash(script: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+
+
+def content_security_policy(openapi_url: str = "/openapi.json") -> str:
+    """The CSP of every response: this origin only. The one inline script allowed (by its hash) is
+    the Swagger UI start-up that FastAPI writes into /docs for these `SWAGGER_UI_PARAMETERS`."""
+    docs = get_swagger_ui_html(openapi_url=openapi_url, title="", swagger_js_url="", swagger_css_url="",
+                               swagger_favicon_url="", swagger_ui_parameters=SWAGGER_UI_PARAMETERS)
+    inline = re.findall(r"<script>(.*?)</script>", bytes(docs.body).decode(), flags=re.S)
+    scripts = " ".join(_csp_hash(s) for s in inline)
+    return ("default-src 'self'; " f"script-src 'self' {scripts}; " "style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+class _SecurityHeaders:
+    """ASGI middleware adding the CSP and the other browser-hardening headers to every response."""
+
+    def __init__(self, app: ASGIApp, csp: str) -> None:
+        self.app = app
+        self.headers = [(b"content-security-policy", csp.encode()), (b"x-content-type-options", b"nosniff"),
+                        (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []),
+                                      *(h for h in self.headers if h[0] not in present)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class _Guard:
@@ -92,7 +147,8 @@ class _Guard:
     request body size (413, without reading more than `max_body_bytes + 1` bytes)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.api_key = api_key.encode("utf-8", "surrogateescape") if api_key else None  # the bytes of $LLMCLF_API_KEY
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,7 +157,7 @@ class _Guard:
         headers = dict(scope.get("headers", []))
         if self.api_key and scope["path"].startswith(PROTECTED_PREFIX):
             given = _api_key_of(headers)
-            if given is None or not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            if given is None or not hmac.compare_digest(given, self.api_key):  # constant time
                 why = "missing API key" if given is None else "wrong API key"
                 response = _error(401, f"{why}: send the header 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
                                   headers={"WWW-Authenticate": "Bearer"})
@@ -166,15 +222,24 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def _markdown_text(text: str) -> str:
+    """`text` as literal Markdown text: HTML and Markdown characters as character references, so that
+    a label such as `<img src=x onerror=...>` in the API description (/docs) is shown, not rendered."""
+    return "".join(f"&#{ord(c)};" if c in MARKDOWN_SPECIAL else c for c in text)
+
+
 def _page(config: dict[str, Any]) -> str:
     html = resources.files("llmclf.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    return html.replace("__LLMCLF_CONFIG__", json.dumps(config).replace("</", "<\\/"))
+    # `<`, `>` and `&` as JSON escapes: a label such as `</script>` or `<!--` cannot end the data block.
+    data = json.dumps(config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return html.replace("__LLMCLF_CONFIG__", data)
 
 
 def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max_wait_ms: float = 2.0,
                max_texts: int = DEFAULT_MAX_TEXTS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_mc_passes: int = DEFAULT_MAX_MC_PASSES, max_queue: int | None = None,
-               dropout_rate: float | None = None) -> FastAPI:
+               dropout_rate: float | None = None, max_chars: int = DEFAULT_MAX_CHARS,
+               cors_origins: Sequence[str] = (), shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> FastAPI:
     """The FastAPI app serving classifier `clf` (anything with `classes_`, `predict_proba`,
     `predict_mc_dropout` and `info`, e.g. from `load_classifier`).
 
@@ -186,13 +251,21 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
         max_mc_passes: the largest `mc_dropout` a request may ask for (422 beyond).
         max_queue: texts waiting for inference before requests get 503 (default 64 batches).
         dropout_rate: MC-dropout rate for requests that give none (for models trained without dropout).
+        max_chars: characters per text (413 beyond, naming the text).
+        cors_origins: origins whose pages may call the API from a browser (none: no CORS headers).
+        shutdown_timeout: on shutdown, seconds the batcher may take to finish the requests it has queued.
     """
     for name, value in (("max_batch", max_batch), ("max_texts", max_texts), ("max_body_bytes", max_body_bytes),
-                        ("max_mc_passes", max_mc_passes)):
+                        ("max_mc_passes", max_mc_passes), ("max_chars", max_chars)):
         if value < 1:
             raise LlmclfError(f"{name} must be >= 1, got {value}")
     classes = list(clf.classes_)
     info = _json_safe(clf.info())
+    try:  # e.g. a label "\ud800" (a lone surrogate, which JSON can spell) would fail every response
+        json.dumps([classes, info], ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the model's labels or config cannot be served as JSON ({exc}); labels: {classes!r}"
+                          ) from None
 
     def run(key: Any, texts: list[str]) -> list[Any]:
         if key is None:
@@ -208,17 +281,24 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
     async def lifespan(_app: FastAPI):
         batcher.start()
         yield
-        await batcher.close()
+        await batcher.close(timeout=shutdown_timeout)
 
     app = FastAPI(title="llmclf", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   swagger_ui_oauth2_redirect_url=None,
-                  description=f"Text classifier `{info.get('backbone', '')}`; labels: {', '.join(classes)}. "
+                  description=f"Text classifier {_markdown_text(str(info.get('backbone', '')))}; labels: "
+                              f"{', '.join(map(_markdown_text, classes))}. "
                               + ("Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`."
                                  if api_key else ""))
     app.state.batcher = batcher
+    # The last added runs first: security headers on every response, then CORS (preflights need no key).
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
+    app.add_middleware(_SecurityHeaders, csp=content_security_policy(app.openapi_url or "/openapi.json"))
     page = _page({"auth": bool(api_key), "labels": classes, "backbone": info.get("backbone", ""),
                   "max_texts": max_texts, "max_mc_passes": max_mc_passes})
+    static = {name: resources.files("llmclf.serve").joinpath("static", name).read_bytes() for name in STATIC_FILES}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -228,6 +308,11 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, (UnicodeDecodeError, RecursionError)):
+            # FastAPI's "There was an error parsing the body": say what was wrong, as for other bad JSON.
+            why = "the body is not UTF-8" if isinstance(cause, UnicodeDecodeError) else "nested too deeply"
+            return _error(422, f'malformed JSON ({why}); send {{"texts": ["..."]}}')
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -238,27 +323,35 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
     # Swagger UI 5 from the installed fastapi-swagger package instead of FastAPI's CDN: /docs works offline.
     patch_fastapi(app, docs_url="/docs", redirect_from_root_to_docs=False, title="llmclf API",
                   swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
-                  swagger_favicon_url="/docs-assets/favicon-32x32.png")
+                  swagger_favicon_url="/docs-assets/favicon-32x32.png", swagger_ui_parameters=SWAGGER_UI_PARAMETERS)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        if name not in static:
+            raise HTTPException(404, "Not Found")
+        return Response(static[name], media_type=STATIC_FILES[name])
+
     @app.get("/healthz", summary="Liveness and batching counters")
     async def healthz() -> dict[str, Any]:
         s = batcher.stats
-        return {"status": "ok", "queued_texts": batcher.queued_texts, "batches": s.batches, "texts": s.texts,
+        return {"status": "ok", "queued_texts": batcher.queued_texts, "running_texts": batcher.running_texts,
+                "batches": s.batches, "texts": s.texts,
                 "largest_batch": s.largest_batch, "busy_seconds": round(s.busy_seconds, 3)}
 
     @app.get("/v1/model", summary="Labels, backbone, engine, max_length, training metrics, limits")
     async def model_info() -> dict[str, Any]:
         return {**info, "serving": {"max_texts": max_texts, "max_batch": max_batch, "max_mc_passes": max_mc_passes,
-                                    "max_body_bytes": max_body_bytes, "auth": bool(api_key)}}
+                                    "max_body_bytes": max_body_bytes, "max_chars": max_chars,
+                                    "auth": bool(api_key)}}
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
               summary="Classify texts (results in input order)",
               responses={401: {"description": "Missing or wrong API key"},
-                         413: {"description": "Too many texts or too large a body"},
+                         413: {"description": "Too many texts, too long a text or too large a body"},
                          422: {"description": "Malformed JSON or invalid fields"},
                          503: {"description": "Queue full or shutting down; retry later"}})
     async def classify(request: ClassifyRequest) -> dict[str, Any]:
@@ -266,6 +359,11 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
         if n > max_texts:
             raise HTTPException(413, f"{n} texts in one request; the limit is {max_texts} (--max-texts): "
                                      "split them over several requests")
+        long = [i for i, text in enumerate(request.texts) if len(text) > max_chars]
+        if long:
+            more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+            raise HTTPException(413, f"texts[{long[0]}]{more}: {len(request.texts[long[0]])} characters; the limit "
+                                     f"is {max_chars} per text (--max-chars): shorten or split the text")
         if request.mc_dropout is not None and request.mc_dropout > max_mc_passes:
             raise HTTPException(422, f"mc_dropout: {request.mc_dropout} passes asked; the limit is "
                                      f"{max_mc_passes} (--max-mc-passes)")

@@ -7,6 +7,7 @@ a single worker thread and hands each job its rows. While a batch runs, new requ
 form the next batch, so batches grow with the load. Before each batch the worker waits up to
 `max_wait` (default 2 ms; not at all once `max_batch` texts wait) so that requests arriving a
 moment apart, such as those of clients the previous batch just answered, share the batch.
+`close` is a graceful drain: it refuses new requests and runs the queued ones before stopping.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ServerBusyError(Exception):
 
 
 class BatcherClosedError(Exception):
-    """The server is shutting down; queued requests are not run (HTTP 503)."""
+    """The server is shutting down and takes no new requests (HTTP 503)."""
 
 
 @dataclass
@@ -65,6 +66,7 @@ class MicroBatcher:
         self.stats = BatcherStats()
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_texts = 0
+        self._running_texts = 0
         self._wakeup: asyncio.Event | None = None
         self._full = asyncio.Event()  # set when a full batch is waiting
         self._worker: asyncio.Task | None = None
@@ -77,6 +79,11 @@ class MicroBatcher:
         """Texts waiting for a batch (not counting the batch being run)."""
         return self._queued_texts
 
+    @property
+    def running_texts(self) -> int:
+        """Texts in the batch being run now."""
+        return self._running_texts
+
     def start(self) -> None:
         """Start the worker task on the running event loop (`submit` does it on first use)."""
         if self._worker is None or self._worker.done():
@@ -86,15 +93,22 @@ class MicroBatcher:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmclf-infer")
             self._worker = asyncio.get_running_loop().create_task(self._loop(), name="llmclf-batcher")
 
-    async def close(self) -> None:
-        """Stop the worker; queued requests fail with `BatcherClosedError`."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests (`submit` raises `BatcherClosedError`), finish the queued ones, then stop
+        the worker. After `timeout` seconds the worker is cancelled and the requests still waiting
+        fail with `BatcherClosedError` (a batch already running in the thread runs to its end)."""
         self._closed = True
         if self._worker is not None:
-            self._worker.cancel()
+            if self._wakeup is not None:
+                self._wakeup.set()  # the worker sees `_closed` and returns once the queue is empty
             try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
+                await asyncio.wait_for(asyncio.shield(self._worker), timeout)
+            except asyncio.TimeoutError:
+                self._worker.cancel()
+                try:
+                    await self._worker
+                except asyncio.CancelledError:
+                    pass
             self._worker = None
         while self._queue:
             job = self._queue.popleft()
@@ -148,9 +162,12 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                if self._closed:
+                    return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.max_wait > 0 and self._queued_texts < self.max_batch and not self._solo:
+                continue  # woken by a request or by `close`
+            if self.max_wait > 0 and self._queued_texts < self.max_batch and not self._solo and not self._closed:
                 # Let requests arriving together (or from clients the last batch just answered) join,
                 # unless a full batch is already waiting.
                 self._full.clear()
@@ -163,6 +180,7 @@ class MicroBatcher:
             if not texts:
                 continue
             start = time.perf_counter()
+            self._running_texts = len(texts)
             try:
                 results = await loop.run_in_executor(self._executor, self.run, batch[0].key, texts)
                 if len(results) != len(texts):
@@ -183,6 +201,7 @@ class MicroBatcher:
                 self._solo = len(batch)
                 continue
             finally:
+                self._running_texts = 0
                 self.stats.busy_seconds += time.perf_counter() - start
             self.stats.batches += 1
             self.stats.texts += len(texts)

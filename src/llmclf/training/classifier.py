@@ -11,10 +11,11 @@ import json
 import logging
 import math
 import random
+import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,13 @@ from tqdm.auto import tqdm
 
 from llmclf import distributed
 from llmclf.data.classification import EncodedTexts, batch_order, collate
+from llmclf.loaders.tensors import write_error
 from llmclf.models.heads import SequenceClassifier
 from llmclf.runtime import autocast
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_scores
 from llmclf.training.optim import Selection, classification_loss, make_optimizer, make_scheduler, metric_value
-from llmclf.training.state import fault_point, save_training_state
+from llmclf.training.state import TrainingInterruptedError, fault_point, save_training_state, stop_requests
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +271,7 @@ class ClassifierTraining:
         self.selection = Selection(args.select_by)
         self.best_state = self._snapshot()
         self.finished = False
+        self.saved_step: int | None = None  # the optimizer step of the newest training state written
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.trainable.items()}
@@ -309,44 +312,56 @@ class ClassifierTraining:
     def save_state(self) -> None:
         if self.state_dir is not None:
             save_training_state(self.state_dir, self.history.global_step, self.state_dict())
+            self.saved_step = self.history.global_step
 
     # --- the loop -----------------------------------------------------------------------------
 
     def _write(self, record: dict) -> None:
         if self.metrics_log is not None:
-            self.metrics_log.write(json.dumps(record) + "\n")
-            self.metrics_log.flush()
+            try:
+                self.metrics_log.write(json.dumps(record) + "\n")
+                self.metrics_log.flush()
+            except OSError as exc:  # e.g. the disk is full: say which file
+                raise write_error(exc, getattr(self.metrics_log, "name", "the metrics log"), any_file=True) from exc
 
     def run(self) -> ClassifierHistory:
-        """Train to the end (from wherever the loaded state was); keep the best weights."""
+        """Train to the end (from wherever the loaded state was); keep the best weights.
+
+        With a `state_dir`, in one process: SIGINT or SIGTERM stops training at the next optimizer step,
+        whose state is saved first, with TrainingInterruptedError (a second signal stops at once)."""
         args, h = self.args, self.history
         bar = tqdm(total=args.epochs * len(self.train), initial=self.epoch * len(self.train) + self.batches_done,
                    desc="train", unit="batch", disable=not self.progress, dynamic_ncols=True)
-        while not self.finished and self.epoch < args.epochs:
-            self.rng.setstate(self.epoch_rng_state)
-            order = self.train.order(shuffle=True, rng=self.rng)
-            self.model.train()
-            self.optimizer.zero_grad()
-            stop = False
-            for batch_no in range(self.batches_done, len(order)):
-                accumulating = (batch_no + 1) % args.grad_accum and batch_no + 1 != len(order)
-                no_sync = self.ddp.no_sync() if accumulating and self.world > 1 else contextlib.nullcontext()
-                with no_sync:
-                    loss = self._global_batch_loss(order[batch_no])
-                    (loss / args.grad_accum).backward()
-                h.examples_seen += len(order[batch_no])
-                bar.update(1)
-                if accumulating:
-                    continue
-                stop = self._step(self._reported(loss), batch_no + 1)
-                if stop:
-                    break
-            if not stop:
-                self._end_epoch()
-                stop = self.finished
-            if stop:
-                self.finished = True
-                self.save_state()
+        # Several processes are left as they were: torchrun's agent stops workers with SIGTERM (and restarts them).
+        with stop_requests(self.state_dir is not None and self.world == 1) as signalled:
+            while not self.finished and self.epoch < args.epochs:
+                self.rng.setstate(self.epoch_rng_state)
+                order = self.train.order(shuffle=True, rng=self.rng)
+                self.model.train()
+                self.optimizer.zero_grad()
+                stop = False
+                for batch_no in range(self.batches_done, len(order)):
+                    accumulating = (batch_no + 1) % args.grad_accum and batch_no + 1 != len(order)
+                    no_sync = self.ddp.no_sync() if accumulating and self.world > 1 else contextlib.nullcontext()
+                    with no_sync:
+                        loss = self._global_batch_loss(order[batch_no])
+                        (loss / args.grad_accum).backward()
+                    h.examples_seen += len(order[batch_no])
+                    bar.update(1)
+                    if accumulating:
+                        continue
+                    stop = self._step(self._reported(loss), batch_no + 1)
+                    if stop:
+                        break
+                    if signalled.signum is not None and batch_no + 1 < len(order):  # (an epoch's end saves below)
+                        self._interrupted(signalled.signum, bar)
+                if stop:  # patience ran out at an evaluation within the epoch (--eval-freq)
+                    self.finished = True
+                    self.save_state()
+                else:
+                    self._end_epoch()  # (its training state is marked finished after the last epoch)
+                if signalled.signum is not None and not self.finished:
+                    self._interrupted(signalled.signum, bar)
         bar.close()
         with torch.no_grad():
             for name, p in self.trainable.items():
@@ -355,6 +370,18 @@ class ClassifierTraining:
             self.say(f"restored the weights of step {h.best_step} (epoch {h.best_epoch:g}; validation "
                      f"{self.args.select_by} {self._best_score():.4f})")
         return h
+
+    def _interrupted(self, signum: int, bar: tqdm) -> NoReturn:
+        """Save the state of this step (unless it is saved) and stop with TrainingInterruptedError."""
+        bar.close()
+        if self.saved_step != self.history.global_step:
+            self.save_state()
+        where = (f"epoch {self.epoch + 1}, batch {self.batches_done} of {len(self.train)}" if self.batches_done
+                 else f"the end of epoch {self.epoch}")
+        raise TrainingInterruptedError(
+            f"training stopped by {signal.Signals(signum).name} after optimizer step {self.history.global_step} "
+            f"of {self.total_steps} ({where}); its state is saved in {self.state_dir}: continue the run with "
+            "--resume", signum)
 
     def _global_batch_loss(self, indices: list[int]) -> torch.Tensor:
         """This rank's part of the loss of global batch `indices` (its contiguous slice): the summed,

@@ -8,25 +8,31 @@ read back with `weights_only=True`), the hf engine as Trainer's `checkpoint-STEP
 Each is written to a temporary name and renamed (scratch) or marked complete once written (hf),
 and the previous one is kept, so a process killed at any point leaves a complete state to
 resume from. When the finished model is saved, `checkpoints/` is removed and the fingerprint
-moves into the model's config.json (`"run"`).
+moves into the model's config.json (`"run"`). In a one-process run, SIGINT or SIGTERM stops training
+at the next optimizer step once its state is saved (`stop_requests`, TrainingInterruptedError); a
+write that fails (disk full, permission denied) raises WriteError and leaves the states before intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmclf.errors import CheckpointError, ConfigError
+from llmclf.errors import CheckpointError, ConfigError, LlmclfError
 from llmclf.loaders.checkpoint import read_checkpoint_config
-from llmclf.loaders.tensors import atomic_path, atomic_write_json
+from llmclf.loaders.tensors import WriteError, atomic_path, atomic_write_json, load_torch_file, write_error
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +43,19 @@ KEEP_STATES = 2  # the newest and the one before, in case the newest turns out d
 FAULT_ENV = "LLMCLF_FAULT"  # test hook: "step:N" or "save:N" kills the process there with SIGKILL
 
 
-def _fault_requested(event: str, step: int) -> bool:
+def _fault_signal(event: str, step: int) -> signal.Signals | None:
+    """The signal $LLMCLF_FAULT asks for at `event` `step` (SIGKILL unless it names one), else None."""
     spec = os.environ.get(FAULT_ENV, "")
     where, _, rank = spec.partition("@")
-    if where != f"{event}:{step}":
-        return False
+    name, _, rest = where.partition(":")
+    number, _, signal_name = rest.partition(":")
+    if f"{name}:{number}" != f"{event}:{step}":
+        return None
     if rank and rank != os.environ.get("RANK", "0"):
-        return False
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0  # a restarted group runs on
+        return None
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) != 0:  # a restarted group runs on
+        return None
+    return signal.Signals[signal_name] if signal_name else signal.SIGKILL
 
 
 def fault_point(event: str, step: int) -> None:
@@ -52,9 +63,79 @@ def fault_point(event: str, step: int) -> None:
     before its state is saved; "save:N": while the state of step N is written, i.e. halfway through
     the file (scratch) or after Trainer wrote checkpoint-N but before it is marked complete (hf);
     "rows:N": once batch prediction has saved N rows; "step:N@R" etc.: only the worker of rank R, and only
-    before the elastic agent restarted the group). The resume and fault-tolerance tests kill runs this way."""
-    if _fault_requested(event, step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    before the elastic agent restarted the group; "step:N:SIGTERM" etc.: send that signal instead, as a
+    user or a scheduler would). The resume, fault-tolerance and signal tests stop runs this way."""
+    fault = _fault_signal(event, step)
+    if fault is not None:
+        os.kill(os.getpid(), fault)
+
+
+# --- stopping on SIGINT / SIGTERM ----------------------------------------------------------------
+
+class TrainingInterruptedError(LlmclfError):
+    """Training stopped on SIGINT or SIGTERM once its state was saved; `resume=True` (`--resume`)
+    continues it. `exit_code` is the shell's for that signal: 128 + its number (130, 143)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM as an exception where the program is, so that cleanups and `finally` blocks
+    run: what the CLI's handlers raise (`raise_interrupted`; not in torchrun's workers). Not a
+    KeyboardInterrupt, which click would turn into exit code 1. `exit_code`: 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+def raise_interrupted(signum: int, frame: Any) -> None:
+    """A signal handler: raise `Interrupted`."""
+    raise Interrupted(signum)
+
+
+@dataclass
+class StopRequest:
+    """The signal received while `stop_requests` was active (None: none yet)."""
+
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def stop_requests(enabled: bool = True) -> Iterator[StopRequest]:
+    """While the block runs, SIGINT and SIGTERM only record themselves in the yielded StopRequest, for a
+    training loop to save its state and stop at its next step boundary; a second one acts as it would
+    have without this (KeyboardInterrupt, Interrupted, or the default: the process ends). Not `enabled`,
+    outside the main thread, or for a signal that is ignored: signals act as before."""
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.signum is None:
+            request.signum = signum
+            log.warning("%s: training stops after this optimizer step, once its state is saved (send it again "
+                        "to stop at once; the state saved before is kept)", signal.Signals(signum).name)
+            return
+        old = previous[signum]
+        if callable(old):
+            old(signum, frame)
+        else:  # the default action, as if this handler had never been installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    handled = [s for s, old in previous.items() if old is not signal.SIG_IGN]
+    for s in handled:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        for s in handled:
+            signal.signal(s, previous[s] if previous[s] is not None else signal.SIG_DFL)
 
 
 def texts_checksum(texts: list[str], labels: list[str]) -> str:
@@ -146,7 +227,10 @@ def has_unfinished_run(out_dir: str | os.PathLike) -> bool:
 def start_run(out_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
     """Create `OUT/checkpoints/` with the run's fingerprint; returns the directory."""
     state_dir = Path(out_dir) / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a directory the user may not write in
+        raise write_error(exc, state_dir, any_file=True) from exc
     atomic_write_json(state_dir / RUN_FILE, fingerprint)
     return state_dir
 
@@ -159,14 +243,22 @@ def finish_run(out_dir: str | os.PathLike) -> None:
 # --- the scratch engine's training states ------------------------------------------------------
 
 def save_training_state(state_dir: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write `state` as `state-STEP.pt` (temporary name, then rename); keep the newest two."""
+    """Write `state` as `state-STEP.pt` (temporary name, then rename); keep the newest two. A write that
+    fails (disk full, permission denied) raises WriteError; the states saved before stay intact."""
     path = state_dir / f"{STATE_PREFIX}{step:08d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-        if _fault_requested("save", step):
-            with open(tmp, "r+b") as f:
-                f.truncate(tmp.stat().st_size // 2)
-            fault_point("save", step)
+    fault = _fault_signal("save", step)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)  # to a Python file: a failed write raises OSError (ENOSPC ...)
+            if fault == signal.SIGKILL:
+                with open(tmp, "r+b") as f:
+                    f.truncate(tmp.stat().st_size // 2)
+            if fault is not None:
+                os.kill(os.getpid(), fault)
+    except WriteError as exc:
+        exc.note = "; the training states saved before are intact: make room, then continue the run with --resume"
+        raise
     for old in sorted(state_dir.glob(f"{STATE_PREFIX}*.pt"))[:-KEEP_STATES]:
         old.unlink(missing_ok=True)
     return path
@@ -180,7 +272,7 @@ def load_training_state(state_dir: Path) -> dict[str, Any] | None:
     damaged = []
     for path in sorted(state_dir.glob(f"{STATE_PREFIX}*.pt"), reverse=True):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_torch_file(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, and said so
             damaged.append(path)
             log.warning("training state %s is damaged or incomplete (%s: %s); trying the previous one",

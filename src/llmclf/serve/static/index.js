@@ -1,0 +1,109 @@
+// The page's script (a file, not inline: the Content-Security-Policy allows this origin's files only).
+// Every text from the server or the user (labels, texts, errors) goes into the page with textContent, never as HTML.
+(function () {
+  "use strict";
+  var config = JSON.parse(document.getElementById("llmclf-config").textContent);
+  var $ = function (id) { return document.getElementById(id); };
+  var form = $("form"), textsEl = $("texts"), keyEl = $("api-key"), mcEl = $("mc"), thrEl = $("threshold");
+  var button = $("classify"), errorEl = $("error"), resultsEl = $("results"), statusEl = $("status");
+
+  $("model-line").textContent = "Model " + (config.backbone || "(unnamed)") + " \u00b7 labels: " +
+    config.labels.join(", ") + " \u00b7 up to " + config.max_texts + " texts per request";
+  if (config.auth) {  // without a key on the server, the page neither shows nor mentions one
+    $("key-field").hidden = false;
+    keyEl.placeholder = "required by this server";
+    try { keyEl.value = sessionStorage.getItem("llmclf-api-key") || ""; } catch (e) { /* storage off */ }
+  }
+
+  function el(tag, cls, text) {
+    var node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+  function pct(p) { return (100 * p).toFixed(1) + "%"; }
+
+  function showError(message) {
+    errorEl.textContent = message;
+    errorEl.style.display = message ? "block" : "none";
+  }
+
+  function render(texts, results) {
+    resultsEl.textContent = "";
+    results.forEach(function (r, i) {
+      var card = el("article", "result");
+      card.setAttribute("data-testid", "result");
+      var text = el("p", "text", texts[i]);
+      text.title = texts[i];
+      card.appendChild(text);
+      var head = el("div", "head");
+      var label = el("span", "label", r.label);
+      label.setAttribute("data-testid", "label");
+      head.appendChild(label);
+      head.appendChild(el("span", "", pct(r.probabilities[r.label])));
+      if (r.confident === false) head.appendChild(el("span", "badge unsure", "below threshold"));
+      else if (r.confident === true) head.appendChild(el("span", "badge", "confident"));
+      card.appendChild(head);
+      var bars = el("div", "bars");
+      Object.keys(r.probabilities).sort(function (a, b) { return r.probabilities[b] - r.probabilities[a]; })
+        .forEach(function (name) {
+          var p = r.probabilities[name], top = name === r.label ? " top" : "";
+          bars.appendChild(el("span", "name" + top, name));
+          var track = el("div", "track" + top), fill = el("div", "fill");
+          fill.style.width = Math.max(0, Math.min(100, 100 * p)).toFixed(2) + "%";
+          fill.setAttribute("data-testid", "bar");
+          fill.setAttribute("data-class", name);
+          track.appendChild(fill);
+          bars.appendChild(track);
+          var sd = r.std ? " \u00b1" + (100 * r.std[name]).toFixed(1) : "";
+          bars.appendChild(el("span", "pct" + top, pct(p) + sd));
+        });
+      card.appendChild(bars);
+      resultsEl.appendChild(card);
+    });
+  }
+
+  async function classify() {
+    var texts = textsEl.value.split(/\r?\n/).map(function (t) { return t.trim(); })
+      .filter(function (t) { return t.length > 0; });
+    if (!texts.length) { showError("Enter at least one text (one per line)."); return; }
+    var body = { texts: texts };
+    var mc = parseInt(mcEl.value, 10);
+    if (mc > 0) body.mc_dropout = mc;
+    if (thrEl.value !== "") body.threshold = parseFloat(thrEl.value);
+    var headers = { "Content-Type": "application/json" };
+    if (config.auth) {
+      var key = keyEl.value.trim();
+      if (key) headers["Authorization"] = "Bearer " + key;
+      try { sessionStorage.setItem("llmclf-api-key", key); } catch (e) { /* storage off */ }
+    }
+    showError("");
+    button.disabled = true;
+    statusEl.textContent = "Classifying " + texts.length + " text" + (texts.length > 1 ? "s" : "") + "\u2026";
+    var started = performance.now();
+    try {
+      var response = await fetch("/v1/classify", { method: "POST", headers: headers, body: JSON.stringify(body) });
+      var data = null;
+      try { data = await response.json(); } catch (e) { /* not JSON */ }
+      if (!response.ok) {
+        var detail = data && data.detail ? data.detail : response.statusText;
+        showError("Error " + response.status + ": " + detail);
+        statusEl.textContent = "";
+        return;
+      }
+      render(texts, data.results);
+      statusEl.textContent = data.results.length + " classified in " +
+        Math.round(performance.now() - started) + " ms";
+    } catch (e) {
+      showError("Could not reach the server: " + e.message);
+      statusEl.textContent = "";
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  form.addEventListener("submit", function (event) { event.preventDefault(); classify(); });
+  textsEl.addEventListener("keydown", function (event) {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); classify(); }
+  });
+})();
