@@ -24,10 +24,11 @@ from llmclf import distributed
 from llmclf.data.classification import AUTO_TEMPLATE, LabelledTexts, apply_template, label_order, resolve_template
 from llmclf.errors import ConfigError, DataError, LlmclfError
 from llmclf.families import chat_template_for
+from llmclf.loaders.tensors import WriteError
 from llmclf.ngrams import NgramModel
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_metrics, plot_confusion_matrix
-from llmclf.training.state import RunFinishedError, has_unfinished_run, prepare_run, run_fingerprint
+from llmclf.training.state import RunFinishedError, finish_run, has_unfinished_run, prepare_run, run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,21 @@ class BaseClassifier:
             (config.get("training") or {}).get("template")
         trained_with = (config.get("training") or {}).get("ensemble", "none")
         self.ngrams_ = NgramModel.load(model_dir, len(self.classes_)) if trained_with == "tfidf" else None
+
+    def _save_finished_run(self, out_dir: str | os.PathLike, state_dir: Path) -> None:
+        """Save the fitted model and its plots, then close the run (`checkpoints/` goes). A save that
+        fails (WriteError: disk full ...) keeps the run's last training state, so `--resume` saves it later."""
+        try:
+            self.save(out_dir)
+            self._plot(Path(out_dir))
+        except WriteError as exc:
+            exc.note += (f"; the finished run's training state is kept in {state_dir}: make room, then rerun "
+                         "with --resume to save the model")
+            raise
+        finish_run(out_dir)
+
+    def _plot(self, out_dir: Path) -> None:
+        raise NotImplementedError
 
     # --- the n-gram ensemble (`ensemble="tfidf"`, llmclf.ngrams) ---------------------------------
 

@@ -36,7 +36,7 @@ from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
 from llmclf.loaders.paths import model_file
-from llmclf.loaders.tensors import WriteError, atomic_files, atomic_write_json, write_error
+from llmclf.loaders.tensors import atomic_files, atomic_write_json, write_error
 from llmclf.runtime import autocast, resolve_device, resolve_precision
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_scores
@@ -54,7 +54,6 @@ from llmclf.training.state import (
     StopRequest,
     TrainingInterruptedError,
     fault_point,
-    finish_run,
     start_run,
     stop_requests,
 )
@@ -516,14 +515,7 @@ class HFClassifier(BaseClassifier):
         val_probs = self._probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
         self.val_metrics_ = self._metrics(self._label_ids(val), self._fit_ensemble(train, val, val_probs))
         if out_dir is not None and main:
-            try:
-                self.save(out_dir)
-                self._plot(Path(out_dir))
-            except WriteError as exc:  # the run is not lost: its last checkpoint stays in checkpoints/
-                exc.note += (f"; the finished run's checkpoints are kept in {state_dir}: make room, then rerun "
-                             "with --resume to save the model")
-                raise
-            finish_run(out_dir)
+            self._save_finished_run(out_dir, state_dir)
         distributed.barrier()
         return self
 

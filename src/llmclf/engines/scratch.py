@@ -20,14 +20,14 @@ from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, 
 from llmclf.errors import ConfigError
 from llmclf.loaders.checkpoint import CONFIG_FILE, read_checkpoint_config, save_checkpoint
 from llmclf.loaders.spec import load_model
-from llmclf.loaders.tensors import WriteError, atomic_files, atomic_write_json
+from llmclf.loaders.tensors import atomic_files, atomic_write_json
 from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, merge_lora, replace_head
 from llmclf.runtime import resolve_device, resolve_precision
 from llmclf.training.args import TrainArgs
 from llmclf.training.classifier import Batches, ClassifierTraining, all_logits, iter_logits
 from llmclf.training.optim import class_weight_tensor
 from llmclf.training.plots import plot_values
-from llmclf.training.state import finish_run, load_training_state, start_run
+from llmclf.training.state import load_training_state, start_run
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +138,7 @@ class TextClassifier(BaseClassifier):
         val_probs = torch.softmax(all_logits(classifier, val_batches), dim=-1).numpy()
         self.val_metrics_ = self._metrics(val_enc.labels, self._fit_ensemble(train, val, val_probs))
         if writes:
-            try:
-                self.save(out_dir)
-                self._plot(Path(out_dir))
-            except WriteError as exc:  # the run is not lost: its final state stays in checkpoints/
-                exc.note += (f"; the finished run's training state is kept in {state_dir}: make room, then rerun "
-                             "with --resume to save the model")
-                raise
-            finish_run(out_dir)
+            self._save_finished_run(out_dir, state_dir)
         distributed.barrier()  # the model is saved before any rank returns
         return self
 
