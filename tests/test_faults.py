@@ -31,15 +31,12 @@ from safetensors.torch import load_file
 
 from llmclf.classifier import TextClassifier, load_classifier
 from llmclf.cli import main
-from llmclf.config import GPTConfig
-from llmclf.data.classification import LabelledTexts, read_labelled, write_labelled
-from llmclf.loaders.checkpoint import save_checkpoint
+from llmclf.data.classification import read_labelled, write_labelled
 from llmclf.loaders.tensors import WriteError
-from llmclf.models.gpt2 import GPTModel
 from llmclf.ngrams import N_FEATURES, NgramModel
 from llmclf.predict import partial_paths, predict_file
 from llmclf.training.state import StopRequest, TrainingInterruptedError, load_training_state, stop_requests
-from tiny_classifier import NEGATIVE, POSITIVE, tiny_classifier_dir
+from tiny_classifier import NEGATIVE, POSITIVE, WORDS, tiny_classifier_dir, tiny_dropout_lm, toy_data
 
 PAGE = 4096  # tmpfs allocates whole pages
 
@@ -278,23 +275,13 @@ def test_hf_model_save_that_fills_the_disk_leaves_the_previous_model(disk, tmp_p
 PARAMS = {"trainable": "last-block", "epochs": 3, "batch_size": 4, "grad_accum": 2, "lr": 3e-3,
           "lr_schedule": "cosine", "warmup": 0.2, "log_every": 100, "eval_iter": 1, "precision": "float32",
           "save_every": 2, "ensemble": "none"}
-WORDS = {"pos": "great wonderful happy", "neg": "awful terrible sad"}
-
-
-def _toy(n: int, offset: int = 0, every: int = 2) -> LabelledTexts:
-    labels = ["pos" if i % every == 0 else "neg" for i in range(n)]
-    return LabelledTexts([f"item {i + offset}: {WORDS[lab]}" for i, lab in enumerate(labels)], labels, "toy")
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tokenizer):
     """A tiny GPT-2 with dropout, train/validation CSV files, and the model of an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("run")
-    torch.manual_seed(7)
-    lm = save_checkpoint(tmp / "lm", GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=32,
-                                                        n_heads=4, n_layers=2, drop_rate=0.1)), tokenizer)
-    write_labelled(_toy(24, every=3), tmp / "train.csv")
-    write_labelled(_toy(8, offset=100), tmp / "val.csv")
+    lm = tiny_dropout_lm(tmp / "lm", tokenizer)
+    write_labelled(toy_data(24, pos_every=3), tmp / "train.csv")
+    write_labelled(toy_data(8, offset=100), tmp / "val.csv")
     fit(lm, tmp, tmp / "whole")
     return lm, tmp, load_file(tmp / "whole" / "model.safetensors")
 
@@ -444,7 +431,7 @@ def test_hf_engine_stops_on_sigint_and_resumes_exactly(tmp_path, monkeypatch):
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
     BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(tmp_path / "bert")
-    train, val = _toy(40, every=3), _toy(12, offset=100)
+    train, val = toy_data(40, pos_every=3), toy_data(12, offset=100)
     params = {"epochs": 2, "batch_size": 4, "lr": 1e-2, "save_every": 3, "log_every": 2, "precision": "float32",
               "device": "cpu"}  # 10 optimizer steps an epoch
     out = tmp_path / "run"
@@ -565,7 +552,7 @@ def test_predict_interrupted_by_a_signal_resumes_to_the_same_file(clf_dir, tmp_p
 # --- data split and sms-spam outputs ----------------------------------------------------------------
 
 def test_data_split_that_fills_the_disk_keeps_the_previous_split(disk, tmp_path, monkeypatch, capsys):
-    write_labelled(_toy(600), tmp_path / "all.csv")
+    write_labelled(toy_data(600), tmp_path / "all.csv")
     split = ["data", "split", str(tmp_path / "all.csv"), "--out"]
     assert cli(monkeypatch, capsys, *split, str(tmp_path / "new"), "--seed", "5")[0] == 0
     out = disk.root / "split"

@@ -21,22 +21,14 @@ from typer.testing import CliRunner
 from llmclf.classifier import HFClassifier, TextClassifier, load_classifier
 from llmclf.cli import app
 from llmclf.config import GPTConfig
-from llmclf.data.classification import LabelledTexts, write_labelled
+from llmclf.data.classification import write_labelled
 from llmclf.errors import ConfigError
-from llmclf.loaders.checkpoint import save_checkpoint
 from llmclf.models.gpt2 import GPTModel
 from llmclf.training.args import TrainArgs
 from llmclf.training.optim import class_weight_tensor, decay_parameter_names, lr_factor, make_scheduler
+from tiny_classifier import tiny_dropout_lm, toy_data
 
 runner = CliRunner()
-WORDS = {"pos": "great wonderful happy", "neg": "awful terrible sad"}
-
-
-def _toy(n: int, offset: int = 0, spam_every: int = 2) -> LabelledTexts:
-    labels = ["pos" if (i % spam_every == 0) else "neg" for i in range(n)]
-    return LabelledTexts([f"item {i + offset}: {WORDS[lab]}" for i, lab in enumerate(labels)], labels, "toy")
-
-
 # --- one definition of the options ------------------------------------------------------------
 
 def test_every_option_is_a_train_flag_with_its_help_and_defaults():
@@ -131,7 +123,7 @@ def test_balanced_class_weights_are_scikit_learns():
 
 
 def test_class_weights_clipping_and_schedule_change_training(tiny_checkpoint, monkeypatch):
-    data = _toy(24, spam_every=4)  # 6 pos, 18 neg
+    data = toy_data(24, pos_every=4)  # 6 pos, 18 neg
     base = dict(trainable="all", epochs=2, lr=3e-3, batch_size=4, precision="float32", log_every=1000, ensemble="none")
 
     def probs(**options):
@@ -157,11 +149,9 @@ def test_class_weights_clipping_and_schedule_change_training(tiny_checkpoint, mo
 def run_files(tmp_path_factory, tokenizer):
     """A tiny GPT-2 with dropout (so the RNG state matters) and toy train/validation CSV files."""
     tmp_path = tmp_path_factory.mktemp("runs")
-    torch.manual_seed(7)
-    lm = save_checkpoint(tmp_path / "lm", GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=32,
-                                                             n_heads=4, n_layers=2, drop_rate=0.1)), tokenizer)
-    write_labelled(_toy(40, spam_every=3), tmp_path / "train.csv")
-    write_labelled(_toy(12, offset=100), tmp_path / "val.csv")
+    lm = tiny_dropout_lm(tmp_path / "lm", tokenizer)
+    write_labelled(toy_data(40, pos_every=3), tmp_path / "train.csv")
+    write_labelled(toy_data(12, offset=100), tmp_path / "val.csv")
     return tmp_path, lm
 
 
@@ -261,7 +251,7 @@ def test_resume_refuses_what_it_cannot_continue(run_files, tmp_path):
     assert again.exit_code == 1 and "unfinished training run" in again.output and "--resume" in again.output
     changed = _cli(_train_command(run_files, killed, "--resume", "--lr", "1e-3", "--seed", "5")[3:])
     assert changed.exit_code == 1 and "lr 0.003 (now 0.001)" in changed.output and "seed" in changed.output
-    write_labelled(_toy(40, offset=7), tmp / "train.csv")
+    write_labelled(toy_data(40, offset=7), tmp / "train.csv")
     other_data = _cli(_train_command(run_files, killed, "--resume")[3:])
     assert other_data.exit_code == 1 and "train data (its checksum differs)" in other_data.output
     assert list((killed / "checkpoints").glob("state-*.pt"))  # refusals lose nothing

@@ -16,6 +16,25 @@ WORDS = {"pos": "great wonderful happy", "neg": "awful terrible sad"}
 POSITIVE, NEGATIVE = "today: great wonderful happy", "today: awful terrible sad"
 
 
+def toy_data(n: int, offset: int = 0, pos_every: int = 2):
+    """`n` toy texts "item I: <words of its label>"; every `pos_every`-th one (from the first) is pos."""
+    from llmclf.data.classification import LabelledTexts
+
+    labels = ["pos" if i % pos_every == 0 else "neg" for i in range(n)]
+    return LabelledTexts([f"item {i + offset}: {WORDS[lab]}" for i, lab in enumerate(labels)], labels, "toy")
+
+
+def tiny_dropout_lm(out: Path, tokenizer) -> Path:
+    """An llmclf checkpoint of a tiny random GPT-2 with dropout 0.1 (so RNG states matter to resume)."""
+    from llmclf.config import GPTConfig
+    from llmclf.loaders.checkpoint import save_checkpoint
+    from llmclf.models.gpt2 import GPTModel
+
+    torch.manual_seed(7)
+    return save_checkpoint(out, GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=4,
+                                                   n_layers=2, drop_rate=0.1)), tokenizer)
+
+
 def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
     """The directory of a tiny GPT-2 classifier (labels neg, pos; dropout 0.1) saved by `fit`."""
     out = tmp_path_factory.getbasetemp() / "llmclf-tiny-classifier"
