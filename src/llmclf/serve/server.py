@@ -20,6 +20,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llmclf.errors import ConfigError
+from llmclf.serve.app import DEFAULT_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("llmclf.serve")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # the blank line after the headers (h11 accepts bare LF too)
@@ -113,7 +114,8 @@ class _HardenedH11Protocol(H11Protocol):
 
 
 def uvicorn_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True,
-                   shutdown_timeout: float = 30.0, keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
+                   shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+                   keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
                    request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
                    max_connections: int | None = DEFAULT_MAX_CONNECTIONS, log_level: str = "info") -> uvicorn.Config:
     """uvicorn's settings for `app` with llmclf's limits (see `llmclf serve --help`).
