@@ -16,12 +16,16 @@ from typing import Any
 from llmclf.engines import ENGINES, choose_engine
 from llmclf.engines.base import TEST_METRICS_FILE, BaseClassifier, MCDropoutResult, NotFittedError, evaluation_report
 from llmclf.engines.hf import HFClassifier
+from llmclf.engines.onnx import ONNXClassifier
 from llmclf.engines.scratch import TextClassifier
 from llmclf.errors import ConfigError
-from llmclf.loaders.checkpoint import read_checkpoint_config
+from llmclf.export.onnx import ONNX_FILE
+from llmclf.loaders.checkpoint import CONFIG_FILE, read_checkpoint_config
 from llmclf.training.args import TrainArgs
 
-__all__ = ["BaseClassifier", "HFClassifier", "MCDropoutResult", "NotFittedError", "TextClassifier",
+BACKENDS = ("auto", "torch", "onnx")
+
+__all__ = ["BaseClassifier", "HFClassifier", "MCDropoutResult", "NotFittedError", "ONNXClassifier", "TextClassifier",
            "evaluation_report", "load_classifier", "make_classifier"]
 
 
@@ -39,23 +43,44 @@ def make_classifier(model: str, engine: str = "auto", recipe: str | None = None,
     return cls(model, **options)
 
 
-def load_classifier(path: str | os.PathLike, **kwargs: Any) -> BaseClassifier:
+def load_classifier(path: str | os.PathLike, backend: str = "auto", **kwargs: Any) -> BaseClassifier:
     """A trained classifier from a directory written by either engine (or a bare state_dict file,
-    e.g. the book's `review_classifier.pth`, with `base_config`): `load_classifier(DIR).predict([...])`.
+    e.g. the book's `review_classifier.pth`, with `base_config`), or an ONNX export of one (`llmclf
+    export --format onnx`): `load_classifier(DIR).predict([...])`.
 
-    Keyword arguments go to the engine's `load` (precision, device; for state_dict files also
-    base_config, num_classes, labels, pooling, max_length, tokenizer_dir)."""
+    `backend`: `torch` (a directory `llmclf train` wrote), `onnx` (an ONNX export, run by ONNX
+    Runtime) or `auto` (whichever the directory is). Keyword arguments go to the engine's `load`
+    (precision, device, max_length; for state_dict files also base_config, num_classes, labels,
+    pooling, tokenizer_dir)."""
     path = Path(path)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     engine = "scratch"
     if path.is_dir():
+        if (path / ONNX_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"{path} has {ONNX_FILE} but no {CONFIG_FILE}, the sidecar `llmclf export --format onnx` "
+                              "writes beside it (labels, template, tokenizer); export the model again")
         engine = read_checkpoint_config(path).get("engine", "scratch")
-    if engine == "hf":
+    elif path.suffix == ".onnx":
+        raise ConfigError(f"{path} is an ONNX file; give its directory, written by `llmclf export --format onnx` "
+                          "(its config.json says how to read texts into the graph)")
+    if backend == "onnx" and engine != "onnx":
+        raise ConfigError(f"{path} is a PyTorch model ({engine} engine), not an ONNX export; export it first "
+                          f"(llmclf export --model {path} --format onnx --out DIR) or use --backend torch")
+    if backend == "torch" and engine == "onnx":
+        raise ConfigError(f"{path} is an ONNX export; --backend torch needs the directory `llmclf train` wrote, or "
+                          "use --backend onnx")
+    if kwargs.get("precision") == "int8" and engine != "onnx":
+        raise ConfigError("--precision int8 runs the int8 graph of an ONNX export (llmclf export --format onnx "
+                          "--quantize int8); PyTorch models run float32 or bfloat16")
+    if engine in ("hf", "onnx"):
         scratch_only = sorted(k for k, v in kwargs.items()
                               if v is not None and k not in ("precision", "device", "max_length"))
         if scratch_only:
-            raise ConfigError(f"{path} was trained by the Transformers engine; {', '.join(scratch_only)} "
-                              "apply to from-scratch models only")
-        clf: BaseClassifier = HFClassifier.load(path, **{k: v for k, v in kwargs.items() if v is not None})
+            what = "was trained by the Transformers engine" if engine == "hf" else "is an ONNX export"
+            raise ConfigError(f"{path} {what}; {', '.join(scratch_only)} apply to from-scratch models only")
+        cls = HFClassifier if engine == "hf" else ONNXClassifier
+        clf: BaseClassifier = cls.load(path, **{k: v for k, v in kwargs.items() if v is not None})
     else:
         clf = TextClassifier.load(path, **kwargs)
     test_file = path / TEST_METRICS_FILE

@@ -21,7 +21,15 @@ import torch
 import torch.nn as nn
 
 from llmclf import distributed
-from llmclf.data.classification import AUTO_TEMPLATE, LabelledTexts, apply_template, label_order, resolve_template
+from llmclf.data.classification import (
+    AUTO_TEMPLATE,
+    LabelledTexts,
+    apply_template,
+    encode_texts,
+    label_order,
+    resolve_template,
+    template_suffix_tokens,
+)
 from llmclf.errors import ConfigError, DataError, LlmclfError
 from llmclf.families import chat_template_for
 from llmclf.loaders.tensors import WriteError
@@ -108,6 +116,7 @@ class BaseClassifier:
     """
 
     engine = ""
+    supports_mc_dropout = True  # the ONNX backend's graph has no dropout
     extra_params: tuple[str, ...] = ()  # constructor arguments besides `model` and the TrainArgs options
     classes_: list[str]
     max_length_: int
@@ -202,6 +211,17 @@ class BaseClassifier:
         """What the model reads for these texts: each put into the template, if there is one
         (`template_`: the template with the chat format and class names filled in, see `fit`)."""
         return apply_template(self.template_, texts)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids the model reads for `texts`: templated, and cut to `max_length_` as in training
+        (llmclf's tokenizers keep the template's end; Transformers' tokenizers cut the end)."""
+        from llmclf.tokenizer import GPT2Tokenizer, HFTokenizer
+
+        texts = self._model_inputs(list(texts))
+        if isinstance(self.tokenizer_, GPT2Tokenizer | HFTokenizer):
+            keep_last = template_suffix_tokens(self.template_, self.tokenizer_)
+            return encode_texts(texts, self.tokenizer_, self.max_length_, keep_last=keep_last).ids
+        return self.tokenizer_(texts, truncation=True, max_length=self.max_length_)["input_ids"]
 
     def _restore_fitted(self, config: dict[str, Any], model_dir: Path) -> None:
         """`template_` and `ngrams_` of a model loaded from `model_dir` (`classes_` set). The template
