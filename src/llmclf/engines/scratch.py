@@ -78,7 +78,7 @@ class TextClassifier(BaseClassifier):
 
         backbone, self.tokenizer_ = load_model(self.model, **(self.model_options or {}))
         torch.manual_seed(args.seed)
-        replace_head(backbone, len(self.classes_))
+        replace_head(backbone, len(self.classes_), bias=args.head_bias)
         classifier = SequenceClassifier(backbone, args.pooling).to(device)
         n_trainable = apply_trainable(classifier, trainable)
         n_total = sum(p.numel() for p in classifier.parameters())

@@ -16,9 +16,10 @@ from llmclf.models.gpt2 import GPTModel
 POOLINGS = ("last", "mean", "last-position")
 
 
-def replace_head(model: GPTModel, num_classes: int) -> GPTModel:
-    """The book's step 1: `out_head` becomes `Linear(emb_dim, num_classes)` (with bias)."""
-    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
+def replace_head(model: GPTModel, num_classes: int, bias: bool = True) -> GPTModel:
+    """The book's step 1: `out_head` becomes `Linear(emb_dim, num_classes)` (with bias, as the book's;
+    without, as Transformers' `*ForSequenceClassification.score`, for an exact `llmclf export --format hf`)."""
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, bias=bias)
     return model
 
 

@@ -178,6 +178,10 @@ class TrainArgs:
     pooling: str = option("mean", "Which positions feed the head: last (last real token) | mean | "
                           "last-position (the course's fixed-length padding).", engines=("scratch",),
                           check=_one_of(POOLINGS))
+    head_bias: bool = option(
+        True, "Give the class head a bias, as the book's. Without one (--no-head-bias) the head is Transformers' "
+        "`score` layer, so that `llmclf export --format hf` is exact for every family (a bias is folded "
+        "exactly only into GPT-2's final LayerNorm).", engines=("scratch",))
     bucket: bool = option(False, "Batch texts of similar length together (less padding).", engines=("scratch",))
     cache_frozen: bool = option(
         True, "Run the frozen layers once per text and cache their output (exact when they have no dropout).",
