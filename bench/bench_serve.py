@@ -77,12 +77,13 @@ def free_port() -> int:
 class Server:
     """`llmclf serve` in a subprocess on a free loopback port; stopped on exit."""
 
-    def __init__(self, model_dir: Path, max_batch: int, max_wait_ms: float, log: Path) -> None:
+    def __init__(self, model_dir: Path, max_batch: int, max_wait_ms: float, log: Path,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "llmclf", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
                     "--port", str(self.port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
-                    "--no-access-log"]
+                    "--no-access-log", *extra_args]
         self.log = log
 
     def __enter__(self) -> Server:

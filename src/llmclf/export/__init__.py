@@ -43,7 +43,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, format: str, 
         if format == "hf":
             from llmclf.export.hf import export_hf
 
-            export_hf(clf, staging)
+            export_hf(clf, staging, model_path=out)
             report: dict[str, Any] = {}
         else:
             from llmclf.export.onnx import export_onnx

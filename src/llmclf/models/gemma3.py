@@ -289,3 +289,20 @@ def config_from_gguf(metadata: Any, name: str) -> Gemma3Config:
         query_pre_attn_scalar=float(emb_dim // n_heads if n_layers == 62 else head_dim),
         rms_eps=float(metadata.get("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_embeddings="output.weight" not in metadata.tensor_names, name=name)
+
+
+def config_to_hf(cfg: Gemma3Config) -> dict[str, Any]:
+    """A Hugging Face Gemma 3 text `config.json` (as a dict, model_type "gemma3_text") for `cfg`: the
+    inverse of `config_from_hf`, with the rotary bases in Transformers 5's per-layer-type `rope_parameters`."""
+    if not cfg.qk_norm:
+        raise ConfigError(f"{cfg.name}: Hugging Face's Gemma 3 always has q/k norms; qk_norm=False cannot be written")
+    return {"model_type": "gemma3_text", "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
+            "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_groups, "head_dim": cfg.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": cfg.rms_eps,
+            "sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types),
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "tie_word_embeddings": cfg.tie_embeddings,
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_base},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base}},
+            "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_bias": False,
+            "use_bidirectional_attention": False, "attention_dropout": cfg.drop_rate}

@@ -239,3 +239,45 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str
     if hf:
         raise CheckpointError(f"GPT-2 checkpoint has tensors this config does not use: {sorted(hf)[:5]}")
     return {k: v.contiguous() for k, v in ours.items()}
+
+
+def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
+    """A Hugging Face GPT-2 `config.json` (as a dict) for `cfg`: the inverse of `config_from_hf`. Our
+    GELU is GPT-2's tanh approximation (`gelu_new`); without qkv biases `state_to_hf` writes zero ones."""
+    return {"model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length,
+            "n_embd": cfg.emb_dim, "n_head": cfg.n_heads, "n_layer": cfg.n_layers, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": cfg.drop_rate,
+            "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+
+
+def state_to_hf(state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our `GPTModel` state dict in Hugging Face GPT-2's names, the inverse of `state_from_hf`.
+
+    Names carry the `transformer.` prefix (as `GPT2LMHeadModel` and `GPT2ForSequenceClassification`
+    have them); W_query/W_key/W_value are fused into `c_attn` (zero biases when `cfg.qkv_bias` is
+    off) and Conv1D weights transposed; `out_head.weight`, when present, becomes `lm_head.weight`.
+    """
+    ours = dict(state)
+
+    def take(key: str) -> torch.Tensor:
+        if key not in ours:
+            raise CheckpointError(f"the GPT-2 state dict lacks the tensor {key!r}")
+        return ours.pop(key)
+
+    hf = {f"transformer.{hf_name}": take(name) for name, hf_name in _TOP_MAP.items()}
+    for i in range(cfg.n_layers):
+        for name, hf_name in _BLOCK_MAP.items():
+            tensor = take(name.format(i))
+            hf[f"transformer.{hf_name.format(i)}"] = tensor.T if tensor.ndim == 2 else tensor
+        parts = [f"trf_blocks.{i}.att.{part}" for part in ("W_query", "W_key", "W_value")]
+        weights = [take(f"{part}.weight") for part in parts]  # each (C, C)
+        biases = [ours.pop(f"{part}.bias", None) for part in parts]
+        biases = [torch.zeros_like(w[:, 0]) if b is None else b for w, b in zip(weights, biases, strict=True)]
+        hf[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(weights).T  # Conv1D: (C, 3 * C)
+        hf[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(biases)
+    if "out_head.weight" in ours:
+        hf["lm_head.weight"] = ours.pop("out_head.weight")
+    if ours:
+        raise ConfigError(f"Hugging Face GPT-2 has no name for the tensors {sorted(ours)[:5]}")
+    return {k: v.contiguous() for k, v in hf.items()}

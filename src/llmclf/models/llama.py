@@ -10,14 +10,14 @@ run_blocks, attention_inputs, KV cache), so generation, evaluation and classific
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from llmclf.config import LlamaConfig
-from llmclf.errors import CheckpointError
+from llmclf.errors import CheckpointError, ConfigError
 from llmclf.models.decoder import DecoderModel, KVCache, causal_padding_mask, mask_after_cache, rows_at
 
 # Our names <- Hugging Face LlamaForCausalLM's ("{}" = block index)
@@ -235,3 +235,21 @@ class LlamaModel(DecoderModel):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -num_queries:]
         return AttentionInputs(causal_padding_mask(attention_mask, num_queries),
                                self.cos[positions][:, None], self.sin[positions][:, None])
+
+
+def hf_decoder_fields(cfg: LlamaConfig) -> dict[str, Any]:
+    """The config.json fields that Hugging Face's Llama, Qwen3 and Qwen2 configs share, for `cfg`."""
+    return {"vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
+            "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_groups,
+            "head_dim": cfg.attention_head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+            "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.drop_rate}
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """A Hugging Face Llama `config.json` (as a dict) for `cfg`: the inverse of `config_from_hf`."""
+    if cfg.qk_norm or cfg.qkv_bias:
+        raise ConfigError(f"{cfg.name}: Hugging Face's Llama has neither q/k norms nor qkv-only biases "
+                          f"(qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}); such a model belongs to the qwen3 family")
+    return {"model_type": "llama", **hf_decoder_fields(cfg), "attention_bias": False, "mlp_bias": False}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmclf.config import LlamaConfig
-from llmclf.errors import CheckpointError
+from llmclf.errors import CheckpointError, ConfigError
 from llmclf.models import llama
 from llmclf.models.llama import LlamaModel
 
@@ -133,3 +133,14 @@ def config_from_gguf(metadata: Any, name: str) -> Qwen3Config:
         rms_eps=float(metadata.get("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_embeddings="output.weight" not in metadata.tensor_names,
         qkv_bias="blk.0.attn_q.bias" in metadata.tensor_names, name=name)
+
+
+def config_to_hf(cfg: Qwen3Config) -> dict[str, Any]:
+    """A Hugging Face config.json (as a dict) for `cfg`: model_type "qwen3" (q/k norms) or "qwen2" (qkv
+    biases), the inverse of `config_from_hf`; a config with both or neither is a ConfigError."""
+    if cfg.qk_norm == cfg.qkv_bias:
+        raise ConfigError(f"{cfg.name}: Hugging Face has Qwen3 (q/k norms, no qkv biases) and Qwen2 (qkv biases, "
+                          f"no q/k norms), not qk_norm={cfg.qk_norm} with qkv_bias={cfg.qkv_bias}")
+    model_type = "qwen3" if cfg.qk_norm else "qwen2"
+    extra = {"attention_bias": False} if model_type == "qwen3" else {}
+    return {"model_type": model_type, **llama.hf_decoder_fields(cfg), **extra, "use_sliding_window": False}
