@@ -10,7 +10,7 @@ export LLMCLF_GPT2_TOKENIZER_DIR ?= $(SHARED)/tokenizers/gpt2
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup browser demo demo-imdb demo-lm serve test test-slow lint bench bench-serve bench-predict bench-soak clean
+.PHONY: setup browser demo demo-imdb demo-lm serve test test-slow lint bench bench-serve bench-predict bench-soak bench-inference clean
 
 setup: $(VENV)/.installed
 
@@ -94,6 +94,10 @@ bench-predict: setup
 
 bench-soak: setup
 	$(PY) bench/bench_soak.py
+
+# PyTorch float32/bfloat16 vs ONNX Runtime float32/int8: predict and serve texts/s, accuracy, fraction of peak.
+bench-inference: setup
+	$(PY) bench/bench_inference.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

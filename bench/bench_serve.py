@@ -122,7 +122,7 @@ async def load(url: str, texts: list[str], clients: int, seconds: float, max_req
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         before = (await client.get("/healthz")).json()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         deadline = start + seconds
 
         async def worker() -> None:
@@ -144,6 +144,7 @@ async def load(url: str, texts: list[str], clients: int, seconds: float, max_req
 
         await asyncio.gather(*[worker() for _ in range(clients)])
         elapsed = time.perf_counter() - start
+        client_cpu = (time.process_time() - cpu_start) / elapsed
         after = (await client.get("/healthz")).json()
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     batches = after["batches"] - before["batches"]
@@ -153,7 +154,8 @@ async def load(url: str, texts: list[str], clients: int, seconds: float, max_req
             "texts_per_s": round(len(latencies) * per_request / elapsed, 1),
             "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}
             | {"max": round(float(lat.max()), 1)},
-            "mean_batch_texts": round((after["texts"] - before["texts"]) / batches, 1) if batches else None}
+            "mean_batch_texts": round((after["texts"] - before["texts"]) / batches, 1) if batches else None,
+            "client_cpu_cores": round(client_cpu, 2)}  # the load generator's own share of the machine
 
 
 def main() -> None:

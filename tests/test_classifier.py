@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from llmclf.classifier import NotFittedError, TextClassifier, load_classifier
@@ -302,6 +304,21 @@ def test_length_bucketing_keeps_every_text_once_and_groups_similar_lengths():
     spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
     plain = batch_order(lengths, 8, shuffle=True, bucket=False, rng=random.Random(0))
     assert spread < 0.2 * np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 300), max_size=80), st.integers(1, 40))
+def test_inference_batches_cover_every_text_once_and_bound_the_padding(lengths, batch_size):
+    from llmclf.data.classification import PADDING_SLACK, inference_batches
+
+    batches = inference_batches(lengths, batch_size)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert 1 <= len(batch) <= batch_size
+        real = sum(lengths[i] for i in batch)
+        assert len(batch) * max(lengths[i] for i in batch) <= (1 + PADDING_SLACK) * real + 1e-9
+    # equal lengths: full batches, as plain sorting gives
+    assert [len(b) for b in inference_batches([7] * 70, 32)] == [32, 32, 6]
 
 
 def test_bfloat16_training_runs_and_learns(tiny_lm):

@@ -43,6 +43,10 @@ def test_export_writes_a_checked_self_describing_directory(exported: Path, train
 
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "encoder.json", "model.int8.onnx",
                                                           "model.onnx", "vocab.bpe"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o777 & ~umask  # deployable: not private like a temporary directory
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in exported.iterdir())
     for graph in ("model.onnx", "model.int8.onnx"):
         onnx.checker.check_model(str(exported / graph), full_check=True)
     sidecar = json.loads((exported / "config.json").read_text())

@@ -492,6 +492,29 @@ def collate(ids: list[list[int]], pad_id: int, fixed_length: int | None = None) 
     return input_ids, attention_mask
 
 
+# Inference batches: padding may add at most this share of the real tokens before a new batch starts.
+PADDING_SLACK = 0.25
+
+
+def inference_batches(lengths: list[int], batch_size: int, slack: float = PADDING_SLACK) -> list[list[int]]:
+    """Text indices per forward pass for inference: sorted by length, at most `batch_size` per batch,
+    and a new batch wherever padding to the next (longer) text would exceed `slack` x the real tokens.
+
+    Sorting alone leaves little padding in a large input (`predict` on a file); a server's batch is the
+    few texts that arrived together, whose lengths vary widely, and padding them all to the longest
+    wasted about half of its compute: there, splitting by length is the cheaper pass."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * lengths[i] > (1 + slack) * (real + lengths[i])):
+            batches.append(batch)
+            batch, real = [], 0
+        batch.append(i)
+        real += lengths[i]
+    return batches + [batch] if batch else batches
+
+
 def batch_order(lengths: list[int], batch_size: int, shuffle: bool, bucket: bool,
                 rng: random.Random) -> list[list[int]]:
     """Indices grouped into batches. With `bucket`, texts of similar length share a batch (less

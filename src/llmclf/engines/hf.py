@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from llmclf import distributed
-from llmclf.data.classification import LabelledTexts
+from llmclf.data.classification import LabelledTexts, inference_batches
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
@@ -553,11 +553,8 @@ class HFClassifier(BaseClassifier):
         dtype = resolve_precision(self.precision, device)
         texts = self._model_inputs(texts)
         encoded = self.tokenizer_(texts, truncation=True, max_length=self.max_length_)["input_ids"]
-        lengths = [len(ids) for ids in encoded]
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])  # similar lengths batch together
         out = np.empty((len(texts), len(self.classes_)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in inference_batches([len(ids) for ids in encoded], batch_size):
             batch = self.tokenizer_([texts[i] for i in idx], truncation=True, max_length=self.max_length_,
                                     padding=True, return_tensors="pt").to(device)
             with autocast(device, dtype):

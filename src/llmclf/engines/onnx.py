@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmclf.data.classification import inference_batches
 from llmclf.engines.base import BaseClassifier, NotFittedError
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import read_checkpoint_config
@@ -165,10 +166,8 @@ class ONNXClassifier(BaseClassifier):
 
     def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
         ids = self.token_ids(texts)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths batch together
         out = np.empty((len(ids), len(self.classes_)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in inference_batches([self.fixed_length_ or len(x) for x in ids], batch_size):
             input_ids, mask = pad_batch([ids[i] for i in idx], self.pad_id_, self.fixed_length_)
             out[idx] = self.session_.run(self.output_names_, {"input_ids": input_ids, "attention_mask": mask})[0]
         return out

@@ -15,7 +15,13 @@ import torch
 
 from llmclf import distributed
 from llmclf.config import DEFAULT_BACKBONE
-from llmclf.data.classification import EncodedTexts, LabelledTexts, encode_texts, template_suffix_tokens
+from llmclf.data.classification import (
+    EncodedTexts,
+    LabelledTexts,
+    encode_texts,
+    inference_batches,
+    template_suffix_tokens,
+)
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
 from llmclf.errors import ConfigError
 from llmclf.loaders.checkpoint import CONFIG_FILE, read_checkpoint_config, save_checkpoint
@@ -174,15 +180,12 @@ class TextClassifier(BaseClassifier):
 
     @torch.no_grad()
     def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
-        enc = self._encode(LabelledTexts(texts, []), with_labels=False)
-        order = sorted(range(len(texts)), key=lambda i: len(enc.ids[i]))  # similar lengths batch together
-        enc_sorted = EncodedTexts([enc.ids[i] for i in order], None, enc.truncated)
-        batches = self._batches(enc_sorted, batch_size)
-        probs = [torch.softmax(logits, dim=-1).cpu()
-                 for logits, _ in iter_logits(self.model_, batches, dropout=dropout)]
-        stacked = torch.cat(probs).numpy()
-        out = np.empty_like(stacked)
-        out[order] = stacked
+        batches = self._batches(self._encode(LabelledTexts(texts, []), with_labels=False), batch_size)
+        order = inference_batches(batches.lengths, batch_size)
+        out = np.empty((len(texts), len(self.classes_)), dtype=np.float32)
+        for idx, (logits, _) in zip(order, iter_logits(self.model_, batches, dropout=dropout, order=order),
+                                    strict=True):
+            out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
         return out
 
     # --- persistence ------------------------------------------------------------------------

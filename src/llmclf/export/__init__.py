@@ -100,9 +100,20 @@ def staged_directory(out: Path) -> Iterator[Path]:
             if write_error(exc, staging) is None:
                 raise
             raise write_error(exc, out, any_file=True) from exc
+        _share_like_new_files(staging)
         _replace_directory(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _share_like_new_files(directory: Path) -> None:
+    """The modes a new directory and new files get under the umask (mkdtemp and the atomic writes make
+    them private): an export is meant to be deployed and read by other users and services."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _replace_directory(out: Path, new: Path) -> None:

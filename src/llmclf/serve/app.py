@@ -364,7 +364,7 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
             more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
             raise HTTPException(413, f"texts[{long[0]}]{more}: {len(request.texts[long[0]])} characters; the limit "
                                      f"is {max_chars} per text (--max-chars): shorten or split the text")
-        if request.mc_dropout is not None and not clf.supports_mc_dropout:
+        if request.mc_dropout is not None and not getattr(clf, "supports_mc_dropout", True):
             raise HTTPException(422, "mc_dropout: this model is served from an ONNX export, whose graph has no "
                                      "dropout; serve the directory `llmclf train` wrote (--backend torch) for it")
         if request.mc_dropout is not None and request.mc_dropout > max_mc_passes:

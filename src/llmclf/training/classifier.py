@@ -98,8 +98,10 @@ class Batches:
         """Text indices per batch, in batch order (shuffled with `rng`)."""
         return batch_order(self.lengths, self.batch_size, shuffle, self.bucket, rng or random.Random(0))
 
-    def iterate(self, shuffle: bool = False, rng: random.Random | None = None, limit: int | None = None):
-        for batch_idx in self.order(shuffle, rng)[:limit]:
+    def iterate(self, shuffle: bool = False, rng: random.Random | None = None, limit: int | None = None,
+                order: list[list[int]] | None = None):
+        """Batches in `order` (text indices per batch), else in `self.order(shuffle, rng)`."""
+        for batch_idx in (self.order(shuffle, rng) if order is None else order)[:limit]:
             yield self.make(batch_idx)
 
     def make(self, idx: list[int]) -> Batch:
@@ -141,13 +143,14 @@ def calc_loss_batch(model: SequenceClassifier, batches: Batches, batch: Batch,
 
 
 @torch.no_grad()
-def iter_logits(model: SequenceClassifier, batches: Batches, num_batches: int | None = None, dropout: bool = False):
-    """(float32 logits, labels) per batch, in the batches' precision; in eval mode unless
-    `dropout` (MC-dropout passes)."""
+def iter_logits(model: SequenceClassifier, batches: Batches, num_batches: int | None = None, dropout: bool = False,
+                order: list[list[int]] | None = None):
+    """(float32 logits, labels) per batch (of `order`, if given), in the batches' precision; in eval
+    mode unless `dropout` (MC-dropout passes)."""
     was_training = model.training
     model.train(dropout)
     try:
-        for inputs, mask, labels in batches.iterate(limit=num_batches):
+        for inputs, mask, labels in batches.iterate(limit=num_batches, order=order):
             with autocast(batches.device, batches.dtype):
                 logits = classifier_logits(model, batches, inputs, mask)
             yield logits.float(), labels
