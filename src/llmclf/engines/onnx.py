@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmclf.data.classification import inference_batches
+from llmclf.data.classification import collate, inference_batches
 from llmclf.engines.base import BaseClassifier, NotFittedError
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import read_checkpoint_config
@@ -44,14 +44,9 @@ def open_session(path: str | os.PathLike, device: str | None = None):
 
 
 def pad_batch(ids: list[list[int]], pad_id: int, fixed_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (input_ids, attention_mask), int64, as llmclf's engines pad (`collate`)."""
-    length = fixed_length or max(len(x) for x in ids)
-    input_ids = np.full((len(ids), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), length), dtype=np.int64)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return input_ids, mask
+    """`collate`'s right-padded (input_ids, attention_mask), as the int64 arrays ONNX Runtime takes."""
+    input_ids, mask = collate(ids, pad_id, fixed_length)
+    return input_ids.numpy(), mask.numpy()
 
 
 def tokenizer_files(clf: BaseClassifier, out_dir: Path) -> dict[str, Any]:

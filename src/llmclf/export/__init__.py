@@ -24,6 +24,8 @@ from llmclf.loaders.tensors import write_error
 
 FORMATS = ("hf", "onnx")
 QUANTIZATIONS = ("int8",)
+# Every export is read back and checked against llmclf's float32 probabilities; one further off is refused.
+MAX_ABS_DIFF = 1e-4
 
 
 def export_model(model: str | os.PathLike, out: str | os.PathLike, format: str, quantize: str | None = None,

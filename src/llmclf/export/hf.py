@@ -29,12 +29,12 @@ import torch
 
 from llmclf.data.classification import TEXT_FIELD, template_suffix_tokens
 from llmclf.errors import ConfigError
+from llmclf.export import MAX_ABS_DIFF
 from llmclf.families import family_of
 from llmclf.loaders.tensors import atomic_save_safetensors, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-MAX_ABS_DIFF = 1e-4  # Transformers vs llmclf probabilities (float32): the export is refused beyond this
 BIAS_FOLD_RTOL = 1e-6  # |W·δ - b| / |b| that a head bias folded into the final norm may leave
 # Texts the export is checked on, one by one and as one padded batch (whitespace runs, digits and
 # accents test the tokenizer; the long one, the truncation).

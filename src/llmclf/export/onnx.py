@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from llmclf.engines.onnx import pad_batch
 from llmclf.errors import ConfigError
+from llmclf.export import MAX_ABS_DIFF
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE
 from llmclf.loaders.tensors import atomic_write_json
 
@@ -32,13 +33,13 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("probabilities",)
-MAX_ABS_DIFF = 1e-4  # ONNX Runtime vs PyTorch, float32: the export is refused beyond this
 # int8: a MatMul whose input has outliers (max |x| above this many times its RMS on the check texts) stays
 # float32. Dynamic quantization gives each activation tensor one uint8 scale, so a few huge values (SmolLM2's
 # MLP down-projections reach 350x RMS) leave the rest of the tensor a handful of levels: quantizing all of
 # SmolLM2 cost 12.7 points on SMS; keeping its 8 such MatMuls (of 210) float32 costs none (README "Measured").
 OUTLIER_RATIO = 100.0
-# Texts of several lengths that the export is checked on (besides the padding between them).
+# Texts of several lengths that the export is checked on (besides the padding between them), and the
+# int8 copy calibrated on (OUTLIER_RATIO).
 CHECK_TEXTS = ("ok", "Free entry! Win a prize now, text WIN to 80082.", "See you at the station at six, then dinner?",
                "a " * 40 + "long text that is cut to the model's max_length when the model's max_length is short")
 
