@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -32,6 +31,7 @@ import httpx
 import numpy as np
 import psutil
 from bench_serve import Server
+from bench_training_loop import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "runs" / "bench_models"
@@ -166,16 +166,6 @@ async def soak(url: str, port: int, clients: int, seconds: float, seed: int = 0)
                                  "p99": round(float(np.percentile(lat, 99)), 1)}}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="soak duration (bounded: at most 3600)")
@@ -204,7 +194,7 @@ def main() -> None:
         rss_end = proc.memory_info().rss if alive else None
     exit_code = server.proc.returncode
     server_log = log.read_text(errors="replace")
-    report = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "model": str(model), "clients": args.clients,
+    report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "model": str(model), "clients": args.clients,
               "seconds": round(elapsed, 1), **result, "server_alive_at_end": alive, "health_at_end": health,
               "rss_mb": {"start": round(rss_start / 2**20, 1), "end": rss_end and round(rss_end / 2**20, 1),
                          "growth": rss_end and round((rss_end - rss_start) / 2**20, 1)},
