@@ -237,3 +237,16 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error(setup):
 
     with pytest.raises(ConfigError, match="--device cuda was requested but this machine has no CUDA GPU"):
         TextClassifier(str(setup["lm"]), device="cuda").fit(_texts(8, 1), _texts(4, 2), progress=False)
+
+
+def test_a_finished_worker_ends_with_its_exit_code_after_the_exit_handlers_and_flushed_output():
+    script = ("import atexit, sys\n"
+              "from llmclf import distributed\n"
+              "atexit.register(lambda: print('exit handler ran', flush=True))\n"
+              "print('buffered output', end='')\n"
+              "sys.stderr.write('buffered error')\n"
+              "distributed.end_worker(3)\n"
+              "print('not reached')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 3
+    assert result.stdout == "buffered outputexit handler ran\n" and result.stderr == "buffered error"

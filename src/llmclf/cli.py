@@ -723,6 +723,20 @@ def main() -> None:
         s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, raise_interrupted) for s in handled}
     try:
+        _run_app()
+    except SystemExit as exc:
+        if distributed.launched() and (exc.code is None or isinstance(exc.code, int)):
+            distributed.end_worker(exc.code or 0)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        distributed.shutdown()
+
+
+def _run_app() -> None:
+    """`app()`, with the errors `main` expects turned into a message and an exit code (SystemExit)."""
+    try:
         app()
     except TrainingInterruptedError as exc:
         argv = sys.argv[1:]
@@ -739,7 +753,3 @@ def main() -> None:
     except Interrupted as exc:
         typer.secho(f"interrupted by {signal.Signals(exc.signum).name}", fg=typer.colors.YELLOW, err=True)
         raise SystemExit(exc.exit_code) from None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        distributed.shutdown()

@@ -10,6 +10,8 @@ when GPUs are present. Nothing else in llmclf reads these variables.
 
 from __future__ import annotations
 
+import atexit
+import faulthandler
 import hashlib
 import json
 import logging
@@ -19,7 +21,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -71,6 +73,7 @@ def init(device: str | None = None) -> torch.device:
                           "leave --device out to run on the CPU (gloo with several processes)")
     if not launched():
         return chosen
+    faulthandler.enable()  # a worker that aborts in C++ (SIGABRT, SIGSEGV) still shows its Python stack
     if chosen.type == "cuda" and chosen.index is None:
         chosen = torch.device("cuda", local_rank())
     if chosen.type == "cuda":
@@ -90,6 +93,24 @@ def shutdown() -> None:
     """Leave the process group (at the end of a worker's command)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_worker(code: int) -> NoReturn:
+    """End a worker whose command has finished (with exit `code`) and whose group is destroyed.
+
+    Python's own exit handlers run and output is flushed, but the interpreter's finalization is
+    skipped (`os._exit`): there, the C++ teardown of gloo can abort a worker whose run was complete
+    ("terminate called without an active exception", once in CI after `predict --devices 2` had
+    written its output), and the launcher then reports the finished job as failed."""
+    shutdown()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def barrier() -> None:
