@@ -402,3 +402,34 @@ def assert_one_position_head_matches_the_full_forward(backbone: torch.nn.Module)
 
 def test_the_classifier_finishes_only_the_pooled_rows_in_its_last_block(tiny_model):
     assert_one_position_head_matches_the_full_forward(tiny_model)
+
+
+def test_inference_autocast_gives_autocasts_numbers_from_weight_copies_it_remakes_when_weights_change():
+    from llmclf.runtime import autocast, inference_autocast
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2)).eval()
+    ids, cpu, bf16 = torch.randint(0, 97, (3, 10)), torch.device("cpu"), torch.bfloat16
+    originals = dict(model.named_parameters())
+    query = model.trf_blocks[0].att.W_query
+
+    def plain() -> torch.Tensor:
+        with autocast(cpu, bf16):
+            return model(ids)
+
+    def with_copies() -> tuple[torch.Tensor, torch.Tensor]:
+        with inference_autocast(model, cpu, bf16):
+            return model(ids), query.weight
+
+    with torch.no_grad():
+        first, copy = with_copies()
+        assert copy.dtype == bf16 and torch.equal(first, plain())
+        assert with_copies()[1] is copy  # made once
+        query.weight.add_(0.5)  # an optimizer step, say
+        second, new_copy = with_copies()
+        assert new_copy is not copy and torch.equal(second, plain()) and not torch.equal(second, first)
+        with pytest.raises(RuntimeError, match="inside"), inference_autocast(model, cpu, bf16):
+            raise RuntimeError("inside")
+        with inference_autocast(model, cpu, torch.float32):
+            assert query.weight is originals["trf_blocks.0.att.W_query.weight"]
+    assert all(p is originals[name] and p.dtype == torch.float32 for name, p in model.named_parameters())

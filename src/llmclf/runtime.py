@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
+from torch import nn
 
 from llmclf.errors import ConfigError
 
@@ -61,3 +65,52 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _LowPrecisionCopies:
+    """One model's nn.Linear weights and biases in a low-precision dtype, made for one state of them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.key: tuple | None = None
+        self.copies: list[dict[str, nn.Parameter]] = []
+
+
+_COPIES: weakref.WeakKeyDictionary[nn.Module, _LowPrecisionCopies] = weakref.WeakKeyDictionary()
+_COPIES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def inference_autocast(model: nn.Module, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """`autocast` for inference (no gradients) with `model`, whose nn.Linear layers meanwhile hold
+    `dtype` copies of their weights and biases.
+
+    Autocast casts each float32 weight again at every forward pass (its cache lasts one context and
+    skips frozen weights). The copies are made once, and again only after the float32 weights change,
+    and give the same numbers: autocast would round them the same way. Not for training: the copies
+    have no gradients. Threads that share a model take turns."""
+    if dtype == torch.float32:
+        yield
+        return
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with _COPIES_LOCK:
+        entry = _COPIES.setdefault(model, _LowPrecisionCopies())
+    with entry.lock:
+        # The float32 weights changed if an optimizer step or load_state_dict wrote into them (_version),
+        # .data or .to() replaced their storage (data_ptr), or a module got new ones (id).
+        key = (dtype, tuple((id(p), p._version, p.data_ptr())
+                            for m in linears for p in m._parameters.values() if p is not None))
+        if entry.key != key:
+            entry.key, entry.copies = None, []  # free the old copies before making new ones
+            entry.copies = [{name: nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                             for name, p in m._parameters.items() if p is not None} for m in linears]
+            entry.key = key
+        originals = [dict(m._parameters) for m in linears]
+        try:
+            for m, copies in zip(linears, entry.copies, strict=True):
+                m._parameters.update(copies)
+            with autocast(device, dtype):
+                yield
+        finally:
+            for m, params in zip(linears, originals, strict=True):
+                m._parameters.update(params)

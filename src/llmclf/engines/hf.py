@@ -37,7 +37,7 @@ from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
 from llmclf.loaders.paths import model_file
 from llmclf.loaders.tensors import atomic_files, atomic_write_json, write_error
-from llmclf.runtime import autocast, resolve_device, resolve_precision
+from llmclf.runtime import inference_autocast, resolve_device, resolve_precision
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_scores
 from llmclf.training.optim import (
@@ -557,7 +557,7 @@ class HFClassifier(BaseClassifier):
         for idx in inference_batches([len(ids) for ids in encoded], batch_size):
             batch = self.tokenizer_([texts[i] for i in idx], truncation=True, max_length=self.max_length_,
                                     padding=True, return_tensors="pt").to(device)
-            with autocast(device, dtype):
+            with inference_autocast(self.model_, device, dtype):
                 logits = self.model_(**batch).logits
             out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return out

@@ -26,7 +26,7 @@ from llmclf import distributed
 from llmclf.data.classification import EncodedTexts, batch_order, collate
 from llmclf.loaders.tensors import write_error
 from llmclf.models.heads import SequenceClassifier
-from llmclf.runtime import autocast
+from llmclf.runtime import autocast, inference_autocast
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_scores
 from llmclf.training.optim import Selection, classification_loss, make_optimizer, make_scheduler, metric_value
@@ -83,7 +83,7 @@ class Batches:
             idx = mine[start:start + chunk]
             ids, mask = collate([self.data.ids[i] for i in idx], self.pad_id, self.fixed_length)
             attn = None if model.pooling == "last-position" else mask.to(self.device)
-            with autocast(self.device, dtype):
+            with inference_autocast(model, self.device, dtype):
                 x = model.prefix_states(ids.to(self.device), attn, self.cache_from)
             for row, i in enumerate(idx):
                 by_index[i] = x[row, : self.lengths[i]].clone()  # compact: no view of the padded batch
@@ -151,7 +151,7 @@ def iter_logits(model: SequenceClassifier, batches: Batches, num_batches: int | 
     model.train(dropout)
     try:
         for inputs, mask, labels in batches.iterate(limit=num_batches, order=order):
-            with autocast(batches.device, batches.dtype):
+            with inference_autocast(model, batches.device, batches.dtype):
                 logits = classifier_logits(model, batches, inputs, mask)
             yield logits.float(), labels
     finally:
