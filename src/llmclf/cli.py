@@ -22,6 +22,7 @@ from llmclf.families import FAMILIES, scratch_model_names
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.loaders.tensors import atomic_files, atomic_write_json
 from llmclf.runtime import PRECISIONS, auto_precision_note
+from llmclf.serve import defaults as serving
 from llmclf.training.args import RECIPES
 from llmclf.training.state import Interrupted, TrainingInterruptedError, raise_interrupted
 
@@ -589,31 +590,39 @@ def serve(
     api_key_file: Annotated[Optional[Path], typer.Option(
         "--api-key-file", help="Read the API key from the first line of this file (e.g. mode 600).")] = None,
     max_batch: Annotated[int, typer.Option(
-        "--max-batch", min=1, help="Texts per forward pass: concurrent requests are merged up to this.")] = 32,
+        "--max-batch", min=1,
+        help="Texts per forward pass: concurrent requests are merged up to this.")] = serving.MAX_BATCH,
     max_wait_ms: Annotated[float, typer.Option(
-        "--max-wait-ms", min=0.0, help="How long a batch waits for more requests once one arrives.")] = 2.0,
-    max_texts: Annotated[int, typer.Option("--max-texts", min=1, help="Texts per request (413 beyond).")] = 256,
+        "--max-wait-ms", min=0.0,
+        help="How long a batch waits for more requests once one arrives.")] = serving.MAX_WAIT_MS,
+    max_texts: Annotated[int, typer.Option(
+        "--max-texts", min=1, help="Texts per request (413 beyond).")] = serving.MAX_TEXTS,
     max_chars: Annotated[int, typer.Option(
-        "--max-chars", min=1, help="Characters per text (413 beyond, naming the text).")] = 100_000,
+        "--max-chars", min=1, help="Characters per text (413 beyond, naming the text).")] = serving.MAX_CHARS,
     max_body_bytes: Annotated[int, typer.Option(
-        "--max-body-bytes", min=1, help="Request body size (413 beyond).")] = 1 << 20,
+        "--max-body-bytes", min=1, help="Request body size (413 beyond).")] = serving.MAX_BODY_BYTES,
     max_mc_passes: Annotated[int, typer.Option(
-        "--max-mc-passes", min=1, help="Largest mc_dropout a request may ask for (422 beyond).")] = 50,
+        "--max-mc-passes", min=1,
+        help="Largest mc_dropout a request may ask for (422 beyond).")] = serving.MAX_MC_PASSES,
     max_queue: Annotated[Optional[int], typer.Option(
         "--max-queue", min=1, help="Texts waiting for inference before new requests get 503 with Retry-After "
-        "[default: 64 x --max-batch].")] = None,
+        f"[default: {serving.QUEUED_BATCHES} x --max-batch].")] = None,
     max_header_bytes: Annotated[int, typer.Option(
-        "--max-header-bytes", min=1024, help="Request line and headers together (431 beyond).")] = 16 * 1024,
+        "--max-header-bytes", min=1024,
+        help="Request line and headers together (431 beyond).")] = serving.MAX_HEADER_BYTES,
     max_connections: Annotated[int, typer.Option(
-        "--max-connections", min=1, help="Open connections at once; requests beyond get 503.")] = 256,
+        "--max-connections", min=1,
+        help="Open connections at once; requests beyond get 503.")] = serving.MAX_CONNECTIONS,
     keep_alive_timeout: Annotated[float, typer.Option(
-        "--keep-alive-timeout", min=0.1, help="Seconds an idle keep-alive connection stays open.")] = 5.0,
+        "--keep-alive-timeout", min=0.1,
+        help="Seconds an idle keep-alive connection stays open.")] = serving.KEEP_ALIVE_TIMEOUT,
     request_timeout: Annotated[float, typer.Option(
         "--request-timeout", min=0.1, help="Seconds a connection has to deliver a complete request (headers and "
-        "body) before it is closed: bounds clients that connect and send nothing or send slowly.")] = 30.0,
+        "body) before it is closed: bounds clients that connect and send nothing or send "
+        "slowly.")] = serving.REQUEST_TIMEOUT,
     shutdown_timeout: Annotated[float, typer.Option(
         "--shutdown-timeout", min=0.1, help="On SIGTERM/SIGINT, seconds the requests in flight have to finish "
-        "(new connections are refused meanwhile); a second Ctrl+C stops at once.")] = 30.0,
+        "(new connections are refused meanwhile); a second Ctrl+C stops at once.")] = serving.SHUTDOWN_TIMEOUT,
     cors_origin: Annotated[Optional[list[str]], typer.Option(
         "--cors-origin", help="Let pages of this origin (e.g. https://app.example.com) call the API from a "
         "browser; repeat for several. Without it, no CORS headers are sent.")] = None,

@@ -36,15 +36,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmclf.engines.base import prediction_record
 from llmclf.errors import ConfigError, LlmclfError
+from llmclf.serve import defaults
 from llmclf.serve.batching import BatcherClosedError, MicroBatcher, ServerBusyError
 
 log = logging.getLogger("llmclf.serve")
 
-DEFAULT_MAX_TEXTS = 256
-DEFAULT_MAX_BODY_BYTES = 1 << 20
-DEFAULT_MAX_MC_PASSES = 50
-DEFAULT_MAX_CHARS = 100_000
-DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 PROTECTED_PREFIX = "/v1/"
 MARKDOWN_SPECIAL = set("&<>\"'`*_[]()#!|\\~{}")
 STATIC_FILES = {"index.js": "text/javascript", "index.css": "text/css"}  # the page's script and style
@@ -235,11 +231,11 @@ def _page(config: dict[str, Any]) -> str:
     return html.replace("__LLMCLF_CONFIG__", data)
 
 
-def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max_wait_ms: float = 2.0,
-               max_texts: int = DEFAULT_MAX_TEXTS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_mc_passes: int = DEFAULT_MAX_MC_PASSES, max_queue: int | None = None,
-               dropout_rate: float | None = None, max_chars: int = DEFAULT_MAX_CHARS,
-               cors_origins: Sequence[str] = (), shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> FastAPI:
+def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = defaults.MAX_BATCH,
+               max_wait_ms: float = defaults.MAX_WAIT_MS, max_texts: int = defaults.MAX_TEXTS,
+               max_body_bytes: int = defaults.MAX_BODY_BYTES, max_mc_passes: int = defaults.MAX_MC_PASSES,
+               max_queue: int | None = None, dropout_rate: float | None = None, max_chars: int = defaults.MAX_CHARS,
+               cors_origins: Sequence[str] = (), shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT) -> FastAPI:
     """The FastAPI app serving classifier `clf` (anything with `classes_`, `predict_proba`,
     `predict_mc_dropout` and `info`, e.g. from `load_classifier`).
 
@@ -249,7 +245,7 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
         max_wait_ms: how long the batcher waits for more requests once one arrives.
         max_texts: texts per request (413 beyond). max_body_bytes: request body size (413 beyond).
         max_mc_passes: the largest `mc_dropout` a request may ask for (422 beyond).
-        max_queue: texts waiting for inference before requests get 503 (default 64 batches).
+        max_queue: texts waiting for inference before requests get 503 (default `defaults.QUEUED_BATCHES` batches).
         dropout_rate: MC-dropout rate for requests that give none (for models trained without dropout).
         max_chars: characters per text (413 beyond, naming the text).
         cors_origins: origins whose pages may call the API from a browser (none: no CORS headers).
@@ -275,7 +271,7 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = 32, max
         return list(zip(result.mean, result.std, strict=True))
 
     batcher = MicroBatcher(run, max_batch=max_batch, max_wait=max_wait_ms / 1000,
-                           max_queue=max_queue if max_queue is not None else 64 * max_batch)
+                           max_queue=max_queue if max_queue is not None else defaults.QUEUED_BATCHES * max_batch)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

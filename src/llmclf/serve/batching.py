@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmclf.serve import defaults
+
 # run(key, texts) -> one result per text, in order; runs in the worker thread.
 RunBatch = Callable[[Hashable, list[str]], Sequence[Any]]
 
@@ -59,7 +61,9 @@ class MicroBatcher:
         max_queue: texts allowed to wait; beyond it `submit` raises `ServerBusyError`.
     """
 
-    def __init__(self, run: RunBatch, max_batch: int = 32, max_wait: float = 0.002, max_queue: int = 4096) -> None:
+    def __init__(self, run: RunBatch, max_batch: int = defaults.MAX_BATCH,
+                 max_wait: float = defaults.MAX_WAIT_MS / 1000,
+                 max_queue: int = defaults.QUEUED_BATCHES * defaults.MAX_BATCH) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue

@@ -20,15 +20,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llmclf.errors import ConfigError
-from llmclf.serve.app import DEFAULT_SHUTDOWN_TIMEOUT
+from llmclf.serve import defaults
 
 log = logging.getLogger("llmclf.serve")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # the blank line after the headers (h11 accepts bare LF too)
-
-DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
-DEFAULT_REQUEST_TIMEOUT = 30.0
-DEFAULT_MAX_HEADER_BYTES = 16 * 1024
-DEFAULT_MAX_CONNECTIONS = 256
 
 
 def read_api_key_file(path: str | Path) -> str:
@@ -57,8 +52,8 @@ class _HardenedH11Protocol(H11Protocol):
       counts a head that is still incomplete, so a large head arriving in one read got through.
     """
 
-    request_timeout = DEFAULT_REQUEST_TIMEOUT
-    max_header_bytes = DEFAULT_MAX_HEADER_BYTES
+    request_timeout = defaults.REQUEST_TIMEOUT
+    max_header_bytes = defaults.MAX_HEADER_BYTES
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -114,10 +109,10 @@ class _HardenedH11Protocol(H11Protocol):
 
 
 def uvicorn_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True,
-                   shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-                   keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
-                   request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-                   max_connections: int | None = DEFAULT_MAX_CONNECTIONS, log_level: str = "info") -> uvicorn.Config:
+                   shutdown_timeout: float = defaults.SHUTDOWN_TIMEOUT,
+                   keep_alive_timeout: float = defaults.KEEP_ALIVE_TIMEOUT,
+                   request_timeout: float = defaults.REQUEST_TIMEOUT, max_header_bytes: int = defaults.MAX_HEADER_BYTES,
+                   max_connections: int | None = defaults.MAX_CONNECTIONS, log_level: str = "info") -> uvicorn.Config:
     """uvicorn's settings for `app` with llmclf's limits (see `llmclf serve --help`).
 
     Args:
