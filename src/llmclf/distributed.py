@@ -96,12 +96,12 @@ def shutdown() -> None:
 
 
 def end_worker(code: int) -> NoReturn:
-    """End a worker whose command has finished (with exit `code`) and whose group is destroyed.
+    """End a worker whose command has finished, with exit `code`: leave the process group, run
+    Python's exit handlers and flush output, then skip the interpreter's finalization with `os._exit`.
 
-    Python's own exit handlers run and output is flushed, but the interpreter's finalization is
-    skipped (`os._exit`): there, the C++ teardown of gloo can abort a worker whose run was complete
-    ("terminate called without an active exception", once in CI after `predict --devices 2` had
-    written its output), and the launcher then reports the finished job as failed."""
+    There, the C++ teardown of gloo can abort a worker whose run was complete ("terminate called
+    without an active exception", once in CI after `predict --devices 2` had written its output),
+    and the launcher then reports the finished job as failed."""
     shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
