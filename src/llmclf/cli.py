@@ -413,6 +413,76 @@ def train(
                        f"loss {m['loss']:.4f}  (n={m['n']})")
 
 
+@app.command("tune")
+def tune_command(
+    train_file: Annotated[Path, typer.Option("--train", help="Training data (CSV, TSV or JSONL).")],
+    val_file: Annotated[Path, typer.Option("--val", help="Validation data: cross-validated with the training data, "
+                                           "then the winner's best epoch is chosen on it.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: leaderboard.csv, leaderboard.png, "
+                                      "tune.json (the search, for --resume) and model/ (the winner).")],
+    budget: Annotated[str, typer.Option("--budget", help="Wall time for the whole search, the winner's training "
+                                        "included: 30m, 1h, 90s, 1h30m. Candidates that would not fit are skipped "
+                                        "and listed.")] = "30m",
+    test_file: Annotated[Optional[Path], typer.Option("--test", help="Test data, scored once by the winner.")] = None,
+    backbones: Annotated[Optional[str], typer.Option(
+        "--backbones", help="Comma-separated model specs to search. Default: every installed packaged backbone, "
+        "both engines (smallest first).")] = None,
+    recipes: Annotated[Optional[str], typer.Option(
+        "--recipes", help="Comma-separated scratch-engine recipes TRAINABLE:POOLING:LR:EPOCHS[+tfidf], each scored "
+        "after every epoch up to EPOCHS. Default: head:mean:1e-3:8, head:mean:1e-3:8+tfidf, head:last:1e-3:8, "
+        "last-block:last:1e-4:4.")] = None,
+    hf_recipes: Annotated[Optional[str], typer.Option(
+        "--hf-recipes", help="Comma-separated Transformers-engine recipes LR:EPOCHS[+tfidf] (the whole encoder is "
+        "trained). Default: 5e-5:3.")] = None,
+    folds: Annotated[int, typer.Option("--folds", min=2, help="k of the stratified k-fold cross-validation.")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the folds and every training run: the same seed "
+                                      "gives the same leaderboard.")] = 123,
+    metric: Annotated[str, typer.Option("--metric", help="What ranks the candidates: accuracy | macro_f1 (both "
+                                        "are reported).")] = "accuracy",
+    max_length: Annotated[Optional[int], typer.Option("--max-length", min=1, help="Tokens per text (default: as "
+                                                      "train, the longest training text).")] = None,
+    text_col: TextColOpt = "text",
+    label_col: LabelColOpt = "label",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the search in --out (an interrupted one, or "
+                                         "with a larger --budget): scored candidates are kept.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the leaderboard and the winner as JSON.")] = False,
+) -> None:
+    """Choose the backbone and recipe for your data: k-fold cross-validation on train + validation within
+    a time budget, then the winner trained as `train` trains it and saved to --out/model.
+
+    Each backbone reads every text once through its frozen layers; its recipes and folds share those
+    states, so cheap candidates (the TF-IDF reference, heads on frozen states) come first and a short
+    budget still returns a model. Ctrl-C keeps the leaderboard so far; --resume continues.
+    """
+    from llmclf.data.classification import read_labelled
+    from llmclf.tuning import tune
+
+    split = lambda text: [part.strip() for part in text.split(",") if part.strip()] if text else None  # noqa: E731
+    result = tune(read_labelled(train_file, text_col, label_col), read_labelled(val_file, text_col, label_col),
+                  out, budget=budget, backbones=split(backbones), recipes=split(recipes),
+                  hf_recipes=split(hf_recipes), folds=folds, seed=seed, metric=metric, max_length=max_length,
+                  test=read_labelled(test_file, text_col, label_col) if test_file else None, resume=resume,
+                  progress=progress)
+    if as_json:
+        typer.echo(json.dumps({"leaderboard": result.leaderboard, "skipped": result.skipped, "winner": result.winner,
+                               "model": str(out / "model"), "test": result.test_metrics}))
+        return
+    typer.echo(f"{'rank':>4s}  {'candidate':52s} {'epochs':>6s} {'accuracy':>15s} {'macro-F1':>15s} {'seconds':>8s}")
+    for row in result.leaderboard:
+        typer.echo(f"{row['rank']:4d}  {row['candidate']:52s} {row['epochs']:6d} "
+                   f"{row['accuracy'] * 100:7.2f} +- {row['accuracy_std'] * 100:4.2f} "
+                   f"{row['macro_f1']:7.4f} +- {row['macro_f1_std']:.3f} {row['seconds']:8.1f}")
+    for row in result.skipped:
+        typer.echo(f"skipped: {row['backbone']}|{row['recipe']}: {row['reason']}")
+    typer.echo(f"winner: {result.winner['candidate']} x{result.winner['epochs']} epochs; saved to {out / 'model'}/ "
+               f"(leaderboard: {out / 'leaderboard.csv'}, {out / 'leaderboard.png'})")
+    if result.test_metrics is not None:
+        m = result.test_metrics
+        typer.echo(f"test       accuracy {m['accuracy'] * 100:6.2f}%  macro-F1 {m['macro_f1']:.4f}  "
+                   f"loss {m['loss']:.4f}  (n={m['n']})")
+
+
 def _load_classifier(model: str, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
                      device):
     from llmclf.classifier import load_classifier

@@ -1,0 +1,769 @@
+"""`llmclf tune`: the best backbone and recipe for *this* data, chosen by cross-validation in a time budget.
+
+Candidates are backbones (every installed packaged one, both engines, or those given) x recipes
+(`Recipe`: what is trained, pooling, learning rate, epochs, n-gram blend or not). Each scratch-engine
+backbone reads every text of train + validation once through its frozen layers (`FrozenFeatures`);
+all its recipes and folds continue from those states, so a head-only recipe costs seconds once they
+exist. A candidate is scored after every epoch by k-fold cross-validated accuracy and macro-F1 on
+train + validation (scikit-learn's `StratifiedKFold`, seeded), and its epoch count is the best mean
+over the folds (constant learning rate: the first E epochs of a longer run are an E-epoch run).
+Transformers-engine encoders are fine-tuned per fold (`llmclf train`'s own `fit`), scored at their last
+epoch. The n-gram model alone (`llmclf.ngrams`, TF-IDF logistic regression) is scored on the same
+folds as a reference.
+
+Cheap candidates run first; one whose estimated time does not fit in what is left of the budget (less
+the time the winner's final training needs) is skipped and listed as such. The winner is trained as
+`llmclf train` trains it (on train, best epoch by validation) and saved as a normal model directory,
+`OUT/model`, with the search in its config.json under "tune". `OUT/tune.json` keeps every fold's
+scores as the search goes, so an interrupted search keeps its leaderboard and `resume=True` continues it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import re
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmclf.data.classification import (
+    LabelledTexts,
+    encode_texts,
+    label_order,
+    resolve_template,
+    template_suffix_tokens,
+)
+from llmclf.errors import ConfigError, DataError
+from llmclf.loaders.tensors import atomic_path, atomic_write_json
+from llmclf.training.state import Interrupted, TrainingInterruptedError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "tune.json"
+LEADERBOARD_CSV = "leaderboard.csv"
+LEADERBOARD_PNG = "leaderboard.png"
+MODEL_DIR = "model"
+NGRAM_REFERENCE = "tfidf"  # the n-gram model alone: scored as a reference, not a saved model
+DEFAULT_RECIPES = ("head:mean:1e-3:8", "head:mean:1e-3:8+tfidf", "head:last:1e-3:8", "last-block:last:1e-4:4")
+HF_RECIPES = ("5e-5:3",)  # the Transformers engine's own defaults: LR:EPOCHS, the whole encoder trained
+HF_POOLING = "encoder"  # a Transformers-engine recipe pools as its encoder does
+METRICS = ("accuracy", "macro_f1")
+PROBE_TEXTS = 16  # texts timed through the frozen layers to estimate a backbone's whole pass
+TRAIN_COST = 3.0  # forward + backward of a block, in forward passes (for time estimates)
+
+
+# --- what is searched ----------------------------------------------------------------------------
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds of a budget such as "30m", "1h", "90s", "1h30m" or a number of seconds."""
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        spec = str(text).strip().lower()
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", spec)
+        if not spec or parts is None:
+            raise ConfigError(f"budget {text!r} is not a duration; write e.g. 30m, 1h, 90s or 1h30m")
+        hours, minutes, secs = (float(p) if p else 0.0 for p in parts.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if not seconds > 0:
+        raise ConfigError(f"budget must be positive, got {text!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """TRAINABLE:POOLING:LR:EPOCHS[+tfidf], e.g. `head:mean:1e-3:8+tfidf` or `last-n:2:last:1e-4:4`."""
+
+    trainable: str
+    pooling: str
+    lr: float
+    epochs: int
+    ensemble: bool = False
+
+    @classmethod
+    def parse(cls, text: str, engine: str = "scratch") -> Recipe:
+        """A scratch-engine recipe TRAINABLE:POOLING:LR:EPOCHS[+tfidf]; for the Transformers engine,
+        LR:EPOCHS[+tfidf] (it trains the whole encoder and pools as the encoder does)."""
+        from llmclf.models.heads import Trainable
+
+        spec = text.strip()
+        ensemble = spec.endswith("+tfidf")
+        fields = spec.removesuffix("+tfidf").split(":")
+        form = "LR:EPOCHS[+tfidf], e.g. 5e-5:3" if engine == "hf" else \
+            "TRAINABLE:POOLING:LR:EPOCHS[+tfidf], e.g. head:mean:1e-3:8"
+        if len(fields) < (2 if engine == "hf" else 4) or (engine == "hf" and len(fields) != 2):
+            raise ConfigError(f"{engine}-engine recipe {text!r}: write {form}")
+        *trainable, pooling, lr, epochs = ["all", HF_POOLING, *fields] if engine == "hf" else fields
+        try:
+            recipe = cls(":".join(trainable), pooling, float(lr), int(epochs), ensemble)
+        except ValueError:
+            raise ConfigError(f"recipe {text!r}: LR must be a number and EPOCHS a whole number ({form})") from None
+        if engine != "hf":
+            Trainable.parse(recipe.trainable)  # a ConfigError naming the bad part
+        problems = _problems(recipe.options(recipe.epochs, engine), engine)
+        if problems or recipe.epochs < 1:
+            raise ConfigError(f"recipe {text!r}: " + "; ".join(problems or ["EPOCHS must be at least 1"]))
+        return recipe
+
+    def __str__(self) -> str:
+        head = "" if self.pooling == HF_POOLING else f"{self.trainable}:{self.pooling}:"
+        mantissa, exponent = f"{self.lr:e}".split("e")
+        lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 1e-3, 5e-5
+        return f"{head}{lr}:{self.epochs}" + ("+tfidf" if self.ensemble else "")
+
+    def options(self, epochs: int, engine: str = "scratch") -> dict[str, Any]:
+        """The `TrainArgs` options of this recipe trained for `epochs` on `engine`."""
+        options = {"lr": self.lr, "epochs": epochs, "ensemble": "tfidf" if self.ensemble else "none"}
+        return options if engine == "hf" else {"trainable": self.trainable, "pooling": self.pooling, **options}
+
+
+def _problems(options: dict[str, Any], engine: str) -> list[str]:
+    from llmclf.training.args import TrainArgs
+
+    return TrainArgs.problems({**TrainArgs.defaults(engine), **options})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One backbone trained one way."""
+
+    backbone: str
+    engine: str  # "scratch", "hf", or "ngrams" (the reference)
+    recipe: Recipe | None  # None: the n-gram reference
+
+    @property
+    def key(self) -> str:
+        return NGRAM_REFERENCE if self.recipe is None else f"{self.backbone}|{self.recipe}"
+
+    def train_options(self, epochs: int, seed: int) -> dict[str, Any]:
+        """What `make_classifier` takes to train this candidate as `llmclf train` would."""
+        assert self.recipe is not None
+        return {**self.recipe.options(epochs, self.engine), "seed": seed}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None  # located, not imported
+
+
+def installed_backbones() -> list[str]:
+    """Packaged backbones whose packages are installed: the scratch engine's GGUFs (`llmclf.families`),
+    then the Transformers engine's encoders (`llmclf.engines.hf`)."""
+    from llmclf.engines.hf import PACKAGED_HF_MODELS
+    from llmclf.families import FAMILIES
+
+    scratch = [name for fam in FAMILIES.values() for name, gguf in fam.packaged.items()
+               if all(_importable(m) for m in (gguf.module, *gguf.chunks))]
+    encoders = [name for name, (package, *_) in PACKAGED_HF_MODELS.items() if _importable(package)]
+    return scratch + encoders
+
+
+def plan(backbones: Sequence[str], recipes: Sequence[str] | None = None,
+         hf_recipes: Sequence[str] | None = None) -> list[Candidate]:
+    """The candidates in the order they run: the n-gram reference, then each backbone's recipes,
+    cheapest first (head-only before trainable blocks)."""
+    from llmclf.engines import choose_engine
+    from llmclf.models.heads import Trainable
+
+    candidates = [Candidate("", "ngrams", None)]
+    for backbone in backbones:
+        engine = choose_engine(backbone)
+        texts = (hf_recipes or HF_RECIPES) if engine == "hf" else (recipes or DEFAULT_RECIPES)
+        parsed = [Recipe.parse(r, engine) for r in texts]
+        # head-only recipes reuse the cached states; each trainable block costs training passes
+        parsed.sort(key=lambda r: -Trainable.parse(r.trainable).first_trainable_block(10**6))
+        candidates += [Candidate(backbone, engine, r) for r in parsed]
+    return candidates
+
+
+# --- scores --------------------------------------------------------------------------------------
+
+@dataclass
+class Scores:
+    """One candidate's cross-validation: per fold, per epoch, accuracy and macro-F1 on the held-out fold."""
+
+    accuracy: list[list[float]] = field(default_factory=list)  # [fold][epoch]; NaN where not scored
+    macro_f1: list[list[float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, probs_per_epoch: Sequence[np.ndarray], gold: np.ndarray) -> None:
+        from llmclf.training.metrics import classification_scores
+
+        scored = [classification_scores(p, gold) for p in probs_per_epoch]
+        self.accuracy.append([s["accuracy"] for s in scored])
+        self.macro_f1.append([s["macro_f1"] for s in scored])
+
+    def best(self, metric: str = "accuracy") -> dict[str, Any]:
+        """The best epoch by the mean over folds of `metric` (ties: fewer epochs), with means and stds."""
+        means = np.array(getattr(self, metric), dtype=float).mean(axis=0)  # NaN: an epoch not scored
+        epoch = int(np.argmax(np.where(np.isnan(means), -np.inf, means)))  # the first (fewest epochs) of ties
+        acc, f1 = np.array(self.accuracy)[:, epoch], np.array(self.macro_f1)[:, epoch]
+        return {"epochs": epoch + 1, "accuracy": float(acc.mean()), "accuracy_std": float(acc.std()),
+                "macro_f1": float(f1.mean()), "macro_f1_std": float(f1.std())}
+
+
+# --- the frozen pass, shared by a backbone's recipes and folds ------------------------------------
+
+class FrozenFeatures:
+    """One backbone's states for `texts`, computed once up to block `n_layers - 2` (in the precision
+    `llmclf train` would use); `at(k)` continues them to block k. The class head is initialised as
+    `fit` initialises it (seeded), so every recipe starts from the same weights. `loaded`: the
+    (model, tokenizer) of `backbone_spec`, if already loaded."""
+
+    def __init__(self, backbone_spec: str, texts: list[str], labels: list[int], classes: list[str],
+                 max_length: int | None = None, batch_size: int = 8, seed: int = 123, progress: bool = True,
+                 template: str | None = "auto", device: torch.device | None = None,
+                 loaded: tuple[Any, Any] | None = None, precision: str = "auto") -> None:
+        from llmclf.families import chat_template_for
+        from llmclf.loaders.spec import load_model
+        from llmclf.models.heads import SequenceClassifier, replace_head
+        from llmclf.runtime import resolve_device, resolve_precision
+        from llmclf.training.classifier import Batches
+
+        start = time.perf_counter()
+        self.spec, self.precision = backbone_spec, precision
+        self.backbone, self.tokenizer = loaded or load_model(backbone_spec)
+        self.classes, self.texts, self.labels = classes, texts, labels
+        chat = chat_template_for(backbone_spec) if template == "auto" else None
+        self.template = resolve_template(template, chat, classes)
+        templated = [t if self.template is None else self.template.replace("{text}", t) for t in texts]
+        self.max_length = min(max_length or self.backbone.context_length, self.backbone.context_length)
+        self.encoded = encode_texts(templated, self.tokenizer, self.max_length, labels,
+                                    keep_last=template_suffix_tokens(self.template, self.tokenizer))
+        self.device = device or resolve_device(None)
+        self.dtype = resolve_precision(precision, self.device)
+        self.backbone.to(self.device)
+        torch.manual_seed(seed)
+        replace_head(self.backbone, len(classes))
+        self.initial = {name: t.clone() for name, t in self.backbone.state_dict().items()}
+        self.n_layers = len(self.backbone.trf_blocks)
+        self.cached = {}
+        first = max(self.n_layers - 2, 0)
+        self.cached[first] = Batches(SequenceClassifier(self.backbone, "last"), self.encoded, batch_size,
+                                     self.tokenizer.pad_id, None, self.device, self.dtype, cache_from=first,
+                                     progress=progress, name=f"({backbone_spec})")
+        self.seconds = time.perf_counter() - start
+        self.truncated = self.encoded.truncated
+
+    @torch.no_grad()
+    def at(self, block: int):
+        """The states after block `block` (continued from the deepest cached ones before it)."""
+        from llmclf.runtime import autocast
+
+        if block not in self.cached:
+            source = self.cached[max(b for b in self.cached if b <= block)]
+            out = copy.copy(source)
+            states: list[torch.Tensor | None] = [None] * len(source.states)
+            order = sorted(range(len(states)), key=lambda i: -source.lengths[i])
+            for begin in range(0, len(order), 32):
+                idx = order[begin:begin + 32]
+                x, mask, _ = source.make(idx)
+                inputs = self.backbone.attention_inputs(mask, x.shape[1])
+                with autocast(source.device, self.dtype):
+                    x = self.backbone.run_blocks(x, inputs, start=source.cache_from, stop=block)
+                for row, i in enumerate(idx):
+                    states[i] = x[row, : source.lengths[i]].clone()
+            out.states, out.cache_from = states, block
+            self.cached[block] = out
+        return self.cached[block]
+
+    def probabilities_per_epoch(self, recipe: Recipe, train_idx: list[int], val_idx: list[int],
+                                watch_idx: list[int], seed: int) -> list[np.ndarray]:
+        """Train `recipe` on `train_idx` (validation `val_idx`) from the seeded initial weights; the class
+        probabilities of `watch_idx` after every epoch."""
+        from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable
+        from llmclf.training.args import TrainArgs
+        from llmclf.training.classifier import ClassifierTraining, iter_logits
+
+        trainable = Trainable.parse(recipe.trainable)
+        self.backbone.load_state_dict(self.initial)
+        classifier = SequenceClassifier(self.backbone, recipe.pooling)
+        apply_trainable(classifier, trainable)
+        batches = self.at(trainable.first_trainable_block(self.n_layers))
+        watch = batches.subset(watch_idx, bucket=False)
+        watched: list[np.ndarray] = []
+
+        def probabilities() -> np.ndarray:
+            return torch.cat([torch.softmax(logits, -1) for logits, _ in iter_logits(classifier, watch)]).numpy()
+
+        class Recording(ClassifierTraining):
+            def _evaluate(self) -> bool:
+                stop = super()._evaluate()
+                watched.append(probabilities())
+                return stop
+
+        args = TrainArgs.for_engine("scratch", **recipe.options(recipe.epochs), seed=seed, log_every=10**9,
+                                    eval_iter=1, precision=self.precision)
+        Recording(classifier, batches.subset(train_idx, bucket=args.bucket), batches.subset(val_idx, bucket=False),
+                  args, progress=False, say=lambda _: None).run()
+        return watched
+
+
+# --- cross-validation ----------------------------------------------------------------------------
+
+def _folds(labels: list[int], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return [(a.tolist(), b.tolist()) for a, b in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def _inner_split(train_idx: list[int], labels: list[int], seed: int) -> tuple[list[int], list[int]]:
+    """80 / 20 of a fold's training part, stratified: where the blend weights of an ensemble are fitted
+    (as `llmclf train` fits them on its validation set)."""
+    from sklearn.model_selection import train_test_split
+
+    inner_train, inner_val = train_test_split(train_idx, test_size=0.2, random_state=seed,
+                                              stratify=[labels[i] for i in train_idx])
+    return list(inner_train), list(inner_val)
+
+
+def cross_validate_cached(features: FrozenFeatures, recipe: Recipe, folds: list[tuple[list[int], list[int]]],
+                          seed: int) -> Scores:
+    """`recipe` on `features`, k-fold: held-out scores after every epoch. An ensemble's head and
+    n-gram model train on 80 % of each fold's training part and its two weights are fitted on the
+    other 20 %, as `llmclf train` fits them on the validation set."""
+    from llmclf.ngrams import NgramModel
+
+    scores, labels = Scores(), features.labels
+    for train_idx, held_idx in folds:
+        gold = np.array([labels[i] for i in held_idx])
+        if not recipe.ensemble:
+            scores.add(features.probabilities_per_epoch(recipe, train_idx, held_idx, held_idx, seed), gold)
+            continue
+        inner_train, inner_val = _inner_split(train_idx, labels, seed)
+        watched = features.probabilities_per_epoch(recipe, inner_train, inner_val, inner_val + held_idx, seed)
+        texts = lambda idx: [features.texts[i] for i in idx]  # noqa: E731
+        ngrams = NgramModel.fit(texts(inner_train), [labels[i] for i in inner_train], len(features.classes))
+        held_scores = ngrams.scores(texts(held_idx))
+        blended = []
+        for probs in watched:  # the weights are fitted again for every epoch's language model
+            ngrams.fit_weights(probs[:len(inner_val)], texts(inner_val), [labels[i] for i in inner_val])
+            blended.append(ngrams.combine(probs[len(inner_val):], held_scores))
+        scores.add(blended, gold)
+    return scores
+
+
+def cross_validate_fit(candidate: Candidate, pool: LabelledTexts, folds: list[tuple[list[int], list[int]]],
+                       seed: int, precision: str = "auto") -> Scores:
+    """A candidate trained per fold by `fit` itself (the Transformers engine), scored at its last epoch."""
+    from llmclf.classifier import make_classifier
+
+    scores, start = Scores(), time.perf_counter()
+    assert candidate.recipe is not None
+    for train_idx, held_idx in folds:
+        part = lambda idx: LabelledTexts([pool.texts[i] for i in idx], [pool.labels[i] for i in idx],  # noqa: E731
+                                         pool.source)
+        train, held = part(train_idx), part(held_idx)
+        clf = make_classifier(candidate.backbone, candidate.engine, precision=precision,
+                              **candidate.train_options(candidate.recipe.epochs, seed))
+        clf.fit(train, held, progress=False)
+        gold = np.array([clf.classes_.index(label) for label in held.labels])
+        scores.add([clf.predict_proba(held.texts)], gold)
+        scores.accuracy[-1] = [math.nan] * (candidate.recipe.epochs - 1) + scores.accuracy[-1]
+        scores.macro_f1[-1] = [math.nan] * (candidate.recipe.epochs - 1) + scores.macro_f1[-1]
+    scores.seconds = time.perf_counter() - start
+    return scores
+
+
+def cross_validate_ngrams(texts: list[str], labels: list[int], n_classes: int,
+                          folds: list[tuple[list[int], list[int]]]) -> Scores:
+    """The n-gram model alone (TF-IDF logistic regression, `llmclf.ngrams`) on the same folds."""
+    from llmclf.ngrams import NgramModel
+
+    scores = Scores()
+    for train_idx, held_idx in folds:
+        model = NgramModel.fit([texts[i] for i in train_idx], [labels[i] for i in train_idx], n_classes)
+        scores.add([np.exp(model.scores([texts[i] for i in held_idx]))], np.array([labels[i] for i in held_idx]))
+    return scores
+
+
+# --- the leaderboard ----------------------------------------------------------------------------
+
+def _fingerprint(train: LabelledTexts, val: LabelledTexts) -> str:
+    digest = hashlib.sha256()
+    for data in (train, val):
+        for text, label in zip(data.texts, data.labels, strict=True):
+            digest.update(json.dumps([text, label]).encode("utf-8"))
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+@dataclass
+class TuneResult:
+    """What `tune` found: the leaderboard (best first), what the budget skipped, and the winner."""
+
+    leaderboard: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    winner: dict[str, Any] | None
+    out_dir: Path
+    classifier: Any = None  # the winner, trained on train (a BaseClassifier), when one was trained
+    test_metrics: dict[str, Any] | None = None
+
+
+class Search:
+    """The state of one search in `out_dir/tune.json`: settings, data fingerprint, scores per candidate."""
+
+    def __init__(self, out_dir: Path, settings: dict[str, Any], resume: bool) -> None:
+        self.out_dir, self.path = out_dir, out_dir / STATE_FILE
+        self.settings = settings
+        self.results: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            try:
+                saved = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{self.path} is unreadable ({exc}); delete it to start the search over") from exc
+            if not resume:
+                raise ConfigError(f"{out_dir} holds a search already ({self.path}); continue it with --resume, or "
+                                  "give another --out")
+            changed = [k for k in ("fingerprint", "folds", "seed", "metric", "max_length", "precision")
+                       if saved.get("settings", {}).get(k) != settings[k]]
+            if changed:
+                raise ConfigError(f"--resume: the search in {out_dir} used another {', '.join(changed)} (the "
+                                  "fingerprint is the data's); give the same, or another --out")
+            self.results = saved.get("results", {})
+        elif resume:
+            raise ConfigError(f"nothing to resume in {out_dir}: no {STATE_FILE}; start the search without --resume")
+
+    def record(self, candidate: Candidate, scores: Scores, seconds: float, order: int) -> None:
+        """`order`: the candidate's place in the plan, which breaks ties (cheaper first)."""
+        self.results[candidate.key] = {"backbone": candidate.backbone, "engine": candidate.engine, "order": order,
+                                       "recipe": str(candidate.recipe) if candidate.recipe else "",
+                                       "scores": asdict(scores), "seconds": seconds}
+        self.skipped.pop(candidate.key, None)
+        self.save()
+
+    def skip(self, candidate: Candidate, reason: str) -> None:
+        self.skipped[candidate.key] = {"backbone": candidate.backbone, "engine": candidate.engine,
+                                       "recipe": str(candidate.recipe), "reason": reason}
+        self.save()
+
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, {"settings": self.settings, "results": self.results,
+                                      "skipped": list(self.skipped.values())})
+        rows = self.leaderboard()
+        _write_csv(self.out_dir / LEADERBOARD_CSV, rows, list(self.skipped.values()))
+        if rows:
+            plot_leaderboard(rows, self.out_dir / LEADERBOARD_PNG, self.settings["metric"], self.settings["folds"])
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        """One row per scored candidate at its best epoch, best first by the metric's mean (ties: the
+        smaller std, then the one planned first, i.e. the cheaper: never the time, so the same seed
+        gives the same order)."""
+        metric = self.settings["metric"]
+        rows = []
+        for key, result in self.results.items():
+            best = Scores(**result["scores"]).best(metric)
+            rows.append({"candidate": key, "backbone": result["backbone"] or "-", "engine": result["engine"],
+                         "recipe": result["recipe"] or "TF-IDF logistic regression (reference, not saved)",
+                         **best, "seconds": round(result["seconds"], 1), "order": result["order"]})
+        rows.sort(key=lambda r: (-r[metric], r[f"{metric}_std"], r.pop("order")))
+        for rank, row in enumerate(rows, start=1):
+            row["rank"] = rank
+        return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> None:
+    import csv
+
+    columns = ["rank", "candidate", "backbone", "engine", "recipe", "epochs", "accuracy", "accuracy_std",
+               "macro_f1", "macro_f1_std", "seconds", "status"]
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **{k: f"{row[k]:.4f}" for k in columns[6:10]}, "status": "scored"})
+        for row in skipped:
+            writer.writerow({"candidate": f"{row['backbone']}|{row['recipe']}", "backbone": row["backbone"],
+                             "engine": row["engine"], "recipe": row["recipe"], "status": f"skipped: {row['reason']}"})
+
+
+def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str, folds: int) -> Path:
+    """Horizontal bars: mean `metric` +- std over the folds per candidate, best at the top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = rows[:30]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.35 * len(shown)))
+    y = np.arange(len(shown))[::-1]
+    values = [r[metric] * 100 for r in shown]
+    colors = ["tab:gray" if r["engine"] == "ngrams" else "tab:blue" for r in shown]
+    ax.barh(y, values, xerr=[r[f"{metric}_std"] * 100 for r in shown], color=colors, capsize=3)
+    ax.set_yticks(y, [f"{r['candidate']} x{r['epochs']} ({r['seconds']:.0f} s)" for r in shown], fontsize=8)
+    low = min(v - r[f"{metric}_std"] * 100 for v, r in zip(values, shown, strict=True))
+    ax.set_xlim(max(0.0, low - 2), 100)
+    ax.set_xlabel(f"{metric.replace('_', '-')} (%), mean +- std over {folds} folds")
+    ax.set_title("llmclf tune: cross-validated leaderboard (gray: TF-IDF reference)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- the search ----------------------------------------------------------------------------------
+
+class _Budget:
+    """Wall time left, and the estimates that decide whether a candidate still fits."""
+
+    def __init__(self, seconds: float) -> None:
+        self.start, self.seconds = time.perf_counter(), seconds
+        self.frozen: dict[str, float] = {}  # backbone -> seconds of its frozen pass over train + validation
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def fits(self, seconds: float, backbone: str) -> bool:
+        """Whether `seconds` of work on `backbone` fit, keeping enough for the winner's training: one
+        frozen pass of the slowest backbone that could win (train + validation, as `fit` caches them)."""
+        reserve = max([self.frozen.get(backbone, 0.0), *self.frozen.values()])
+        return seconds + reserve <= self.left()
+
+    def why_not(self, seconds: float) -> str:
+        return f"needs about {seconds:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
+
+
+def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds: int) -> float:
+    """Seconds a scratch candidate's cross-validation needs once its backbone's states exist: its
+    trainable blocks forward and backward over each fold's training part every epoch, plus the head."""
+    from llmclf.models.heads import Trainable
+
+    assert candidate.recipe is not None
+    trained = n_layers - Trainable.parse(candidate.recipe.trainable).first_trainable_block(n_layers)
+    per_epoch = frozen_seconds * (trained / max(n_layers, 1)) * TRAIN_COST * (folds - 1) / folds
+    head = 0.02 * frozen_seconds  # final norm + head over cached states, and the held-out fold
+    return folds * candidate.recipe.epochs * (per_epoch + head)
+
+
+def _forward_seconds(model: Any, tokenizer: Any, texts: list[str], limit: int, precision: str = "auto") -> float:
+    """Seconds per token of `model`'s forward pass (as inference runs it), timed on a few `texts`."""
+    from llmclf.runtime import inference_autocast, resolve_precision
+
+    device = next(model.parameters()).device
+    probe = [ids[:limit] for ids in tokenizer.encode_batch(texts[:PROBE_TEXTS])]
+    start = time.perf_counter()
+    with torch.no_grad(), inference_autocast(model, device, resolve_precision(precision, device)):
+        for row in probe:
+            if row:
+                model(torch.tensor([row], device=device))
+    return (time.perf_counter() - start) / max(sum(len(r) for r in probe), 1)
+
+
+def _train_winner(winner: dict[str, Any], search: Search, train: LabelledTexts, val: LabelledTexts,
+                  test: LabelledTexts | None, out_dir: Path, max_length: int | None, seed: int,
+                  progress: bool, precision: str) -> tuple[Any, dict[str, Any] | None]:
+    """The winner trained as `llmclf train` trains it, saved in `out_dir/model` with the search in its config.json."""
+    from llmclf.classifier import make_classifier
+    from llmclf.engines.base import TEST_METRICS_FILE, evaluation_report
+    from llmclf.loaders.checkpoint import CONFIG_FILE
+
+    result = search.results[winner["candidate"]]
+    candidate = Candidate(result["backbone"], result["engine"], Recipe.parse(result["recipe"], result["engine"]))
+    options = {**candidate.train_options(winner["epochs"], seed), "precision": precision}
+    if max_length:
+        options["max_length"] = max_length
+    model_dir = out_dir / MODEL_DIR
+    log.info("training the winner %s for %d epoch(s) into %s", candidate.key, winner["epochs"], model_dir)
+    clf = make_classifier(candidate.backbone, candidate.engine, **options)
+    clf.fit(train, val, out_dir=model_dir, progress=progress)
+    record = {"winner": winner["candidate"], "epochs": winner["epochs"], "metric": search.settings["metric"],
+              "cv": {k: winner[k] for k in ("accuracy", "accuracy_std", "macro_f1", "macro_f1_std")},
+              "folds": search.settings["folds"], "seed": seed, "budget_seconds": search.settings["budget_seconds"],
+              "leaderboard": [{k: r[k] for k in ("rank", "candidate", "epochs", "accuracy", "accuracy_std",
+                                                 "macro_f1", "macro_f1_std", "seconds")}
+                              for r in search.leaderboard()],
+              "skipped": list(search.skipped.values())}
+    config_path = model_dir / CONFIG_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    atomic_write_json(config_path, {**config, "tune": record})
+    clf.config_ = {**getattr(clf, "config_", {}), "tune": record}
+    test_metrics = None
+    if test is not None:
+        test_metrics = evaluation_report(clf, test, plots_dir=model_dir)
+        atomic_write_json(model_dir / TEST_METRICS_FILE, test_metrics)
+    return clf, test_metrics
+
+
+def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: str | float = "30m",
+         backbones: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
+         hf_recipes: Sequence[str] | None = None, folds: int = 5,
+         seed: int = 123, metric: str = "accuracy", max_length: int | None = None, test: LabelledTexts | None = None,
+         resume: bool = False, progress: bool = True, train_winner: bool = True,
+         precision: str = "auto", reference: bool = True) -> TuneResult:
+    """Search backbones x recipes by k-fold cross-validation on `train` + `val` within `budget`, then
+    train the winner as `llmclf train` does (on `train`, best epoch by `val`) into `out_dir/model`.
+
+    Args:
+        budget: wall time for the whole search, the winner's training included ("30m", "1h", seconds).
+        backbones: model specs; default: every installed packaged backbone (`installed_backbones()`).
+        recipes: the scratch engine's, TRAINABLE:POOLING:LR:EPOCHS[+tfidf]; default `DEFAULT_RECIPES`.
+        hf_recipes: the Transformers engine's, LR:EPOCHS[+tfidf] (the whole encoder is trained);
+            default `HF_RECIPES`.
+        folds, seed: `StratifiedKFold(folds, shuffle=True, random_state=seed)`; the seed also seeds training.
+        metric: accuracy or macro_f1, what ranks the candidates (both are reported).
+        max_length: tokens per text (default: the longest training text, as `train` does).
+        test: scored once by the winner, at the end.
+        resume: continue the search in `out_dir` (its scored candidates are kept, not run again).
+        train_winner: False to stop after the leaderboard.
+        precision: auto | float32 | bfloat16, as `llmclf train --precision`.
+        reference: also score the n-gram model alone (TF-IDF logistic regression) on the same folds.
+    """
+    from tqdm.auto import tqdm
+
+    if metric not in METRICS:
+        raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if folds < 2:
+        raise ConfigError(f"folds must be at least 2, got {folds}")
+    budget_left = _Budget(parse_budget(budget))
+    classes = label_order(train.labels)
+    if len(classes) < 2:
+        raise DataError(f"{train.source}: training data has a single label {classes}; need 2 or more")
+    unseen = sorted(set(val.labels) - set(classes))
+    if unseen:
+        raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
+    pool = LabelledTexts(train.texts + val.texts, train.labels + val.labels, f"{train.source} + {val.source}")
+    label_ids = [classes.index(label) for label in pool.labels]
+    rarest = min(range(len(classes)), key=label_ids.count)
+    if label_ids.count(rarest) < folds:
+        raise DataError(f"{pool.source}: label {classes[rarest]!r} has {label_ids.count(rarest)} example(s) in train "
+                        f"+ validation, fewer than the {folds} folds; lower --folds")
+    backbones = list(backbones) if backbones else installed_backbones()
+    if not backbones:
+        raise ConfigError("no packaged backbone is installed (`make setup` installs them); or give --backbones")
+    candidates = plan(backbones, recipes, hf_recipes)[0 if reference else 1:]
+    out_dir = Path(out_dir)
+    settings = {"fingerprint": _fingerprint(train, val), "folds": folds, "seed": seed, "metric": metric,
+                "max_length": max_length, "precision": precision, "budget_seconds": budget_left.seconds,
+                "classes": classes, "n_train": len(train), "n_validation": len(val)}
+    search = Search(out_dir, settings, resume)
+    fold_index = _folds(label_ids, folds, seed)
+    bar = tqdm(total=len(candidates), desc="tune", unit="candidate", disable=not progress, dynamic_ncols=True)
+    features: FrozenFeatures | None = None
+    try:
+        for order, candidate in enumerate(candidates):
+            if candidate.key in search.results or candidate.key in search.skipped:
+                bar.update(1)
+                continue
+            begin = time.perf_counter()
+            if candidate.engine == "ngrams":
+                scores = cross_validate_ngrams(pool.texts, label_ids, len(classes), fold_index)
+            elif candidate.engine == "hf":
+                scores = _hf_candidate(candidate, pool, fold_index, seed, search, budget_left, precision)
+            else:
+                if features is None or features.spec != candidate.backbone:
+                    features = None  # the previous backbone's states go before the next one's are made
+                    features = _scratch_features(candidate, candidates, pool, label_ids, classes, max_length,
+                                                 folds, seed, progress, search, budget_left, precision)
+                    begin = time.perf_counter() - (features.seconds if features else 0.0)  # charged to its first recipe
+                scores = None
+                if features is not None:
+                    estimate = _estimate(candidate, features.seconds, features.n_layers, folds)
+                    if budget_left.fits(estimate, candidate.backbone):
+                        scores = cross_validate_cached(features, candidate.recipe, fold_index, seed)
+                    else:
+                        search.skip(candidate, budget_left.why_not(estimate))
+            if scores is not None:
+                search.record(candidate, scores, time.perf_counter() - begin, order)
+                leader = search.leaderboard()[0]
+                bar.set_postfix_str(f"best {leader['candidate']} {leader[metric] * 100:.2f}%, "
+                                    f"{max(budget_left.left(), 0) / 60:.1f} min left")
+            bar.update(1)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        bar.close()
+        search.save()
+        signum = getattr(exc, "signum", signal.SIGINT)
+        raise TrainingInterruptedError(f"the search stopped by {signal.Signals(signum).name}; its leaderboard so far "
+                                       f"({len(search.results)} candidate(s)) is in {out_dir / LEADERBOARD_CSV}",
+                                       signum) from None
+    bar.close()
+    features = None
+    rows = search.leaderboard()
+    selectable = [r for r in rows if r["engine"] != "ngrams"]
+    result = TuneResult(rows, list(search.skipped.values()), selectable[0] if selectable else None, out_dir)
+    if result.winner is None:
+        raise ConfigError(f"no language-model candidate fitted in the budget of {budget} (see "
+                          f"{out_dir / LEADERBOARD_CSV}); give a larger --budget or smaller --backbones")
+    if train_winner:
+        result.classifier, result.test_metrics = _train_winner(result.winner, search, train, val, test, out_dir,
+                                                               max_length, seed, progress, precision)
+    return result
+
+
+def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: LabelledTexts, label_ids: list[int],
+                      classes: list[str], max_length: int | None, folds: int, seed: int, progress: bool,
+                      search: Search, budget_left: _Budget, precision: str) -> FrozenFeatures | None:
+    """The frozen states of the candidate's backbone, if its frozen pass (estimated from a few texts) and
+    cheapest recipe fit the budget; else None, with every recipe of that backbone skipped."""
+    from llmclf.loaders.spec import load_model
+    from llmclf.runtime import resolve_device
+
+    model, tokenizer = load_model(candidate.backbone)
+    model.to(resolve_device(None)).eval()
+    limit = min(max_length or model.context_length, model.context_length)
+    tokens = sum(min(len(ids), limit) for ids in tokenizer.encode_batch(pool.texts))
+    frozen = tokens * _forward_seconds(model, tokenizer, pool.texts, limit, precision)
+    needed = frozen + _estimate(candidate, frozen, len(model.trf_blocks), folds)
+    budget_left.frozen.setdefault(candidate.backbone, frozen)
+    if not budget_left.fits(needed, candidate.backbone):
+        del budget_left.frozen[candidate.backbone]
+        for other in candidates:
+            if other.backbone == candidate.backbone and other.key not in search.results:
+                search.skip(other, f"its frozen pass and first recipe {budget_left.why_not(needed)}")
+        return None
+    features = FrozenFeatures(candidate.backbone, pool.texts, label_ids, classes, max_length, seed=seed,
+                              progress=progress, loaded=(model, tokenizer), precision=precision)
+    budget_left.frozen[candidate.backbone] = features.seconds
+    return features
+
+
+def _hf_candidate(candidate: Candidate, pool: LabelledTexts, fold_index: list[tuple[list[int], list[int]]],
+                  seed: int, search: Search, budget_left: _Budget, precision: str) -> Scores | None:
+    """A Transformers-engine candidate, if its folds fit: estimated from the encoder's forward pass on a
+    few texts (x 3 for the backward pass, x epochs, over each fold's training part), then from its first
+    fold once that is done."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from llmclf.engines.hf import resolve_hf_model
+
+    assert candidate.recipe is not None
+    source = resolve_hf_model(candidate.backbone)
+    model, tokenizer = AutoModel.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else 512
+
+    class Encoded:  # what `_forward_seconds` asks of a tokenizer
+        @staticmethod
+        def encode_batch(texts: list[str]) -> list[list[int]]:
+            return tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+
+    tokens = sum(len(ids) for ids in Encoded.encode_batch(pool.texts))
+    per_fold = tokens * _forward_seconds(model, Encoded, pool.texts, limit) * (
+        TRAIN_COST * candidate.recipe.epochs * (len(fold_index) - 1) / len(fold_index) + 1.0 / len(fold_index))
+    del model
+    budget_left.frozen.setdefault(candidate.backbone, per_fold)  # its final training: about one fold's
+    if not budget_left.fits(per_fold * len(fold_index), candidate.backbone):
+        search.skip(candidate, f"{len(fold_index)} folds {budget_left.why_not(per_fold * len(fold_index))}")
+        return None
+    first = cross_validate_fit(candidate, pool, fold_index[:1], seed, precision)
+    budget_left.frozen[candidate.backbone] = first.seconds
+    estimate = first.seconds * (len(fold_index) - 1)
+    if not budget_left.fits(estimate, candidate.backbone):
+        search.skip(candidate, f"its first fold took {first.seconds:.0f} s; the other {len(fold_index) - 1} "
+                               f"{budget_left.why_not(estimate)}")
+        return None
+    rest = cross_validate_fit(candidate, pool, fold_index[1:], seed, precision)
+    return Scores(first.accuracy + rest.accuracy, first.macro_f1 + rest.macro_f1, first.seconds + rest.seconds)

@@ -1,0 +1,197 @@
+"""`llmclf tune`: cross-validated search over backbones x recipes in a budget, on tiny random GPT-2s."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.tiny_classifier import toy_data
+
+from llmclf.errors import ConfigError, DataError
+from llmclf.training.state import TrainingInterruptedError
+from llmclf.tuning import (
+    DEFAULT_RECIPES,
+    LEADERBOARD_CSV,
+    LEADERBOARD_PNG,
+    MODEL_DIR,
+    STATE_FILE,
+    FrozenFeatures,
+    Recipe,
+    parse_budget,
+    plan,
+    tune,
+)
+
+RECIPES = ["head:mean:1e-2:3", "head:mean:1e-2:3+tfidf", "last-block:last:1e-3:2"]
+
+
+def _data():
+    return toy_data(40), toy_data(20, offset=40, pos_every=3), toy_data(12, offset=60)
+
+
+def _tune(out: Path, backbone: Path, **kwargs):
+    train, val, test = _data()
+    options = dict(budget="10m", backbones=[str(backbone)], recipes=RECIPES, folds=3, precision="float32",
+                   progress=False)
+    return tune(train, val, out, **{**options, "test": test, **kwargs})
+
+
+def test_parse_budget():
+    assert parse_budget("30m") == 1800 and parse_budget("1h30m") == 5400 and parse_budget("90s") == 90
+    assert parse_budget("45") == 45 and parse_budget(12.5) == 12.5
+    for bad in ("", "soon", "-3m", "0s"):
+        with pytest.raises(ConfigError, match="budget"):
+            parse_budget(bad)
+
+
+def test_recipes_parse_and_refuse_clearly():
+    assert str(Recipe.parse("head:mean:1e-3:8+tfidf")) == "head:mean:1e-3:8+tfidf"
+    assert Recipe.parse("last-n:2:last:1e-4:4") == Recipe("last-n:2", "last", 1e-4, 4, False)
+    assert str(Recipe.parse("5e-5:3", "hf")) == "5e-5:3"
+    assert [str(Recipe.parse(r)) for r in DEFAULT_RECIPES] == list(DEFAULT_RECIPES)
+    with pytest.raises(ConfigError, match="TRAINABLE:POOLING:LR:EPOCHS"):
+        Recipe.parse("head:mean")
+    with pytest.raises(ConfigError, match="pooling"):
+        Recipe.parse("head:middle:1e-3:8")
+    with pytest.raises(ConfigError, match="LR must be a number"):
+        Recipe.parse("head:mean:fast:8")
+    with pytest.raises(ConfigError, match="LR:EPOCHS"):
+        Recipe.parse("head:mean:1e-3:8", "hf")
+
+
+def test_plan_runs_cheap_candidates_first(tiny_checkpoint):
+    keys = [c.key for c in plan([str(tiny_checkpoint)], ["last-block:last:1e-4:2", "head:mean:1e-3:2"])]
+    assert keys == ["tfidf", f"{tiny_checkpoint}|head:mean:1e-3:2", f"{tiny_checkpoint}|last-block:last:1e-4:2"]
+
+
+def test_tune_writes_leaderboard_and_a_normal_model_that_wins_it(tmp_path, tiny_checkpoint):
+    from llmclf.classifier import load_classifier
+
+    result = _tune(tmp_path / "t", tiny_checkpoint)
+    rows = result.leaderboard
+    assert {r["candidate"] for r in rows} == {"tfidf", *(f"{tiny_checkpoint}|{r}" for r in RECIPES)}
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4] and not result.skipped
+    assert all(rows[i]["accuracy"] >= rows[i + 1]["accuracy"] for i in range(3))
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["accuracy_std"] >= 0.0 and row["seconds"] >= 0.0
+    winner = next(r for r in rows if r["engine"] != "ngrams")
+    assert result.winner == winner
+    with open(tmp_path / "t" / LEADERBOARD_CSV, encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert [r["candidate"] for r in table] == [r["candidate"] for r in rows]
+    assert (tmp_path / "t" / LEADERBOARD_PNG).read_bytes()[:4] == b"\x89PNG"
+    model_dir = tmp_path / "t" / MODEL_DIR
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["tune"]["winner"] == winner["candidate"] and config["tune"]["epochs"] == winner["epochs"]
+    assert config["training"]["epochs"] == winner["epochs"]
+    recipe = Recipe.parse(winner["candidate"].split("|")[1])
+    assert config["training"]["pooling"] == recipe.pooling and config["training"]["lr"] == recipe.lr
+    assert config["training"]["ensemble"] == ("tfidf" if recipe.ensemble else "none")
+    clf = load_classifier(model_dir, precision="float32")
+    assert clf.predict(["today: great wonderful happy"]) in (["pos"], ["neg"])
+    assert result.test_metrics["n"] == 12
+    assert json.loads((model_dir / "test_metrics.json").read_text())["accuracy"] == result.test_metrics["accuracy"]
+
+
+def test_same_seed_same_leaderboard(tmp_path, tiny_checkpoint):
+    scored = ("candidate", "epochs", "accuracy", "accuracy_std", "macro_f1", "macro_f1_std")
+    recipes = ["head:mean:1e-2:3", "last-block:last:1e-3:2"]
+    runs = [_tune(tmp_path / name, tiny_checkpoint, recipes=recipes, train_winner=False, reference=False)
+            for name in ("a", "b")]
+    assert [r["engine"] for r in runs[0].leaderboard] == ["scratch", "scratch"]
+    first, second = ([{k: r[k] for k in scored} for r in run.leaderboard] for run in runs)
+    assert first == second
+
+
+def test_cross_validated_candidate_is_what_train_trains(tmp_path, tiny_checkpoint):
+    """The states shared by a backbone's recipes and folds give the probabilities `fit` gives on that fold."""
+    from llmclf.classifier import make_classifier
+    from llmclf.data.classification import LabelledTexts, label_order
+
+    train, val, _ = _data()
+    classes = label_order(train.labels)
+    texts, labels = train.texts + val.texts, [classes.index(x) for x in train.labels + val.labels]
+    features = FrozenFeatures(str(tiny_checkpoint), texts, labels, classes, seed=5, progress=False,
+                              precision="float32")
+    fold_train, fold_val = list(range(0, 60, 2)), list(range(1, 60, 2))
+    for recipe in (Recipe.parse("head:mean:1e-2:3"), Recipe.parse("last-block:last:1e-3:2")):
+        per_epoch = features.probabilities_per_epoch(recipe, fold_train, fold_val, fold_val, seed=5)
+        part = lambda idx: LabelledTexts([texts[i] for i in idx], [classes[labels[i]] for i in idx], "fold")  # noqa: E731
+        clf = make_classifier(str(tiny_checkpoint), **recipe.options(recipe.epochs), seed=5, precision="float32")
+        clf.fit(part(fold_train), part(fold_val), progress=False)
+        best = round(clf.history_.best_epoch) - 1
+        np.testing.assert_allclose(per_epoch[best], clf.predict_proba(part(fold_val).texts), atol=1e-5)
+
+
+def test_budget_skips_what_does_not_fit_and_says_so(tmp_path, tiny_checkpoint):
+    with pytest.raises(ConfigError, match="no language-model candidate fitted in the budget"):
+        _tune(tmp_path / "t", tiny_checkpoint, budget="0.001s")
+    with open(tmp_path / "t" / LEADERBOARD_CSV, encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["candidate"] == "tfidf" and table[0]["status"] == "scored"
+    assert len(table) == 1 + len(RECIPES)
+    assert all(r["status"].startswith("skipped: its frozen pass") for r in table[1:])
+
+
+def test_interrupted_search_keeps_its_leaderboard_and_resumes(tmp_path, tiny_checkpoint, monkeypatch):
+    import llmclf.tuning as tuning
+
+    calls = {"n": 0}
+    real = tuning.cross_validate_cached
+
+    def interrupted_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "cross_validate_cached", interrupted_second)
+    cheap = dict(recipes=["head:mean:1e-2:2", "head:last:1e-2:2"], train_winner=False)
+    with pytest.raises(TrainingInterruptedError, match="leaderboard so far"):
+        _tune(tmp_path / "t", tiny_checkpoint, **cheap)
+    state = json.loads((tmp_path / "t" / STATE_FILE).read_text())
+    assert len(state["results"]) == 2  # the reference and the first recipe
+    with pytest.raises(ConfigError, match="--resume"):
+        _tune(tmp_path / "t", tiny_checkpoint, **cheap)
+    with pytest.raises(ConfigError, match="seed"):
+        _tune(tmp_path / "t", tiny_checkpoint, **cheap, resume=True, seed=7)
+    monkeypatch.setattr(tuning, "cross_validate_cached", real)
+    resumed = _tune(tmp_path / "t", tiny_checkpoint, **cheap, resume=True)
+    fresh = _tune(tmp_path / "fresh", tiny_checkpoint, **cheap)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(resumed.leaderboard) == strip(fresh.leaderboard)
+
+
+def test_bad_data_is_refused_clearly(tmp_path, tiny_checkpoint):
+    from llmclf.data.classification import LabelledTexts
+
+    train, val, _ = _data()
+    rare = LabelledTexts(train.texts + ["odd one"], train.labels + ["odd"], "train.csv")
+    with pytest.raises(DataError, match="label 'odd' has 1 example.*fewer than the 3 folds"):
+        tune(rare, val, tmp_path / "t", backbones=[str(tiny_checkpoint)], folds=3, progress=False)
+    unseen = LabelledTexts(val.texts, ["maybe"] * len(val), "val.csv")
+    with pytest.raises(DataError, match="val.csv: labels \\['maybe'\\] do not occur"):
+        tune(train, unseen, tmp_path / "t", backbones=[str(tiny_checkpoint)], progress=False)
+    with pytest.raises(ConfigError, match="metric"):
+        tune(train, val, tmp_path / "t", backbones=[str(tiny_checkpoint)], metric="auc", progress=False)
+
+
+def test_cli_tune(tmp_path, tiny_checkpoint):
+    from typer.testing import CliRunner
+
+    from llmclf.cli import app
+    from llmclf.data.classification import write_labelled
+
+    train, val, test = _data()
+    for name, data in (("train", train), ("val", val), ("test", test)):
+        write_labelled(data, tmp_path / f"{name}.csv")
+    args = ["tune", "--train", str(tmp_path / "train.csv"), "--val", str(tmp_path / "val.csv"), "--test",
+            str(tmp_path / "test.csv"), "--out", str(tmp_path / "t"), "--backbones", str(tiny_checkpoint),
+            "--recipes", "head:mean:1e-2:2", "--folds", "3", "--budget", "5m", "--no-progress"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False, env={"LLMCLF_TEST": "1"})
+    assert result.exit_code == 0, result.output
+    assert "winner:" in result.output and "test       accuracy" in result.output
+    assert (tmp_path / "t" / MODEL_DIR / "config.json").is_file()
