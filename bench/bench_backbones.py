@@ -39,7 +39,6 @@ backbone is timed once and shared by its recipes.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -47,32 +46,21 @@ import platform
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmclf.data.classification import (
-    LabelledTexts,
-    encode_texts,
-    label_order,
-    prepare_sms_spam,
-    read_labelled,
-    resolve_template,
-    template_suffix_tokens,
-)
-from llmclf.families import chat_template_for
-from llmclf.loaders.spec import load_model
-from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, replace_head
+from llmclf.data.classification import LabelledTexts, label_order, prepare_sms_spam, read_labelled
 from llmclf.ngrams import NgramModel
-from llmclf.runtime import autocast
-from llmclf.training.args import TrainArgs
-from llmclf.training.classifier import Batches, ClassifierTraining, iter_logits
+from llmclf.tuning import FrozenFeatures, Recipe, cross_validate_cached, fold_indices
 
 SPLITS = ("train", "validation", "test")
 SHARED = Path(os.environ.get("LLMCLF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 COURSE = ("smollm2-135m", None, "last-block:last:5e-5:5")
 IMDB_SIZES = (600, 200, 200)
+SEED = 123  # folds, the inner split of an ensemble's weights, the class head and the data order
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -146,157 +134,59 @@ def minilm_baseline(data: dict) -> dict:
     return {"test": clf.evaluate(data["test"])["accuracy"], "seconds": seconds}
 
 
-# --- the frozen pass, shared by every recipe -----------------------------------------------------
+# --- the frozen pass, shared by every recipe (llmclf.tuning) ------------------------------------
 
-class Features:
-    """One backbone's states for every text of a data set (train, validation, test in that order),
-    computed once up to block `n_layers - 2`; `at(k)` continues them to block k."""
+class Features(FrozenFeatures):
+    """`llmclf.tuning.FrozenFeatures` of every text of a data set (train, validation, test in that order),
+    with each split's indices (`index`), in float32."""
 
     def __init__(self, backbone_spec: str, template: str | None, data: dict, max_length: int | None,
                  batch_size: int) -> None:
-        start = time.perf_counter()
-        self.backbone, self.tokenizer = load_model(backbone_spec)
-        self.classes = label_order(data["train"].labels)
-        chat = chat_template_for(backbone_spec) if template == "auto" else None
-        self.template = resolve_template(template, chat, self.classes)
-        texts = self.texts = [t for s in SPLITS for t in data[s].texts]
-        labels = self.labels = [self.classes.index(label) for s in SPLITS for label in data[s].labels]
-        templated = [t if self.template is None else self.template.replace("{text}", t) for t in texts]
-        length = min(max_length or self.backbone.context_length, self.backbone.context_length)
-        encoded = encode_texts(templated, self.tokenizer, length, labels,
-                               keep_last=template_suffix_tokens(self.template, self.tokenizer))
+        classes = label_order(data["train"].labels)
+        texts = [t for s in SPLITS for t in data[s].texts]
+        labels = [classes.index(label) for s in SPLITS for label in data[s].labels]
+        super().__init__(backbone_spec, texts, labels, classes, max_length, batch_size, seed=SEED, template=template,
+                         precision="float32")
         sizes = [len(data[s]) for s in SPLITS]
         self.index = {s: list(range(sum(sizes[:i]), sum(sizes[:i + 1]))) for i, s in enumerate(SPLITS)}
-        torch.manual_seed(123)
-        replace_head(self.backbone, len(self.classes))
-        self.initial = {name: t.clone() for name, t in self.backbone.state_dict().items()}
-        self.n_layers = len(self.backbone.trf_blocks)
-        self.dtype = torch.float32
-        classifier = SequenceClassifier(self.backbone, "last")
-        self.cached = {self.n_layers - 2: Batches(classifier, encoded, batch_size, self.tokenizer.pad_id, None,
-                                                  torch.device("cpu"), self.dtype, cache_from=self.n_layers - 2,
-                                                  progress=True, name=f"({backbone_spec})")}
-        self.seconds = time.perf_counter() - start
-        self.mean_tokens = sum(len(ids) for ids in encoded.ids) / len(encoded.ids)
-        self.truncated = encoded.truncated
-
-    @torch.no_grad()
-    def at(self, block: int) -> Batches:
-        """The states after block `block` (continued from the deepest cached ones before it)."""
-        if block not in self.cached:
-            source = self.cached[max(b for b in self.cached if b < block)]
-            out = copy.copy(source)
-            states = [None] * len(source.states)
-            order = sorted(range(len(states)), key=lambda i: -source.lengths[i])
-            for start in range(0, len(order), 32):
-                idx = order[start:start + 32]
-                x, mask, _ = source.make(idx)
-                inputs = self.backbone.attention_inputs(mask, x.shape[1])
-                with autocast(source.device, self.dtype):
-                    x = self.backbone.run_blocks(x, inputs, start=source.cache_from, stop=block)
-                for row, i in enumerate(idx):
-                    states[i] = x[row, : source.lengths[i]].clone()
-            out.states, out.cache_from = states, block
-            self.cached[block] = out
-        return self.cached[block]
+        self.mean_tokens = sum(len(ids) for ids in self.encoded.ids) / len(self.encoded.ids)
 
 
-def parse_recipe(text: str) -> tuple[Trainable, str, float, int, bool]:
-    """TRAINABLE:POOLING:LR:EPOCHS[+tfidf] (e.g. last-block:last:1e-4:4, head:mean:1e-3:6+tfidf)."""
-    ensemble = text.endswith("+tfidf")
-    *trainable, pooling, lr, epochs = text.removesuffix("+tfidf").split(":")
-    return Trainable.parse(":".join(trainable)), pooling, float(lr), int(epochs), ensemble
-
-
-class RecordingTraining(ClassifierTraining):
-    """Training that also keeps the class probabilities of `watch` at every evaluation."""
-
-    def __init__(self, *args, watch: Batches | None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.watch, self.watched = watch, []
-
-    def _evaluate(self) -> bool:
-        stop = super()._evaluate()
-        if self.watch is not None:
-            self.watched.append(probabilities(self.model, self.watch))
-        return stop
-
-
-def probabilities(classifier: SequenceClassifier, batches: Batches) -> np.ndarray:
-    return torch.cat([torch.softmax(logits, -1) for logits, _ in iter_logits(classifier, batches)]).numpy()
-
-
-def train_recipe(features: Features, recipe: str, epochs: int, train_idx: list[int], val_idx: list[int],
-                 watch_idx: list[int] | None = None):
-    """Train `recipe` on `train_idx` (best epoch by accuracy on `val_idx`); (classifier, history, batches,
-    the probabilities of `watch_idx` after every epoch)."""
-    trainable, pooling, lr, _, _ = parse_recipe(recipe)
-    backbone = features.backbone
-    backbone.load_state_dict(features.initial)
-    classifier = SequenceClassifier(backbone, pooling)
-    apply_trainable(classifier, trainable)
-    batches = features.at(trainable.first_trainable_block(features.n_layers))
-    val = batches.subset(val_idx, bucket=False)
-    training = RecordingTraining(
-        classifier, batches.subset(train_idx, bucket=True), val,
-        TrainArgs.for_engine("scratch", epochs=epochs, lr=lr, log_every=10**9, eval_iter=1), progress=False,
-        say=lambda _: None, watch=batches.subset(watch_idx, bucket=False) if watch_idx else None)
-    history = training.run()
-    return classifier, history, batches, training.watched
-
-
-def ensemble_scores(features: Features, train_idx: list[int], weight_idx: list[int], lm_probs: np.ndarray,
-                    scored_idx: list[int], ngrams: NgramModel | None = None) -> np.ndarray:
-    """`--ensemble tfidf` probabilities of `scored_idx`: n-grams fitted on `train_idx` (or `ngrams`),
-    weights on `weight_idx`; `lm_probs` holds the language model's for `weight_idx + scored_idx`."""
-    texts = lambda idx: [features.texts[i] for i in idx]  # noqa: E731
-    if ngrams is None:
-        ngrams = NgramModel.fit(texts(train_idx), [features.labels[i] for i in train_idx], len(features.classes))
-    ngrams.fit_weights(lm_probs[:len(weight_idx)], texts(weight_idx), [features.labels[i] for i in weight_idx])
-    return ngrams.blend(lm_probs[len(weight_idx):], texts(scored_idx))
-
-
-def cross_validate(features: Features, recipe: str, folds: int, seed: int = 0) -> list[float]:
-    """K-fold accuracy on train + validation after each of the recipe's epochs."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    epochs, ensemble = parse_recipe(recipe)[3:]
+def cross_validate(features: Features, recipe: str, folds: int) -> list[float]:
+    """K-fold accuracy on train + validation after each of the recipe's epochs (`llmclf.tuning`'s
+    cross-validation, pooled over the folds)."""
     pool = features.index["train"] + features.index["validation"]
-    labels = [features.labels[i] for i in pool]
-    correct = [0] * epochs
-    for train_pos, held_pos in StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels):
-        train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
-        if not ensemble:
-            _, history, _, _ = train_recipe(features, recipe, epochs, train_idx, held_idx)
-            for epoch, accuracy in enumerate(history.val_accuracy_full):
-                correct[epoch] += round(accuracy * len(held_idx))
-            continue
-        inner_train, inner_val = train_test_split(train_idx, test_size=0.2, random_state=seed,
-                                                  stratify=[features.labels[i] for i in train_idx])
-        _, _, _, watched = train_recipe(features, recipe, epochs, inner_train, inner_val, inner_val + held_idx)
-        ngrams = NgramModel.fit([features.texts[i] for i in inner_train], [features.labels[i] for i in inner_train],
-                                len(features.classes))
-        gold = np.array([features.labels[i] for i in held_idx])
-        for epoch, lm_probs in enumerate(watched):
-            blended = ensemble_scores(features, inner_train, inner_val, lm_probs, held_idx, ngrams)
-            correct[epoch] += int((blended.argmax(1) == gold).sum())
-    return [c / len(pool) for c in correct]
+    splits = [([pool[i] for i in a], [pool[i] for i in b])
+              for a, b in fold_indices([features.labels[i] for i in pool], folds, SEED)]
+    scores = cross_validate_cached(features, Recipe.parse(recipe), splits, SEED)
+    sizes = np.array([len(held) for _, held in splits])
+    return (sizes @ np.array(scores.accuracy) / sizes.sum()).tolist()
 
 
 def test_run(features: Features, recipe: str, epochs: int) -> dict:
-    """As `llmclf train` does: train on train, keep the best validation epoch, score test once."""
+    """As `llmclf train` does: train on train, keep the best validation epoch (ties: the lower validation
+    loss), score test once (with `+tfidf`: n-grams fitted on train, blend weights on validation)."""
     start = time.perf_counter()
     train_idx, val_idx, test_idx = (features.index[s] for s in SPLITS)
-    classifier, history, batches, _ = train_recipe(features, recipe, epochs, train_idx, val_idx)
-    lm_probs = probabilities(classifier, batches.subset(val_idx + test_idx, bucket=False))
-    if parse_recipe(recipe)[4]:
-        test_probs = ensemble_scores(features, train_idx, val_idx, lm_probs, test_idx)
+    parsed = Recipe.parse(recipe)
+    per_epoch = features.probabilities_per_epoch(replace(parsed, epochs=epochs), train_idx, val_idx,
+                                                 val_idx + test_idx, SEED)
+    gold = {split: np.array([features.labels[i] for i in features.index[split]]) for split in SPLITS}
+    n_val = len(val_idx)
+    val_scores = [((p[:n_val].argmax(1) == gold["validation"]).mean(),
+                   -np.log(p[np.arange(n_val), gold["validation"]] + 1e-12).mean()) for p in per_epoch]
+    best = max(range(len(per_epoch)), key=lambda e: (val_scores[e][0], -val_scores[e][1], -e))
+    probs = per_epoch[best]
+    if parsed.ensemble:
+        texts = lambda idx: [features.texts[i] for i in idx]  # noqa: E731
+        ngrams = NgramModel.fit(texts(train_idx), gold["train"].tolist(), len(features.classes))
+        ngrams.fit_weights(probs[:n_val], texts(val_idx), gold["validation"].tolist())
+        test_probs = ngrams.blend(probs[n_val:], texts(test_idx))
     else:
-        test_probs = lm_probs[len(val_idx):]
+        test_probs = probs[n_val:]
     seconds = time.perf_counter() - start
-    gold = np.array([features.labels[i] for i in test_idx])
-    return {"test": float((test_probs.argmax(1) == gold).mean()), "val": history.best_val_accuracy,
-            "best_epoch": history.best_epoch, "train_seconds": seconds}
+    return {"test": float((test_probs.argmax(1) == gold["test"]).mean()), "val": float(val_scores[best][0]),
+            "best_epoch": best + 1, "train_seconds": seconds}
 
 
 # --- the bench ----------------------------------------------------------------------------------
@@ -398,7 +288,7 @@ def choose_default(results: dict) -> tuple[str, int, float]:
     shared_keys = set.intersection(*(set(results[n]["candidates"]) for n in names))
     scored = []
     for rank, key in enumerate(sorted(shared_keys)):
-        for epoch in range(1, parse_recipe(key.split("|")[2])[3] + 1):
+        for epoch in range(1, Recipe.parse(key.split("|")[2]).epochs + 1):
             mean = sum(results[n]["candidates"][key]["cv"][epoch - 1] for n in names) / len(names)
             scored.append((mean, -epoch, -rank, key, epoch))
     mean, _, _, key, epochs = max(scored)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from llmclf.data.classification import (
+    EncodedTexts,
     LabelledTexts,
     encode_texts,
     label_order,
@@ -58,7 +59,7 @@ DEFAULT_RECIPES = ("head:mean:1e-3:8", "head:mean:1e-3:8+tfidf", "head:last:1e-3
 HF_RECIPES = ("5e-5:3",)  # the Transformers engine's own defaults: LR:EPOCHS, the whole encoder trained
 HF_POOLING = "encoder"  # a Transformers-engine recipe pools as its encoder does
 METRICS = ("accuracy", "macro_f1")
-PROBE_TEXTS = 16  # texts timed through the frozen layers to estimate a backbone's whole pass
+PROBE_TEXTS = 32  # texts timed through the frozen layers to estimate a backbone's whole pass
 TRAIN_COST = 3.0  # forward + backward of a block, in forward passes (for time estimates)
 
 
@@ -219,20 +220,19 @@ class FrozenFeatures:
     """One backbone's states for `texts`, computed once up to block `n_layers - 2` (in the precision
     `llmclf train` would use); `at(k)` continues them to block k. The class head is initialised as
     `fit` initialises it (seeded), so every recipe starts from the same weights. `loaded`: the
-    (model, tokenizer) of `backbone_spec`, if already loaded."""
+    (model, tokenizer) of `backbone_spec`, if already loaded; `defer`: compute the states later, with
+    `compute()` (after `estimate_seconds()`, say)."""
 
     def __init__(self, backbone_spec: str, texts: list[str], labels: list[int], classes: list[str],
                  max_length: int | None = None, batch_size: int = 8, seed: int = 123, progress: bool = True,
                  template: str | None = "auto", device: torch.device | None = None,
-                 loaded: tuple[Any, Any] | None = None, precision: str = "auto") -> None:
+                 loaded: tuple[Any, Any] | None = None, precision: str = "auto", defer: bool = False) -> None:
         from llmclf.families import chat_template_for
         from llmclf.loaders.spec import load_model
-        from llmclf.models.heads import SequenceClassifier, replace_head
+        from llmclf.models.heads import replace_head
         from llmclf.runtime import resolve_device, resolve_precision
-        from llmclf.training.classifier import Batches
 
-        start = time.perf_counter()
-        self.spec, self.precision = backbone_spec, precision
+        self.spec, self.precision, self.batch_size, self.progress = backbone_spec, precision, batch_size, progress
         self.backbone, self.tokenizer = loaded or load_model(backbone_spec)
         self.classes, self.texts, self.labels = classes, texts, labels
         chat = chat_template_for(backbone_spec) if template == "auto" else None
@@ -248,13 +248,38 @@ class FrozenFeatures:
         replace_head(self.backbone, len(classes))
         self.initial = {name: t.clone() for name, t in self.backbone.state_dict().items()}
         self.n_layers = len(self.backbone.trf_blocks)
-        self.cached = {}
-        first = max(self.n_layers - 2, 0)
-        self.cached[first] = Batches(SequenceClassifier(self.backbone, "last"), self.encoded, batch_size,
-                                     self.tokenizer.pad_id, None, self.device, self.dtype, cache_from=first,
-                                     progress=progress, name=f"({backbone_spec})")
-        self.seconds = time.perf_counter() - start
+        self.first_cached = max(self.n_layers - 2, 0)
+        self.cached: dict[int, Any] = {}
+        self.seconds = 0.0
         self.truncated = self.encoded.truncated
+        if not defer:
+            self.compute()
+
+    def _batches(self, encoded: EncodedTexts, progress: bool):
+        from llmclf.models.heads import SequenceClassifier
+        from llmclf.training.classifier import Batches
+
+        return Batches(SequenceClassifier(self.backbone, "last"), encoded, self.batch_size, self.tokenizer.pad_id,
+                       None, self.device, self.dtype, cache_from=self.first_cached, progress=progress,
+                       name=f"({self.spec})")
+
+    def estimate_seconds(self, sample: int = PROBE_TEXTS) -> float:
+        """Seconds `compute()` will take, from the same pass over `sample` texts (evenly spread), after a
+        warm-up, scaled by the token count."""
+        ids = self.encoded.ids
+        picked = [ids[i] for i in np.linspace(0, len(ids) - 1, min(sample, len(ids))).round().astype(int)]
+        self._batches(EncodedTexts(picked[:2], None, 0), progress=False)  # warm-up: weight copies, allocations
+        start = time.perf_counter()
+        self._batches(EncodedTexts(picked, None, 0), progress=False)
+        seconds = time.perf_counter() - start
+        return seconds * sum(len(i) for i in ids) / max(sum(len(i) for i in picked), 1)
+
+    def compute(self) -> None:
+        """The states of every text up to block `n_layers - 2` (once)."""
+        if self.first_cached not in self.cached:
+            start = time.perf_counter()
+            self.cached[self.first_cached] = self._batches(self.encoded, self.progress)
+            self.seconds = time.perf_counter() - start
 
     @torch.no_grad()
     def at(self, block: int):
@@ -312,7 +337,8 @@ class FrozenFeatures:
 
 # --- cross-validation ----------------------------------------------------------------------------
 
-def _folds(labels: list[int], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
+def fold_indices(labels: list[int], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(training part, held-out fold) positions of `StratifiedKFold(folds, shuffle=True, random_state=seed)`."""
     from sklearn.model_selection import StratifiedKFold
 
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
@@ -550,20 +576,6 @@ def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds:
     return folds * candidate.recipe.epochs * (per_epoch + head)
 
 
-def _forward_seconds(model: Any, tokenizer: Any, texts: list[str], limit: int, precision: str = "auto") -> float:
-    """Seconds per token of `model`'s forward pass (as inference runs it), timed on a few `texts`."""
-    from llmclf.runtime import inference_autocast, resolve_precision
-
-    device = next(model.parameters()).device
-    probe = [ids[:limit] for ids in tokenizer.encode_batch(texts[:PROBE_TEXTS])]
-    start = time.perf_counter()
-    with torch.no_grad(), inference_autocast(model, device, resolve_precision(precision, device)):
-        for row in probe:
-            if row:
-                model(torch.tensor([row], device=device))
-    return (time.perf_counter() - start) / max(sum(len(r) for r in probe), 1)
-
-
 def _train_winner(winner: dict[str, Any], search: Search, train: LabelledTexts, val: LabelledTexts,
                   test: LabelledTexts | None, out_dir: Path, max_length: int | None, seed: int,
                   progress: bool, precision: str) -> tuple[Any, dict[str, Any] | None]:
@@ -651,7 +663,7 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
                 "max_length": max_length, "precision": precision, "budget_seconds": budget_left.seconds,
                 "classes": classes, "n_train": len(train), "n_validation": len(val)}
     search = Search(out_dir, settings, resume)
-    fold_index = _folds(label_ids, folds, seed)
+    fold_index = fold_indices(label_ids, folds, seed)
     bar = tqdm(total=len(candidates), desc="tune", unit="candidate", disable=not progress, dynamic_ncols=True)
     features: FrozenFeatures | None = None
     try:
@@ -669,7 +681,7 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
                     features = None  # the previous backbone's states go before the next one's are made
                     features = _scratch_features(candidate, candidates, pool, label_ids, classes, max_length,
                                                  folds, seed, progress, search, budget_left, precision)
-                    begin = time.perf_counter() - (features.seconds if features else 0.0)  # charged to its first recipe
+                    begin = time.perf_counter() - (features.seconds if features else 0.0)  # charged to its 1st recipe
                 scores = None
                 if features is not None:
                     estimate = _estimate(candidate, features.seconds, features.n_layers, folds)
@@ -709,15 +721,10 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
                       search: Search, budget_left: _Budget, precision: str) -> FrozenFeatures | None:
     """The frozen states of the candidate's backbone, if its frozen pass (estimated from a few texts) and
     cheapest recipe fit the budget; else None, with every recipe of that backbone skipped."""
-    from llmclf.loaders.spec import load_model
-    from llmclf.runtime import resolve_device
-
-    model, tokenizer = load_model(candidate.backbone)
-    model.to(resolve_device(None)).eval()
-    limit = min(max_length or model.context_length, model.context_length)
-    tokens = sum(min(len(ids), limit) for ids in tokenizer.encode_batch(pool.texts))
-    frozen = tokens * _forward_seconds(model, tokenizer, pool.texts, limit, precision)
-    needed = frozen + _estimate(candidate, frozen, len(model.trf_blocks), folds)
+    features = FrozenFeatures(candidate.backbone, pool.texts, label_ids, classes, max_length, seed=seed,
+                              progress=progress, precision=precision, defer=True)
+    frozen = features.estimate_seconds()
+    needed = frozen + _estimate(candidate, frozen, features.n_layers, folds)
     budget_left.frozen.setdefault(candidate.backbone, frozen)
     if not budget_left.fits(needed, candidate.backbone):
         del budget_left.frozen[candidate.backbone]
@@ -725,8 +732,7 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
             if other.backbone == candidate.backbone and other.key not in search.results:
                 search.skip(other, f"its frozen pass and first recipe {budget_left.why_not(needed)}")
         return None
-    features = FrozenFeatures(candidate.backbone, pool.texts, label_ids, classes, max_length, seed=seed,
-                              progress=progress, loaded=(model, tokenizer), precision=precision)
+    features.compute()
     budget_left.frozen[candidate.backbone] = features.seconds
     return features
 
@@ -744,16 +750,17 @@ def _hf_candidate(candidate: Candidate, pool: LabelledTexts, fold_index: list[tu
     source = resolve_hf_model(candidate.backbone)
     model, tokenizer = AutoModel.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
     limit = tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else 512
-
-    class Encoded:  # what `_forward_seconds` asks of a tokenizer
-        @staticmethod
-        def encode_batch(texts: list[str]) -> list[list[int]]:
-            return tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
-
-    tokens = sum(len(ids) for ids in Encoded.encode_batch(pool.texts))
-    per_fold = tokens * _forward_seconds(model, Encoded, pool.texts, limit) * (
-        TRAIN_COST * candidate.recipe.epochs * (len(fold_index) - 1) / len(fold_index) + 1.0 / len(fold_index))
+    tokens = sum(len(ids) for ids in tokenizer(pool.texts, truncation=True, max_length=limit)["input_ids"])
+    picked = [pool.texts[i] for i in np.linspace(0, len(pool) - 1, min(PROBE_TEXTS, len(pool))).round().astype(int)]
+    with torch.no_grad():
+        model(**tokenizer(picked[:2], truncation=True, max_length=limit, padding=True, return_tensors="pt"))
+        batch = tokenizer(picked, truncation=True, max_length=limit, padding=True, return_tensors="pt")
+        start = time.perf_counter()
+        model(**batch)
+        per_token = (time.perf_counter() - start) / max(int(batch["attention_mask"].sum()), 1)
     del model
+    per_fold = tokens * per_token * (
+        TRAIN_COST * candidate.recipe.epochs * (len(fold_index) - 1) / len(fold_index) + 1.0 / len(fold_index))
     budget_left.frozen.setdefault(candidate.backbone, per_fold)  # its final training: about one fold's
     if not budget_left.fits(per_fold * len(fold_index), candidate.backbone):
         search.skip(candidate, f"{len(fold_index)} folds {budget_left.why_not(per_fold * len(fold_index))}")
