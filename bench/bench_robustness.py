@@ -1,0 +1,174 @@
+"""In-domain and cross-domain accuracy in one table: TF-IDF, encoders, llmclf's defaults, `tune`'s winner.
+
+Each data set is split (seeded) into train / validation / test; every model trains on train (validation
+for model selection; TF-IDF on train + validation) and is scored once on the in-domain test split and
+once on a cross-domain test set with the same labels that no model saw:
+
+- `ag_news`: 1,000 / 200 / 1,000 articles ("title. description") from `data/ag_news/test.csv`;
+  cross-domain: the headlines alone of 1,000 other articles (short, no description).
+- `imdb`: 600 / 200 / 200 reviews; cross-domain: the last sentence (5-40 words) of each review of
+  the test split, labelled as its review (a verdict line, read without the review; some are neutral,
+  which costs every model alike).
+- `sms`: the course split (1,045 / 149 / 300); no cross-domain set ships in ../shared (none here).
+
+Models (`--models`, comma-separated):
+- `tfidf`: word 1-2-grams + char 2-5-grams, LinearSVC (scikit-learn), fitted on train + validation;
+- `default`: `llmclf train`'s defaults (`make_classifier()` with no options);
+- any model spec with options: `SPEC[;name=value;...]`, e.g. `all-minilm-l6-v2`,
+  `gemma3-270m;pooling=mean;ensemble=none`;
+- `dir:PATTERN`: an already trained model directory, `{dataset}` filled in (e.g. the winner of
+  `llmclf tune ... --out runs/tune-{dataset}`: `dir:runs/tune-{dataset}/model`).
+
+    python bench/bench_robustness.py --datasets ag_news,imdb --models tfidf,default,all-minilm-l6-v2 \\
+        [--json runs/robustness.json] [--limit N]
+
+Prints one row per model: accuracy in domain and cross-domain per data set, and the training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from bench_backbones import SHARED, SPLITS, load_sms, stratified_sizes
+
+from llmclf.config import DEFAULT_BACKBONE
+from llmclf.data.classification import LabelledTexts, label_order, read_labelled
+
+SEED = 123
+
+
+def load_ag_news(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
+    """AG News splits, and the headlines of 1,000 other articles (stratified, disjoint from the splits)."""
+    names = (shared / "data/ag_news/classes.txt").read_text(encoding="utf-8").split()
+    with open(shared / "data/ag_news/test.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    texts = [f"{title}. {description}" for _, title, description in rows]
+    labels = [names[int(cls) - 1] for cls, _, _ in rows]
+    data = stratified_sizes(texts, labels, (1000, 200, 1000), seed)
+    used = {t for split in data.values() for t in split.texts}
+    rest = [i for i, t in enumerate(texts) if t not in used]
+    rng = random.Random(seed)
+    by_class = {c: [i for i in rest if labels[i] == c] for c in label_order(labels)}
+    picked = [i for ids in by_class.values() for i in rng.sample(ids, 250)]
+    rng.shuffle(picked)
+    return data, LabelledTexts([rows[i][1] for i in picked], [labels[i] for i in picked], "AG News headlines")
+
+
+def last_sentence(review: str) -> str | None:
+    """The review's last sentence of 5-40 words (HTML line breaks removed), or None."""
+    text = re.sub(r"<br\s*/?>", " ", review)
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    for sentence in reversed(sentences):
+        if 5 <= len(sentence.split()) <= 40:
+            return sentence
+    return None
+
+
+def load_imdb(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
+    """IMDB splits, and the last sentences of the test reviews (labelled as their review)."""
+    reviews = read_labelled(shared / "data/imdb/imdb_train_1000_balanced.csv")
+    labels = ["positive" if label == "1" else "negative" for label in reviews.labels]
+    data = stratified_sizes(reviews.texts, labels, (600, 200, 200), seed)
+    pairs = [(last_sentence(t), y) for t, y in zip(data["test"].texts, data["test"].labels, strict=True)]
+    pairs = [(s, y) for s, y in pairs if s]
+    return data, LabelledTexts([s for s, _ in pairs], [y for _, y in pairs], "IMDB test reviews' last sentences")
+
+
+def load_sms_only(shared: Path, seed: int) -> tuple[dict, LabelledTexts | None]:
+    return load_sms(shared, seed), None
+
+
+DATASETS = {"ag_news": load_ag_news, "imdb": load_imdb, "sms": load_sms_only}
+
+
+def accuracy(predicted: list[str], data: LabelledTexts) -> float:
+    return sum(p == t for p, t in zip(predicted, data.labels, strict=True)) / len(data)
+
+
+def run_tfidf(data: dict, tests: dict) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.svm import LinearSVC
+
+    start = time.perf_counter()
+    model = make_pipeline(
+        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)),
+        LinearSVC(C=1.0))
+    model.fit(data["train"].texts + data["validation"].texts, data["train"].labels + data["validation"].labels)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, **{name: accuracy(list(model.predict(t.texts)), t) for name, t in tests.items()}}
+
+
+def run_llmclf(spec: str, name: str, data: dict, tests: dict) -> dict:
+    from llmclf.classifier import load_classifier, make_classifier
+
+    start = time.perf_counter()
+    if spec.startswith("dir:"):
+        clf = load_classifier(spec[4:].format(dataset=name))
+        seconds = float((clf.config_.get("metrics") or {}).get("train_seconds") or 0.0)
+    else:
+        model, *pairs = spec.split(";")
+        options = {}
+        for pair in pairs:
+            key, value = pair.split("=", 1)
+            options[key] = json.loads(value) if re.fullmatch(r"[-0-9.e]+|true|false|null", value) else value
+        clf = make_classifier(DEFAULT_BACKBONE if model == "default" else model, **options)
+        clf.fit(data["train"], data["validation"], progress=False)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, **{test: accuracy(clf.predict(t.texts), t) for test, t in tests.items()}}
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="sms,ag_news,imdb")
+    parser.add_argument("--models", default="tfidf,default,all-minilm-l6-v2")
+    parser.add_argument("--json", type=Path, help="also write the figures here (merged into an existing file)")
+    parser.add_argument("--limit", type=int, help="at most this many texts per split (a smoke run)")
+    args = parser.parse_args()
+    print(f"machine: {cpu_name()}", flush=True)
+    results = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
+    for name in args.datasets.split(","):
+        data, cross = DATASETS[name](SHARED, SEED)
+        if args.limit:
+            data = {s: LabelledTexts(d.texts[:args.limit], d.labels[:args.limit], d.source) for s, d in data.items()}
+            cross = cross and LabelledTexts(cross.texts[:args.limit], cross.labels[:args.limit], cross.source)
+        tests = {"in-domain": data["test"], **({"cross-domain": cross} if cross else {})}
+        print(f"\n== {name}: {' / '.join(str(len(data[s])) for s in SPLITS)}; cross-domain: "
+              f"{cross.source + f' ({len(cross)})' if cross else 'none'}", flush=True)
+        for model in args.models.split(","):
+            row = run_tfidf(data, tests) if model == "tfidf" else run_llmclf(model, name, data, tests)
+            results.setdefault(name, {})[model] = row
+            print(f"{model:50s} " + "  ".join(f"{k} {v * 100:6.2f}%" for k, v in row.items() if k != "seconds")
+                  + f"  ({row['seconds']:.0f} s)", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
+    print("\n| model | " + " | ".join(f"{n} in / cross" for n in results) + " |")
+    print("|---|" + "---|" * len(results))
+    for model in dict.fromkeys(m for rows in results.values() for m in rows):
+        cells = []
+        for rows in results.values():
+            row = rows.get(model)
+            cells.append("-" if row is None else " / ".join(
+                f"{row[k] * 100:.2f} %" for k in ("in-domain", "cross-domain") if k in row))
+        print(f"| {model} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
