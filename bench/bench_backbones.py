@@ -61,8 +61,7 @@ from llmclf.data.classification import (
     resolve_template,
     template_suffix_tokens,
 )
-from llmclf.families import chat_template_for
-from llmclf.loaders.spec import load_model
+from llmclf.loaders.spec import chat_template_for, load_model
 from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, replace_head
 from llmclf.ngrams import NgramModel
 from llmclf.runtime import autocast

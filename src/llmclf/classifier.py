@@ -16,10 +16,9 @@ from typing import Any
 from llmclf.engines import ENGINES, choose_engine
 from llmclf.engines.base import TEST_METRICS_FILE, BaseClassifier, MCDropoutResult, NotFittedError, evaluation_report
 from llmclf.engines.hf import HFClassifier
-from llmclf.engines.onnx import ONNXClassifier
+from llmclf.engines.onnx import ONNX_FILE, ONNXClassifier
 from llmclf.engines.scratch import TextClassifier
 from llmclf.errors import ConfigError
-from llmclf.export.onnx import ONNX_FILE
 from llmclf.loaders.checkpoint import CONFIG_FILE, read_checkpoint_config
 from llmclf.training.args import TrainArgs
 
