@@ -26,9 +26,26 @@ from llmclf.serve import defaults as serving
 from llmclf.training.args import RECIPES
 from llmclf.training.state import Interrupted, TrainingInterruptedError, raise_interrupted
 
+
+def examples(*lines: str, more: str | None = None) -> str:
+    """A command's epilog: example command lines, shown verbatim at the end of its --help (markdown
+    mode would join single lines, so they go in a code block)."""
+    return "Examples:\n\n```\n" + "\n".join(lines) + "\n```" + (f"\n\n{more}" if more else "")
+
+
 app = typer.Typer(
     name="llmclf",
     help="Turn pretrained language models into text classifiers: build, evaluate, train, generate.",
+    epilog=examples(
+        "llmclf data split reviews.csv --out data/reviews --text-col review \\",
+        "    --label-col sentiment --stratify",
+        "llmclf train --train data/reviews/train.csv \\",
+        "    --val data/reviews/validation.csv --test data/reviews/test.csv \\",
+        "    --out runs/reviews",
+        "llmclf evaluate --model runs/reviews --data data/reviews/test.csv",
+        "llmclf predict --model runs/reviews \"What a wonderful film.\"",
+        "llmclf serve --model runs/reviews",
+        more="Each command's --help ends with its examples; the guide is README.md and docs/."),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # single newlines in docstrings join, as in prose
@@ -105,7 +122,13 @@ def _load(model: str, random_init: bool, seed: int, base_config: Optional[str], 
                          tokenizer_dir=tokenizer_dir)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf generate --model smollm2-135m --prompt \"The capital of France is\"",
+    "llmclf generate --model runs/verdict --prompt \"Every effort moves you\" \\",
+    "    --temperature 1.4 --top-k 25 --seed 123",
+    "llmclf generate --model gpt2-small --random-init --context-length 256 \\",
+    "    --drop-rate 0.1 --no-qkv-bias --prompt \"Every effort moves you\"",
+))
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
     model: ModelOpt = DEFAULT_MODEL,
@@ -136,7 +159,11 @@ def generate(
     logging.getLogger("llmclf").info("generated in %.2f s", time.perf_counter() - start)
 
 
-@app.command("lm-eval")
+@app.command("lm-eval", epilog=examples(
+    "llmclf lm-eval --model gemma3-270m --text the-verdict.txt \\",
+    "    --context-length 256",
+    "llmclf lm-eval --model runs/verdict --text the-verdict.txt --json",
+))
 def lm_eval(
     text: Annotated[Path, typer.Option("--text", "-t", help="UTF-8 text file to evaluate on.")],
     model: ModelOpt = DEFAULT_MODEL,
@@ -173,7 +200,12 @@ def lm_eval(
                f"({result.val_batches} batches)")
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf pretrain --model gpt2-small --random-init --context-length 256 \\",
+    "    --drop-rate 0.1 --no-qkv-bias --text the-verdict.txt \\",
+    "    --out runs/verdict",
+    "llmclf pretrain ... --out runs/verdict --resume   # an interrupted run",
+))
 def pretrain(
     text: Annotated[Path, typer.Option("--text", "-t", help="UTF-8 text file to train on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoint, history, loss.png).")],
@@ -222,14 +254,22 @@ def pretrain(
 
 # --- data -------------------------------------------------------------------------------------
 
-data_app = typer.Typer(help="Prepare labelled data sets (train/validation/test CSV files).", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare labelled data sets (train/validation/test CSV files).", no_args_is_help=True,
+                       epilog=examples(
+                           "llmclf data split reviews.csv --out data/reviews --stratify",
+                           "llmclf data sms-spam --out data/sms",
+                       ))
 app.add_typer(data_app, name="data")
 
 TextColOpt = Annotated[str, typer.Option("--text-col", help="Column holding the text.")]
 LabelColOpt = Annotated[str, typer.Option("--label-col", help="Column holding the label (names or integers).")]
 
 
-@data_app.command("sms-spam")
+@data_app.command("sms-spam", epilog=examples(
+    "llmclf data sms-spam --out data/sms         # downloads the UCI archive",
+    "llmclf data sms-spam --out data/sms --source sms_spam_collection.zip",
+    "llmclf data sms-spam --out data/sms-all --no-balance",
+))
 def data_sms_spam(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
     source: Annotated[Optional[str], typer.Option(
@@ -248,7 +288,12 @@ def data_sms_spam(
     typer.echo(f"written to {out}/")
 
 
-@data_app.command("split")
+@data_app.command("split", epilog=examples(
+    "llmclf data split reviews.csv --out data/reviews --text-col review \\",
+    "    --label-col sentiment --stratify",
+    "llmclf data split imdb.csv --out data/imdb --ratios 0.8,0.2,0 --seed 42 \\",
+    "    --label-names 0=negative,1=positive",
+))
 def data_split(
     file: Annotated[Path, typer.Argument(help="CSV, TSV or JSONL file with a header.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
@@ -333,7 +378,18 @@ def with_train_args(func):
     return command
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf train --train data/sms/train.csv --val data/sms/validation.csv \\",
+    "    --test data/sms/test.csv --out runs/spam",
+    "llmclf train --model smollm2-135m --recipe course \\",
+    "    --train data/sms/train.csv --val data/sms/validation.csv \\",
+    "    --out runs/spam-course",
+    "llmclf train --model all-minilm-l6-v2 --epochs 5 --lr 5e-5 \\",
+    "    --train data/imdb/train.csv --val data/imdb/validation.csv \\",
+    "    --out runs/imdb",
+    "llmclf train ... --out runs/spam --resume    # an interrupted run",
+    "llmclf train --devices 2 ... --out runs/spam # two worker processes",
+    more="Every option: docs/training.md."))
 @with_train_args
 def train(
     train_file: Annotated[Path, typer.Option("--train", help="Training data (CSV, TSV or JSONL).")],
@@ -430,7 +486,13 @@ PoolingOverrideOpt = Annotated[Optional[str], typer.Option(
 MaxLengthOverrideOpt = Annotated[Optional[int], typer.Option("--max-length", min=1, help="Override max tokens.")]
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf evaluate --model runs/spam --data data/sms/test.csv",
+    "llmclf evaluate --model runs/spam --data data/sms/test.csv --json \\",
+    "    --plots runs/spam",
+    "llmclf evaluate --model runs/spam-onnx --data data/sms/test.csv \\",
+    "    --precision int8",
+))
 def evaluate(
     model: ClfModelOpt,
     data: Annotated[Path, typer.Option("--data", "-d", help="Labelled data (CSV, TSV or JSONL).")],
@@ -468,7 +530,15 @@ def evaluate(
         typer.echo("  " + " ".join(f"{v:6d}" for v in row))
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf predict --model runs/spam \"You won a free cruise!\" \"See you\"",
+    "llmclf predict --model runs/spam --input messages.csv \\",
+    "    --output predictions.csv",
+    "llmclf predict --model runs/imdb --mc-dropout 5 --threshold 0.6 \\",
+    "    --json \"It was okay.\"",
+    "llmclf predict --model runs/spam --input big.csv --output scored.csv \\",
+    "    --devices 2",
+))
 def predict(
     model: ClfModelOpt,
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
@@ -573,7 +643,13 @@ def predict(
 
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf serve --model runs/spam   # http://127.0.0.1:8000/, API docs: /docs",
+    "LLMCLF_API_KEY=\"$KEY\" llmclf serve --model runs/spam --host 0.0.0.0",
+    "llmclf serve --model runs/spam-onnx --backend onnx",
+    "curl -s localhost:8000/v1/classify -H 'Content-Type: application/json' \\",
+    "    -d '{\"texts\": [\"You won a free cruise!\"]}'",
+    more="More: docs/serving.md and docs/security.md."))
 def serve(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(
@@ -684,7 +760,12 @@ def serve(
     run_server(config)
 
 
-@app.command("export")
+@app.command("export", epilog=examples(
+    "llmclf export --model runs/spam --format onnx --quantize int8 \\",
+    "    --out runs/spam-onnx",
+    "llmclf predict --model runs/spam-onnx \"You won a free cruise!\"",
+    "llmclf export --model runs/spam-last --format hf --out runs/spam-hf",
+))
 def export_command(
     model: Annotated[str, typer.Option(
         "--model", "-m", help="The classifier directory `llmclf train` wrote (either engine).")],
