@@ -16,11 +16,11 @@ import typer
 from llmclf import distributed
 from llmclf import language_model as lm
 from llmclf.config import DEFAULT_BACKBONE, DEFAULT_MODEL
-from llmclf.engines.base import TEST_METRICS_FILE, prediction_record
+from llmclf.engines.base import TEST_METRICS_FILE
 from llmclf.errors import LlmclfError
 from llmclf.families import FAMILIES, scratch_model_names
 from llmclf.loaders.spec import DEFAULT_SEED
-from llmclf.loaders.tensors import atomic_files, atomic_write_json
+from llmclf.loaders.tensors import atomic_write_json
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.serve import defaults as serving
 from llmclf.training.args import RECIPES
@@ -281,8 +281,7 @@ def data_sms_spam(
     """The UCI SMS Spam Collection, balanced and split 70/10/20 as the course does."""
     from llmclf.data.classification import prepare_sms_spam
 
-    with atomic_files(out) as staging:  # the three files together: never a mix of two splits
-        counts = prepare_sms_spam(staging, source, seed=seed, balance=not no_balance)
+    counts = prepare_sms_spam(out, source, seed=seed, balance=not no_balance)
     for name, c in counts.items():
         typer.echo(f"{name:10s} {c['rows']:5d} rows  " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "rows"))
     typer.echo(f"written to {out}/")
@@ -310,32 +309,16 @@ def data_split(
         "(predictions then print the names).")] = None,
 ) -> None:
     """Split one labelled file into train/validation/test CSV files (columns text,label)."""
-    from llmclf.data.classification import (
-        parse_label_names,
-        read_labelled,
-        rename_labels,
-        split_labelled,
-        write_labelled,
-    )
+    from llmclf.data.classification import split_file
 
     try:
         shares = tuple(float(x) for x in ratios.split(","))
     except ValueError:
         raise typer.BadParameter(f"{ratios!r} is not three comma-separated numbers", param_hint="--ratios") from None
-    data = read_labelled(file, text_col, label_col)
-    if label_names:
-        data = rename_labels(data, parse_label_names(label_names))
-    parts = split_labelled(data, shares, stratify, seed)
-    with atomic_files(out) as staging:  # the files together: never a mix of two splits (test rows in train)
-        for name, part in zip(("train", "validation", "test"), parts, strict=True):
-            if len(part) > 0:
-                write_labelled(part, staging / f"{name}.csv")
-    for name, part in zip(("train", "validation", "test"), parts, strict=True):
-        stale = not len(part) and (out / f"{name}.csv").is_file()
-        if stale:  # an earlier split's rows, now partly in the other files: using it would leak them
-            (out / f"{name}.csv").unlink()
-        typer.echo(f"{name:10s} {len(part):6d} rows" + (
-            "" if len(part) else f" (share 0: no file written{f'; the old {name}.csv removed' if stale else ''})"))
+    written = split_file(file, out, shares, stratify, seed, text_col, label_col, label_names)
+    for name, (rows, stale) in written.items():
+        typer.echo(f"{name:10s} {rows:6d} rows" + (
+            "" if rows else f" (share 0: no file written{f'; the old {name}.csv removed' if stale else ''})"))
     typer.echo(f"written to {out}/")
 
 
@@ -589,7 +572,7 @@ def predict(
     each process classifies its share of the chunks; the output is the one-process output.
     """
     _check_precision(precision)
-    from llmclf.predict import predict_file
+    from llmclf.predict import predict_file, predict_texts
 
     if ((devices or 1) > 1 or distributed.launched()) and input_file is None:
         raise typer.BadParameter("several processes share the chunks of an --input file; give --input and --output",
@@ -622,16 +605,8 @@ def predict(
         typer.echo(f"{stats['new_rows']} texts classified in {stats['seconds']:.1f} s "
                    f"({stats['texts_per_second']:.1f} texts/s){resumed}; {stats['rows']} rows -> {output_file}")
         return
-    if mc_dropout is not None:
-        records = clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold, batch_size=batch_size,
-                                         dropout_rate=dropout_rate, seed=seed).records()
-    else:
-        records = []
-        for row in clf.predict_proba(texts, batch_size):
-            record = prediction_record(clf.classes_, row, threshold=threshold)
-            if "confident" in record:  # one pass: --json output has always put `confident` last
-                record["confident"] = record.pop("confident")
-            records.append(record)
+    records = predict_texts(clf, texts, batch_size=batch_size, mc_dropout=mc_dropout, threshold=threshold,
+                            dropout_rate=dropout_rate, seed=seed)
     for text, record in zip(texts, records, strict=True):
         if as_json:
             typer.echo(json.dumps({"text": text, **record}, ensure_ascii=False))
