@@ -16,11 +16,9 @@ import typer
 from llmclf import distributed
 from llmclf import language_model as lm
 from llmclf.config import DEFAULT_BACKBONE, DEFAULT_MODEL
-from llmclf.engines.base import TEST_METRICS_FILE
 from llmclf.errors import LlmclfError
 from llmclf.families import FAMILIES, scratch_model_names
 from llmclf.loaders.spec import DEFAULT_SEED
-from llmclf.loaders.tensors import atomic_write_json
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.serve import defaults as serving
 from llmclf.training.args import RECIPES
@@ -418,29 +416,16 @@ def train(
     """
     if relaunched(devices, max_restarts):
         return
-    from llmclf.classifier import evaluation_report, make_classifier
-    from llmclf.data.classification import read_labelled
+    from llmclf.classifier import train_classifier
 
     model_options = {"random_init": random_init, "base_config": base_config, "context_length": context_length,
                      "drop_rate": drop_rate, "qkv_bias": qkv_bias, "tokenizer_dir": tokenizer_dir}
-    model_options = {k: v for k, v in model_options.items() if v not in (None, False)}
-    if random_init:
-        model_options["seed"] = (train_args or {}).get("seed", DEFAULT_SEED)
-    clf = make_classifier(model, engine, recipe, **(train_args or {}), **({"model_options": model_options}
-                                                                 if model_options else {}))
-    train_data = read_labelled(train_file, text_col, label_col)
-    val_data = read_labelled(val_file, text_col, label_col)
-    test_data = read_labelled(test_file, text_col, label_col) if test_file else None
-    clf.fit(train_data, val_data, out_dir=out, progress=progress, resume=resume)
-    if not distributed.is_main():
+    clf, result = train_classifier(model, train_file, val_file, out, engine, recipe, test_file, text_col, label_col,
+                                   progress, resume, model_options, train_args)
+    if result is None:
         return  # rank 0 reports
     if getattr(clf, "finished_before_", None):
         typer.echo(f"{clf.finished_before_} (its model is loaded)", err=True)
-    result = {"engine": clf.engine, "validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1),
-              "out": str(out)}
-    if test_data is not None:
-        result["test"] = evaluation_report(clf, test_data, plots_dir=out)
-        atomic_write_json(out / TEST_METRICS_FILE, result["test"])
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -692,27 +677,15 @@ def serve(
     Every limit below is enforced before inference; every response carries a Content-Security-Policy
     for this origin only. SIGTERM or Ctrl+C drains: requests in flight finish, then the process exits 0."""
     _check_precision(precision)
-    import ipaddress
-
     from llmclf.classifier import load_classifier
     from llmclf.serve import create_app
-    from llmclf.serve.server import read_api_key_file, run_server, uvicorn_config
+    from llmclf.serve.server import exposure_warning, resolve_api_key, run_server, uvicorn_config
 
-    if api_key is not None:
-        # click's ParameterSource, compared by name: typer may bring its own copy of click.
-        source = ctx.get_parameter_source("api_key")
-        from_env = source is not None and source.name == "ENVIRONMENT"
-        if api_key_file is not None:
-            raise LlmclfError(f"two API keys given ({'$LLMCLF_API_KEY' if from_env else '--api-key'} and "
-                              "--api-key-file): use one")
-        if not api_key.strip():
-            raise LlmclfError("--api-key is empty: give a key, or leave the option out to serve without one")
-        if not from_env:
-            typer.secho("warning: a key given with --api-key can be read by every user of this machine in the "
-                        "process list (ps); use $LLMCLF_API_KEY or --api-key-file instead", fg=typer.colors.YELLOW,
-                        err=True)
-    elif api_key_file is not None:
-        api_key = read_api_key_file(api_key_file)
+    # click's ParameterSource, compared by name: typer may bring its own copy of click.
+    source = ctx.get_parameter_source("api_key")
+    api_key, warning = resolve_api_key(api_key, source is not None and source.name == "ENVIRONMENT", api_key_file)
+    if warning:
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     clf = load_classifier(model, backend, max_length=max_length, precision=precision, device=device)
     clf.predict_proba(["warm-up"])  # first-call costs (allocation, kernels) before the first request
     application = create_app(clf, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -723,13 +696,8 @@ def serve(
                             shutdown_timeout=shutdown_timeout, keep_alive_timeout=keep_alive_timeout,
                             request_timeout=request_timeout, max_header_bytes=max_header_bytes,
                             max_connections=max_connections)
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not api_key:
-        typer.secho(f"warning: serving on {host} without an API key: anyone who can reach it can use it",
-                    fg=typer.colors.YELLOW, err=True)
+    if warning := exposure_warning(host, api_key):
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     typer.echo(f"serving {model} ({', '.join(clf.classes_)}) on http://{host}:{port}/  (docs: /docs"
                + (", API key required" if api_key else "") + ")", err=True)
     run_server(config)
