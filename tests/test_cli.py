@@ -73,3 +73,26 @@ def test_too_short_text_exits_cleanly(tmp_path, tiny_checkpoint):
 def test_bad_precision_is_rejected(tiny_checkpoint):
     result = runner.invoke(app, ["generate", "--model", str(tiny_checkpoint), "--prompt", "a", "--precision", "fp8"])
     assert result.exit_code == 2 and "fp8" in result.output
+
+
+def _command_paths(command, prefix=()):
+    yield prefix, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*prefix, name))
+
+
+def test_every_help_ends_with_examples_of_that_command():
+    # As git's and typer's apps do: --help ends with command lines to copy, one per line.
+    import typer
+
+    commands = {path: command for path, command in _command_paths(typer.main.get_command(app))}
+    assert ("train",) in commands and ("data", "split") in commands and len(commands) == 13
+    for path, command in commands.items():
+        name = " ".join(("llmclf", *path))
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert result.exit_code == 0 and "Examples:" in result.output, f"{name} --help has no examples"
+        shown = [line.strip() for line in result.output.split("Examples:", 1)[1].splitlines()]
+        examples = command.epilog.split("```")[1].strip().splitlines()
+        assert any(line.startswith(f"{name} ") for line in examples), f"{name} --help: no example of {name}"
+        for line in examples:  # each shown whole on its line at 80 columns, never wrapped
+            assert line.strip() in shown, f"{name} --help: {line!r} is not shown as one line"

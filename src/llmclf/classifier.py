@@ -13,20 +13,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmclf import distributed
 from llmclf.engines import ENGINES, choose_engine
 from llmclf.engines.base import TEST_METRICS_FILE, BaseClassifier, MCDropoutResult, NotFittedError, evaluation_report
 from llmclf.engines.hf import HFClassifier
-from llmclf.engines.onnx import ONNXClassifier
+from llmclf.engines.onnx import ONNX_FILE, ONNXClassifier
 from llmclf.engines.scratch import TextClassifier
 from llmclf.errors import ConfigError
-from llmclf.export.onnx import ONNX_FILE
 from llmclf.loaders.checkpoint import CONFIG_FILE, read_checkpoint_config
+from llmclf.loaders.spec import DEFAULT_SEED
+from llmclf.loaders.tensors import atomic_write_json
 from llmclf.training.args import TrainArgs
 
 BACKENDS = ("auto", "torch", "onnx")
 
 __all__ = ["BaseClassifier", "HFClassifier", "MCDropoutResult", "NotFittedError", "ONNXClassifier", "TextClassifier",
-           "evaluation_report", "load_classifier", "make_classifier"]
+           "evaluation_report", "load_classifier", "make_classifier", "train_classifier"]
 
 
 def make_classifier(model: str, engine: str = "auto", recipe: str | None = None, **options: Any) -> BaseClassifier:
@@ -90,3 +92,37 @@ def load_classifier(path: str | os.PathLike, backend: str = "auto", **kwargs: An
         except (OSError, json.JSONDecodeError):
             pass  # informational only
     return clf
+
+
+def train_classifier(model: str, train_file: str | os.PathLike, val_file: str | os.PathLike, out: str | os.PathLike,
+                     engine: str = "auto", recipe: str | None = None, test_file: str | os.PathLike | None = None,
+                     text_col: str = "text", label_col: str = "label", progress: bool = True, resume: bool = False,
+                     model_options: dict[str, Any] | None = None, train_args: dict[str, Any] | None = None,
+                     ) -> tuple[BaseClassifier, dict[str, Any] | None]:
+    """`llmclf train`: fit a classifier of backbone `model` on labelled files, save it to `out` and,
+    with `test_file`, evaluate it there once (metrics and plots saved in `out`).
+
+    `model_options` are the backbone's options as given (random_init, base_config, context_length,
+    drop_rate, qkv_bias, tokenizer_dir; None or False = not given); `train_args` the `TrainArgs` options
+    given. Returns the classifier and, on the main process, the report (engine, validation metrics,
+    train_seconds, out, test metrics); None on the other ranks of a distributed run."""
+    from llmclf.data.classification import read_labelled
+
+    train_args = train_args or {}
+    model_options = {k: v for k, v in (model_options or {}).items() if v not in (None, False)}
+    if model_options.get("random_init"):
+        model_options["seed"] = train_args.get("seed", DEFAULT_SEED)
+    clf = make_classifier(model, engine, recipe, **train_args, **({"model_options": model_options}
+                                                                 if model_options else {}))
+    train_data = read_labelled(train_file, text_col, label_col)
+    val_data = read_labelled(val_file, text_col, label_col)
+    test_data = read_labelled(test_file, text_col, label_col) if test_file else None
+    clf.fit(train_data, val_data, out_dir=out, progress=progress, resume=resume)
+    if not distributed.is_main():
+        return clf, None  # rank 0 reports
+    result = {"engine": clf.engine, "validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1),
+              "out": str(out)}
+    if test_data is not None:
+        result["test"] = evaluation_report(clf, test_data, plots_dir=out)
+        atomic_write_json(Path(out) / TEST_METRICS_FILE, result["test"])
+    return clf, result

@@ -16,19 +16,34 @@ import typer
 from llmclf import distributed
 from llmclf import language_model as lm
 from llmclf.config import DEFAULT_BACKBONE, DEFAULT_MODEL
-from llmclf.engines.base import TEST_METRICS_FILE, prediction_record
 from llmclf.errors import LlmclfError
 from llmclf.families import FAMILIES, scratch_model_names
 from llmclf.loaders.spec import DEFAULT_SEED
-from llmclf.loaders.tensors import atomic_files, atomic_write_json
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.serve import defaults as serving
 from llmclf.training.args import RECIPES
 from llmclf.training.state import Interrupted, TrainingInterruptedError, raise_interrupted
 
+
+def examples(*lines: str, more: str | None = None) -> str:
+    """A command's epilog: example command lines, shown verbatim at the end of its --help (markdown
+    mode would join single lines, so they go in a code block)."""
+    return "Examples:\n\n```\n" + "\n".join(lines) + "\n```" + (f"\n\n{more}" if more else "")
+
+
 app = typer.Typer(
     name="llmclf",
     help="Turn pretrained language models into text classifiers: build, evaluate, train, generate.",
+    epilog=examples(
+        "llmclf data split reviews.csv --out data/reviews --text-col review \\",
+        "    --label-col sentiment --stratify",
+        "llmclf train --train data/reviews/train.csv \\",
+        "    --val data/reviews/validation.csv --test data/reviews/test.csv \\",
+        "    --out runs/reviews",
+        "llmclf evaluate --model runs/reviews --data data/reviews/test.csv",
+        "llmclf predict --model runs/reviews \"What a wonderful film.\"",
+        "llmclf serve --model runs/reviews",
+        more="Each command's --help ends with its examples; the guide is README.md and docs/."),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # single newlines in docstrings join, as in prose
@@ -105,7 +120,13 @@ def _load(model: str, random_init: bool, seed: int, base_config: Optional[str], 
                          tokenizer_dir=tokenizer_dir)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf generate --model smollm2-135m --prompt \"The capital of France is\"",
+    "llmclf generate --model runs/verdict --prompt \"Every effort moves you\" \\",
+    "    --temperature 1.4 --top-k 25 --seed 123",
+    "llmclf generate --model gpt2-small --random-init --context-length 256 \\",
+    "    --drop-rate 0.1 --no-qkv-bias --prompt \"Every effort moves you\"",
+))
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
     model: ModelOpt = DEFAULT_MODEL,
@@ -136,7 +157,11 @@ def generate(
     logging.getLogger("llmclf").info("generated in %.2f s", time.perf_counter() - start)
 
 
-@app.command("lm-eval")
+@app.command("lm-eval", epilog=examples(
+    "llmclf lm-eval --model gemma3-270m --text the-verdict.txt \\",
+    "    --context-length 256",
+    "llmclf lm-eval --model runs/verdict --text the-verdict.txt --json",
+))
 def lm_eval(
     text: Annotated[Path, typer.Option("--text", "-t", help="UTF-8 text file to evaluate on.")],
     model: ModelOpt = DEFAULT_MODEL,
@@ -173,7 +198,12 @@ def lm_eval(
                f"({result.val_batches} batches)")
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf pretrain --model gpt2-small --random-init --context-length 256 \\",
+    "    --drop-rate 0.1 --no-qkv-bias --text the-verdict.txt \\",
+    "    --out runs/verdict",
+    "llmclf pretrain ... --out runs/verdict --resume   # an interrupted run",
+))
 def pretrain(
     text: Annotated[Path, typer.Option("--text", "-t", help="UTF-8 text file to train on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoint, history, loss.png).")],
@@ -222,14 +252,22 @@ def pretrain(
 
 # --- data -------------------------------------------------------------------------------------
 
-data_app = typer.Typer(help="Prepare labelled data sets (train/validation/test CSV files).", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare labelled data sets (train/validation/test CSV files).", no_args_is_help=True,
+                       epilog=examples(
+                           "llmclf data split reviews.csv --out data/reviews --stratify",
+                           "llmclf data sms-spam --out data/sms",
+                       ))
 app.add_typer(data_app, name="data")
 
 TextColOpt = Annotated[str, typer.Option("--text-col", help="Column holding the text.")]
 LabelColOpt = Annotated[str, typer.Option("--label-col", help="Column holding the label (names or integers).")]
 
 
-@data_app.command("sms-spam")
+@data_app.command("sms-spam", epilog=examples(
+    "llmclf data sms-spam --out data/sms         # downloads the UCI archive",
+    "llmclf data sms-spam --out data/sms --source sms_spam_collection.zip",
+    "llmclf data sms-spam --out data/sms-all --no-balance",
+))
 def data_sms_spam(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
     source: Annotated[Optional[str], typer.Option(
@@ -241,14 +279,18 @@ def data_sms_spam(
     """The UCI SMS Spam Collection, balanced and split 70/10/20 as the course does."""
     from llmclf.data.classification import prepare_sms_spam
 
-    with atomic_files(out) as staging:  # the three files together: never a mix of two splits
-        counts = prepare_sms_spam(staging, source, seed=seed, balance=not no_balance)
+    counts = prepare_sms_spam(out, source, seed=seed, balance=not no_balance)
     for name, c in counts.items():
         typer.echo(f"{name:10s} {c['rows']:5d} rows  " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "rows"))
     typer.echo(f"written to {out}/")
 
 
-@data_app.command("split")
+@data_app.command("split", epilog=examples(
+    "llmclf data split reviews.csv --out data/reviews --text-col review \\",
+    "    --label-col sentiment --stratify",
+    "llmclf data split imdb.csv --out data/imdb --ratios 0.8,0.2,0 --seed 42 \\",
+    "    --label-names 0=negative,1=positive",
+))
 def data_split(
     file: Annotated[Path, typer.Argument(help="CSV, TSV or JSONL file with a header.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for train.csv, validation.csv, test.csv.")],
@@ -265,32 +307,16 @@ def data_split(
         "(predictions then print the names).")] = None,
 ) -> None:
     """Split one labelled file into train/validation/test CSV files (columns text,label)."""
-    from llmclf.data.classification import (
-        parse_label_names,
-        read_labelled,
-        rename_labels,
-        split_labelled,
-        write_labelled,
-    )
+    from llmclf.data.classification import split_file
 
     try:
         shares = tuple(float(x) for x in ratios.split(","))
     except ValueError:
         raise typer.BadParameter(f"{ratios!r} is not three comma-separated numbers", param_hint="--ratios") from None
-    data = read_labelled(file, text_col, label_col)
-    if label_names:
-        data = rename_labels(data, parse_label_names(label_names))
-    parts = split_labelled(data, shares, stratify, seed)
-    with atomic_files(out) as staging:  # the files together: never a mix of two splits (test rows in train)
-        for name, part in zip(("train", "validation", "test"), parts, strict=True):
-            if len(part) > 0:
-                write_labelled(part, staging / f"{name}.csv")
-    for name, part in zip(("train", "validation", "test"), parts, strict=True):
-        stale = not len(part) and (out / f"{name}.csv").is_file()
-        if stale:  # an earlier split's rows, now partly in the other files: using it would leak them
-            (out / f"{name}.csv").unlink()
-        typer.echo(f"{name:10s} {len(part):6d} rows" + (
-            "" if len(part) else f" (share 0: no file written{f'; the old {name}.csv removed' if stale else ''})"))
+    written = split_file(file, out, shares, stratify, seed, text_col, label_col, label_names)
+    for name, (rows, stale) in written.items():
+        typer.echo(f"{name:10s} {rows:6d} rows" + (
+            "" if rows else f" (share 0: no file written{f'; the old {name}.csv removed' if stale else ''})"))
     typer.echo(f"written to {out}/")
 
 
@@ -333,7 +359,18 @@ def with_train_args(func):
     return command
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf train --train data/sms/train.csv --val data/sms/validation.csv \\",
+    "    --test data/sms/test.csv --out runs/spam",
+    "llmclf train --model smollm2-135m --recipe course \\",
+    "    --train data/sms/train.csv --val data/sms/validation.csv \\",
+    "    --out runs/spam-course",
+    "llmclf train --model all-minilm-l6-v2 --epochs 5 --lr 5e-5 \\",
+    "    --train data/imdb/train.csv --val data/imdb/validation.csv \\",
+    "    --out runs/imdb",
+    "llmclf train ... --out runs/spam --resume    # an interrupted run",
+    "llmclf train --devices 2 ... --out runs/spam # two worker processes",
+    more="Every option: docs/training.md."))
 @with_train_args
 def train(
     train_file: Annotated[Path, typer.Option("--train", help="Training data (CSV, TSV or JSONL).")],
@@ -379,29 +416,16 @@ def train(
     """
     if relaunched(devices, max_restarts):
         return
-    from llmclf.classifier import evaluation_report, make_classifier
-    from llmclf.data.classification import read_labelled
+    from llmclf.classifier import train_classifier
 
     model_options = {"random_init": random_init, "base_config": base_config, "context_length": context_length,
                      "drop_rate": drop_rate, "qkv_bias": qkv_bias, "tokenizer_dir": tokenizer_dir}
-    model_options = {k: v for k, v in model_options.items() if v not in (None, False)}
-    if random_init:
-        model_options["seed"] = (train_args or {}).get("seed", DEFAULT_SEED)
-    clf = make_classifier(model, engine, recipe, **(train_args or {}), **({"model_options": model_options}
-                                                                 if model_options else {}))
-    train_data = read_labelled(train_file, text_col, label_col)
-    val_data = read_labelled(val_file, text_col, label_col)
-    test_data = read_labelled(test_file, text_col, label_col) if test_file else None
-    clf.fit(train_data, val_data, out_dir=out, progress=progress, resume=resume)
-    if not distributed.is_main():
+    clf, result = train_classifier(model, train_file, val_file, out, engine, recipe, test_file, text_col, label_col,
+                                   progress, resume, model_options, train_args)
+    if result is None:
         return  # rank 0 reports
     if getattr(clf, "finished_before_", None):
         typer.echo(f"{clf.finished_before_} (its model is loaded)", err=True)
-    result = {"engine": clf.engine, "validation": clf.val_metrics_, "train_seconds": round(clf.train_seconds_, 1),
-              "out": str(out)}
-    if test_data is not None:
-        result["test"] = evaluation_report(clf, test_data, plots_dir=out)
-        atomic_write_json(out / TEST_METRICS_FILE, result["test"])
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -413,7 +437,15 @@ def train(
                        f"loss {m['loss']:.4f}  (n={m['n']})")
 
 
-@app.command("tune")
+@app.command("tune", epilog=examples(
+    "llmclf tune --train data/sms/train.csv --val data/sms/validation.csv \\",
+    "    --test data/sms/test.csv --budget 10m --out runs/tuned",
+    "llmclf tune ... --out runs/tuned --budget 30m --resume",
+    "llmclf tune ... --backbones gemma3-270m,all-minilm-l6-v2 \\",
+    "    --recipes head:mean:1e-3:8,last-n:2:last:1e-4:4",
+    "llmclf predict --model runs/tuned/model \"Is this spam?\"",
+    more="Output: OUT/leaderboard.csv and .png (mean and std over the folds per candidate, and what the budget "
+    "skipped), OUT/tune.json (the search) and OUT/model (the winner)."))
 def tune_command(
     train_file: Annotated[Path, typer.Option("--train", help="Training data (CSV, TSV or JSONL).")],
     val_file: Annotated[Path, typer.Option("--val", help="Validation data: cross-validated with the training data, "
@@ -500,7 +532,13 @@ PoolingOverrideOpt = Annotated[Optional[str], typer.Option(
 MaxLengthOverrideOpt = Annotated[Optional[int], typer.Option("--max-length", min=1, help="Override max tokens.")]
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf evaluate --model runs/spam --data data/sms/test.csv",
+    "llmclf evaluate --model runs/spam --data data/sms/test.csv --json \\",
+    "    --plots runs/spam",
+    "llmclf evaluate --model runs/spam-onnx --data data/sms/test.csv \\",
+    "    --precision int8",
+))
 def evaluate(
     model: ClfModelOpt,
     data: Annotated[Path, typer.Option("--data", "-d", help="Labelled data (CSV, TSV or JSONL).")],
@@ -538,7 +576,15 @@ def evaluate(
         typer.echo("  " + " ".join(f"{v:6d}" for v in row))
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf predict --model runs/spam \"You won a free cruise!\" \"See you\"",
+    "llmclf predict --model runs/spam --input messages.csv \\",
+    "    --output predictions.csv",
+    "llmclf predict --model runs/imdb --mc-dropout 5 --threshold 0.6 \\",
+    "    --json \"It was okay.\"",
+    "llmclf predict --model runs/spam --input big.csv --output scored.csv \\",
+    "    --devices 2",
+))
 def predict(
     model: ClfModelOpt,
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
@@ -589,7 +635,7 @@ def predict(
     each process classifies its share of the chunks; the output is the one-process output.
     """
     _check_precision(precision)
-    from llmclf.predict import predict_file
+    from llmclf.predict import predict_file, predict_texts
 
     if ((devices or 1) > 1 or distributed.launched()) and input_file is None:
         raise typer.BadParameter("several processes share the chunks of an --input file; give --input and --output",
@@ -622,16 +668,8 @@ def predict(
         typer.echo(f"{stats['new_rows']} texts classified in {stats['seconds']:.1f} s "
                    f"({stats['texts_per_second']:.1f} texts/s){resumed}; {stats['rows']} rows -> {output_file}")
         return
-    if mc_dropout is not None:
-        records = clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold, batch_size=batch_size,
-                                         dropout_rate=dropout_rate, seed=seed).records()
-    else:
-        records = []
-        for row in clf.predict_proba(texts, batch_size):
-            record = prediction_record(clf.classes_, row, threshold=threshold)
-            if "confident" in record:  # one pass: --json output has always put `confident` last
-                record["confident"] = record.pop("confident")
-            records.append(record)
+    records = predict_texts(clf, texts, batch_size=batch_size, mc_dropout=mc_dropout, threshold=threshold,
+                            dropout_rate=dropout_rate, seed=seed)
     for text, record in zip(texts, records, strict=True):
         if as_json:
             typer.echo(json.dumps({"text": text, **record}, ensure_ascii=False))
@@ -643,7 +681,13 @@ def predict(
 
 
 
-@app.command()
+@app.command(epilog=examples(
+    "llmclf serve --model runs/spam   # http://127.0.0.1:8000/, API docs: /docs",
+    "LLMCLF_API_KEY=\"$KEY\" llmclf serve --model runs/spam --host 0.0.0.0",
+    "llmclf serve --model runs/spam-onnx --backend onnx",
+    "curl -s localhost:8000/v1/classify -H 'Content-Type: application/json' \\",
+    "    -d '{\"texts\": [\"You won a free cruise!\"]}'",
+    more="More: docs/serving.md and docs/security.md."))
 def serve(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(
@@ -711,27 +755,15 @@ def serve(
     Every limit below is enforced before inference; every response carries a Content-Security-Policy
     for this origin only. SIGTERM or Ctrl+C drains: requests in flight finish, then the process exits 0."""
     _check_precision(precision)
-    import ipaddress
-
     from llmclf.classifier import load_classifier
     from llmclf.serve import create_app
-    from llmclf.serve.server import read_api_key_file, run_server, uvicorn_config
+    from llmclf.serve.server import exposure_warning, resolve_api_key, run_server, uvicorn_config
 
-    if api_key is not None:
-        # click's ParameterSource, compared by name: typer may bring its own copy of click.
-        source = ctx.get_parameter_source("api_key")
-        from_env = source is not None and source.name == "ENVIRONMENT"
-        if api_key_file is not None:
-            raise LlmclfError(f"two API keys given ({'$LLMCLF_API_KEY' if from_env else '--api-key'} and "
-                              "--api-key-file): use one")
-        if not api_key.strip():
-            raise LlmclfError("--api-key is empty: give a key, or leave the option out to serve without one")
-        if not from_env:
-            typer.secho("warning: a key given with --api-key can be read by every user of this machine in the "
-                        "process list (ps); use $LLMCLF_API_KEY or --api-key-file instead", fg=typer.colors.YELLOW,
-                        err=True)
-    elif api_key_file is not None:
-        api_key = read_api_key_file(api_key_file)
+    # click's ParameterSource, compared by name: typer may bring its own copy of click.
+    source = ctx.get_parameter_source("api_key")
+    api_key, warning = resolve_api_key(api_key, source is not None and source.name == "ENVIRONMENT", api_key_file)
+    if warning:
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     clf = load_classifier(model, backend, max_length=max_length, precision=precision, device=device)
     clf.predict_proba(["warm-up"])  # first-call costs (allocation, kernels) before the first request
     application = create_app(clf, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -742,19 +774,19 @@ def serve(
                             shutdown_timeout=shutdown_timeout, keep_alive_timeout=keep_alive_timeout,
                             request_timeout=request_timeout, max_header_bytes=max_header_bytes,
                             max_connections=max_connections)
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not api_key:
-        typer.secho(f"warning: serving on {host} without an API key: anyone who can reach it can use it",
-                    fg=typer.colors.YELLOW, err=True)
+    if warning := exposure_warning(host, api_key):
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     typer.echo(f"serving {model} ({', '.join(clf.classes_)}) on http://{host}:{port}/  (docs: /docs"
                + (", API key required" if api_key else "") + ")", err=True)
     run_server(config)
 
 
-@app.command("export")
+@app.command("export", epilog=examples(
+    "llmclf export --model runs/spam --format onnx --quantize int8 \\",
+    "    --out runs/spam-onnx",
+    "llmclf predict --model runs/spam-onnx \"You won a free cruise!\"",
+    "llmclf export --model runs/spam-last --format hf --out runs/spam-hf",
+))
 def export_command(
     model: Annotated[str, typer.Option(
         "--model", "-m", help="The classifier directory `llmclf train` wrote (either engine).")],

@@ -363,40 +363,6 @@ def packaged_path(spec: str) -> Path:
     return found[1].path()
 
 
-def chat_template_for(spec: str) -> str | None:
-    """One user turn of the chat format of the model `spec` names ("{prompt}" = the message): a
-    packaged model's, else its family's (for a GGUF file, a Hugging Face or llmclf directory); None
-    when there is none (GPT-2, encoders)."""
-    if found := packaged(spec):
-        return found[1].chat_template or found[0].chat_template
-    fam = None
-    path = Path(spec)
-    if path.suffix == ".gguf" and path.is_file():
-        from llmclf.loaders.gguf import open_gguf
-
-        arch = open_gguf(path).arch
-        fam = next((f for f in FAMILIES.values() if arch in f.gguf_architectures), None)
-    elif (path / "config.json").is_file():
-        import json
-
-        from llmclf.loaders.paths import model_file
-
-        try:
-            config = json.loads(model_file(path, "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if not isinstance(config, dict):
-            return None
-        if config.get("format") == "llmclf":  # a model trained from a packaged one keeps its chat format
-            backbone = str(config.get("backbone", ""))
-            if packaged(backbone):
-                return chat_template_for(backbone)
-            fam = FAMILIES.get(config.get("architecture"))
-        else:
-            fam = next((f for f in FAMILIES.values() if config.get("model_type") in f.hf_model_types), None)
-    return fam.chat_template if fam is not None else None
-
-
 def scratch_model_names() -> list[str]:
     """Every preset and packaged model name (all run on the scratch engine)."""
     return [name for fam in FAMILIES.values() for name in (*fam.presets, *fam.packaged)]

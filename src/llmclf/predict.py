@@ -187,6 +187,23 @@ def _append(f, data: bytes, path: Path) -> None:
         raise write_error(exc, path, any_file=True) from exc
 
 
+def predict_texts(clf: Any, texts: list[str], batch_size: int = 32, mc_dropout: int | None = None,
+                  threshold: float | None = None, dropout_rate: float | None = None,
+                  seed: int | None = None) -> list[dict[str, Any]]:
+    """One prediction record per text (`engines.base.prediction_record`: label, probabilities and, with
+    `mc_dropout` passes, std; `confident` when a threshold is given), in input order."""
+    if mc_dropout is not None:
+        return clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold, batch_size=batch_size,
+                                      dropout_rate=dropout_rate, seed=seed).records()
+    records = []
+    for row in clf.predict_proba(texts, batch_size):
+        record = prediction_record(clf.classes_, row, threshold=threshold)
+        if "confident" in record:  # one pass: --json output has always put `confident` last
+            record["confident"] = record.pop("confident")
+        records.append(record)
+    return records
+
+
 def predict_file(clf: Any, input_path: str | os.PathLike, output_path: str | os.PathLike, text_col: str = "text",
                  batch_size: int = 32, chunk_size: int = 1024, mc_dropout: int | None = None,
                  threshold: float | None = None, dropout_rate: float | None = None, seed: int | None = None,

@@ -227,8 +227,7 @@ class FrozenFeatures:
                  max_length: int | None = None, batch_size: int = 8, seed: int = 123, progress: bool = True,
                  template: str | None = "auto", device: torch.device | None = None,
                  loaded: tuple[Any, Any] | None = None, precision: str = "auto", defer: bool = False) -> None:
-        from llmclf.families import chat_template_for
-        from llmclf.loaders.spec import load_model
+        from llmclf.loaders.spec import chat_template_for, load_model
         from llmclf.models.heads import replace_head
         from llmclf.runtime import resolve_device, resolve_precision
 

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from llmclf.errors import DataError
-from llmclf.loaders.tensors import atomic_path
+from llmclf.loaders.tensors import atomic_files, atomic_path
 
 
 @dataclass
@@ -271,6 +271,35 @@ def split_labelled(data: LabelledTexts, ratios: tuple[float, float, float] = (0.
     return subset(train), subset(val), subset(test)
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def split_file(path: str | os.PathLike, out_dir: str | os.PathLike,
+               ratios: tuple[float, float, float] = (0.7, 0.1, 0.2), stratify: bool = False, seed: int = 123,
+               text_col: str = "text", label_col: str = "label",
+               label_names: str | dict[str, str] | None = None) -> dict[str, tuple[int, bool]]:
+    """Split the labelled file `path` into `out_dir`/train.csv, validation.csv, test.csv (columns
+    text,label; `split_labelled`), written together: never a mix of two splits. A share of 0 writes no
+    file and removes the one an earlier split left. `label_names` renames the labels ("0=negative,..."
+    or a dict). Returns, per split, its rows and whether an earlier split's file was removed."""
+    data = read_labelled(path, text_col, label_col)
+    if label_names:
+        data = rename_labels(data, parse_label_names(label_names) if isinstance(label_names, str) else label_names)
+    parts = split_labelled(data, ratios, stratify, seed)
+    out_dir = Path(out_dir)
+    with atomic_files(out_dir) as staging:  # the files together: never a mix of two splits (test rows in train)
+        for name, part in zip(SPLITS, parts, strict=True):
+            if len(part) > 0:
+                write_labelled(part, staging / f"{name}.csv")
+    result = {}
+    for name, part in zip(SPLITS, parts, strict=True):
+        stale = not len(part) and (out_dir / f"{name}.csv").is_file()
+        if stale:  # an earlier split's rows, now partly in the other files: using it would leak them
+            (out_dir / f"{name}.csv").unlink()
+        result[name] = (len(part), stale)
+    return result
+
+
 # --- the UCI SMS Spam Collection, split as the course splits it -----------------------------------
 
 SMS_SPAM_URLS = (
@@ -380,16 +409,17 @@ def course_split(frame: pd.DataFrame, balance: bool = True, seed: int = 123,
 
 def prepare_sms_spam(out_dir: str | os.PathLike, source: str | os.PathLike | None = None, seed: int = 123,
                      balance: bool = True, cache_dir: str | os.PathLike | None = None) -> dict[str, dict[str, int]]:
-    """Write train/validation/test CSVs (`text,label`) of the SMS spam data; returns counts per split."""
+    """Write train/validation/test CSVs (`text,label`) of the SMS spam data, the three files together
+    (never a mix of two splits); returns counts per split."""
     if source is None or str(source).startswith(("http://", "https://")):
         cache = Path(cache_dir or Path.home() / ".cache" / "llmclf")
         source = download_sms_spam(cache) if source is None else _download_url(str(source), cache)
     frame = read_sms_spam(source)
     counts = {}
-    out_dir = Path(out_dir)
-    for name, part in zip(("train", "validation", "test"), course_split(frame, balance, seed), strict=True):
-        write_labelled(LabelledTexts(part["text"].tolist(), part["label"].tolist()), out_dir / f"{name}.csv")
-        counts[name] = {"rows": len(part), **part["label"].value_counts().sort_index().to_dict()}
+    with atomic_files(out_dir) as staging:
+        for name, part in zip(SPLITS, course_split(frame, balance, seed), strict=True):
+            write_labelled(LabelledTexts(part["text"].tolist(), part["label"].tolist()), staging / f"{name}.csv")
+            counts[name] = {"rows": len(part), **part["label"].value_counts().sort_index().to_dict()}
     return counts
 
 

@@ -31,7 +31,7 @@ from llmclf.data.classification import (
     template_suffix_tokens,
 )
 from llmclf.errors import ConfigError, DataError, LlmclfError
-from llmclf.families import chat_template_for
+from llmclf.loaders.spec import chat_template_for
 from llmclf.loaders.tensors import WriteError
 from llmclf.ngrams import NgramModel
 from llmclf.training.args import TrainArgs

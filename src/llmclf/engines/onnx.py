@@ -22,6 +22,7 @@ from llmclf.loaders.checkpoint import read_checkpoint_config
 from llmclf.loaders.paths import model_file
 
 ONNX_PRECISIONS = ("auto", "float32", "int8")
+ONNX_FILE = "model.onnx"  # the float32 graph `llmclf export --format onnx` writes
 
 
 def open_session(path: str | os.PathLike, device: str | None = None):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from llmclf.engines.onnx import pad_batch
+from llmclf.engines.onnx import ONNX_FILE, pad_batch
 from llmclf.errors import ConfigError
 from llmclf.export import MAX_ABS_DIFF
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE
@@ -29,7 +29,6 @@ from llmclf.loaders.tensors import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("probabilities",)

@@ -14,8 +14,9 @@ import torch.nn as nn
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.families import FAMILIES, Family, family, packaged, preset, scratch_model_names
 from llmclf.loaders.checkpoint import is_llmclf_checkpoint, read_checkpoint
-from llmclf.loaders.gguf import read_gguf
+from llmclf.loaders.gguf import open_gguf, read_gguf
 from llmclf.loaders.hf_dir import read_hf_dir
+from llmclf.loaders.paths import model_file
 from llmclf.loaders.tensors import check_state_fits, load_state_dict_checked, read_tensor_file
 from llmclf.models.decoder import DecoderModel
 from llmclf.tokenizer import HFTokenizer, Tokenizer, load_gpt2_tokenizer
@@ -178,3 +179,31 @@ def _with_head(model: DecoderModel, cfg: Any, state: dict[str, torch.Tensor], ou
         # A classifier checkpoint (the book's chapter 6): its head maps to the classes.
         model.out_head = nn.Linear(cfg.emb_dim, head.shape[0], bias=out_bias)
     return model
+
+
+def chat_template_for(spec: str) -> str | None:
+    """One user turn of the chat format of the model `spec` names ("{prompt}" = the message): a
+    packaged model's, else its family's (for a GGUF file, a Hugging Face or llmclf directory); None
+    when there is none (GPT-2, encoders)."""
+    if found := packaged(spec):
+        return found[1].chat_template or found[0].chat_template
+    fam = None
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        arch = open_gguf(path).arch
+        fam = next((f for f in FAMILIES.values() if arch in f.gguf_architectures), None)
+    elif (path / "config.json").is_file():
+        try:
+            config = json.loads(model_file(path, "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        if config.get("format") == "llmclf":  # a model trained from a packaged one keeps its chat format
+            backbone = str(config.get("backbone", ""))
+            if packaged(backbone):
+                return chat_template_for(backbone)
+            fam = FAMILIES.get(config.get("architecture"))
+        else:
+            fam = next((f for f in FAMILIES.values() if config.get("model_type") in f.hf_model_types), None)
+    return fam.chat_template if fam is not None else None

@@ -9,6 +9,7 @@ for them, and the process exits 0. A second SIGINT (Ctrl+C twice) stops at once.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import signal
@@ -19,7 +20,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from llmclf.errors import ConfigError
+from llmclf.errors import ConfigError, LlmclfError
 from llmclf.serve import defaults
 
 log = logging.getLogger("llmclf.serve")
@@ -39,6 +40,37 @@ def read_api_key_file(path: str | Path) -> str:
     if not key:
         raise ConfigError(f"--api-key-file {path}: the first line is empty; write the key on it")
     return key
+
+
+def resolve_api_key(api_key: str | None, from_env: bool,
+                    api_key_file: str | Path | None) -> tuple[str | None, str | None]:
+    """The server's API key, from `api_key` (given with --api-key, or from $LLMCLF_API_KEY when
+    `from_env`) or the first line of `api_key_file`, and a warning to show (None if none). Two keys,
+    or an empty one, is an error."""
+    if api_key is not None:
+        if api_key_file is not None:
+            raise LlmclfError(f"two API keys given ({'$LLMCLF_API_KEY' if from_env else '--api-key'} and "
+                              "--api-key-file): use one")
+        if not api_key.strip():
+            raise LlmclfError("--api-key is empty: give a key, or leave the option out to serve without one")
+        if not from_env:
+            return api_key, ("warning: a key given with --api-key can be read by every user of this machine in the "
+                             "process list (ps); use $LLMCLF_API_KEY or --api-key-file instead")
+        return api_key, None
+    if api_key_file is not None:
+        return read_api_key_file(api_key_file), None
+    return None, None
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server listens beyond this machine without an API key, else None."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key:
+        return f"warning: serving on {host} without an API key: anyone who can reach it can use it"
+    return None
 
 
 class _HardenedH11Protocol(H11Protocol):
