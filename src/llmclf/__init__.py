@@ -7,6 +7,7 @@ from llmclf.generation import generate, generate_text_simple
 from llmclf.language_model import LMEvalResult, evaluate_lm, generate_text, load_model, pretrain
 from llmclf.models.gpt2 import GPTModel
 from llmclf.tokenizer import load_gpt2_tokenizer, text_to_token_ids, token_ids_to_text
+from llmclf.tuning import tune
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,5 @@ __all__ = [
     "pretrain",
     "text_to_token_ids",
     "token_ids_to_text",
+    "tune",
 ]
