@@ -548,15 +548,17 @@ class _Budget:
 
     def __init__(self, seconds: float) -> None:
         self.start, self.seconds = time.perf_counter(), seconds
-        self.frozen: dict[str, float] = {}  # backbone -> seconds of its frozen pass over train + validation
+        # backbone -> seconds its winner's training would need: a scratch backbone's frozen pass over train +
+        # validation (as `fit` caches them), an encoder's one fold
+        self.reserve: dict[str, float] = {}
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
 
     def fits(self, seconds: float, backbone: str) -> bool:
-        """Whether `seconds` of work on `backbone` fit, keeping enough for the winner's training: one
-        frozen pass of the slowest backbone that could win (train + validation, as `fit` caches them)."""
-        reserve = max([self.frozen.get(backbone, 0.0), *self.frozen.values()])
+        """Whether `seconds` of work on `backbone` fit, keeping enough for the winner's training (the
+        largest reserve of the backbones that could win)."""
+        reserve = max([self.reserve.get(backbone, 0.0), *self.reserve.values()])
         return seconds + reserve <= self.left()
 
     def why_not(self, seconds: float) -> str:
@@ -724,15 +726,15 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
                               progress=progress, precision=precision, defer=True)
     frozen = features.estimate_seconds()
     needed = frozen + _estimate(candidate, frozen, features.n_layers, folds)
-    budget_left.frozen.setdefault(candidate.backbone, frozen)
+    budget_left.reserve.setdefault(candidate.backbone, frozen)
     if not budget_left.fits(needed, candidate.backbone):
-        del budget_left.frozen[candidate.backbone]
+        del budget_left.reserve[candidate.backbone]
         for other in candidates:
             if other.backbone == candidate.backbone and other.key not in search.results:
                 search.skip(other, f"its frozen pass and first recipe {budget_left.why_not(needed)}")
         return None
     features.compute()
-    budget_left.frozen[candidate.backbone] = features.seconds
+    budget_left.reserve[candidate.backbone] = features.seconds
     return features
 
 
@@ -760,12 +762,12 @@ def _hf_candidate(candidate: Candidate, pool: LabelledTexts, fold_index: list[tu
     del model
     per_fold = tokens * per_token * (
         TRAIN_COST * candidate.recipe.epochs * (len(fold_index) - 1) / len(fold_index) + 1.0 / len(fold_index))
-    budget_left.frozen.setdefault(candidate.backbone, per_fold)  # its final training: about one fold's
+    budget_left.reserve.setdefault(candidate.backbone, per_fold)  # its final training: about one fold's
     if not budget_left.fits(per_fold * len(fold_index), candidate.backbone):
         search.skip(candidate, f"{len(fold_index)} folds {budget_left.why_not(per_fold * len(fold_index))}")
         return None
     first = cross_validate_fit(candidate, pool, fold_index[:1], seed, precision)
-    budget_left.frozen[candidate.backbone] = first.seconds
+    budget_left.reserve[candidate.backbone] = first.seconds
     estimate = first.seconds * (len(fold_index) - 1)
     if not budget_left.fits(estimate, candidate.backbone):
         search.skip(candidate, f"its first fold took {first.seconds:.0f} s; the other {len(fold_index) - 1} "
