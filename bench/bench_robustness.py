@@ -9,7 +9,8 @@ once on a cross-domain test set with the same labels that no model saw:
 - `imdb`: 600 / 200 / 200 reviews; cross-domain: the last sentence (5-40 words) of each review of
   the test split, labelled as its review (a verdict line, read without the review; some are neutral,
   which costs every model alike).
-- `sms`: the course split (1,045 / 149 / 300); no cross-domain set ships in ../shared (none here).
+- `sms`: the course split (1,045 / 149 / 300); cross-domain: `bench/data/emails.csv`, 120 e-mails
+  (60 spam, 60 ham, subject + body) written for llmclf (synthetic: see `bench/data/README.md`).
 
 Models (`--models`, comma-separated):
 - `tfidf`: word 1-2-grams + char 2-5-grams, LinearSVC (scikit-learn), fitted on train + validation;
@@ -82,11 +83,15 @@ def load_imdb(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
     return data, LabelledTexts([s for s, _ in pairs], [y for _, y in pairs], "IMDB test reviews' last sentences")
 
 
-def load_sms_only(shared: Path, seed: int) -> tuple[dict, LabelledTexts | None]:
-    return load_sms(shared, seed), None
+EMAILS = Path(__file__).resolve().parent / "data" / "emails.csv"
 
 
-DATASETS = {"ag_news": load_ag_news, "imdb": load_imdb, "sms": load_sms_only}
+def load_sms_and_emails(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
+    """The course's SMS split, and the e-mails of `bench/data/emails.csv`."""
+    return load_sms(shared, seed), read_labelled(EMAILS)
+
+
+DATASETS = {"ag_news": load_ag_news, "imdb": load_imdb, "sms": load_sms_and_emails}
 
 
 def accuracy(predicted: list[str], data: LabelledTexts) -> float:
