@@ -67,13 +67,14 @@ def test_qwen2_5_0_5b_loss_on_the_verdict_equals_transformers_on_the_same_gguf(s
     ours = evaluate_lm(model, tokenizer, text, precision="float32")  # what `llmclf lm-eval` prints
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                            dtype=torch.float32).eval()
-    for part, part_text, loss in zip(("train", "validation"), split_text(text), (ours.train_loss, ours.val_loss),
-                                     strict=True):
-        loader = create_dataloader_v1(part_text, tokenizer, 2, 256, 256, shuffle=False, drop_last=part == "train",
-                                      name=part)
-
-        theirs = calc_loss_loader(loader, lambda inputs, hf=hf: hf(inputs).logits, torch.device("cpu"))
-        assert abs(loss - theirs) / theirs < 1e-3, (part, loss, theirs)
+    train_text, val_text = split_text(text)
+    val = create_dataloader_v1(val_text, tokenizer, 2, 256, 256, shuffle=False, drop_last=False, name="validation")
+    theirs = calc_loss_loader(val, lambda inputs: hf(inputs).logits, torch.device("cpu"))
+    assert abs(ours.val_loss - theirs) / theirs < 1e-3, (ours.val_loss, theirs)
+    # lm-eval's training figure drops a shuffled window (drop_last): compare the first window's logits instead
+    window = create_dataloader_v1(train_text, tokenizer, 1, 256, 256, shuffle=False, name="train").dataset[0][0]
+    with torch.no_grad():
+        assert (model(window[None]) - hf(window[None]).logits).abs().max().item() < 1e-3
 
 
 def test_qwen2_5_1_5b_loads_and_answers():
