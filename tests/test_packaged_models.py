@@ -50,7 +50,7 @@ def test_qwen2_5_0_5b_loss_on_the_verdict_equals_transformers_on_the_same_gguf(s
     pytest.importorskip("gguf")
     _packaged_gguf("qwen2.5-0.5b")
     from llmclf.data.lm import create_dataloader_v1, read_text, split_text
-    from llmclf.families import packaged_path
+    from llmclf.families import chat_template_for, packaged_path
     from llmclf.language_model import evaluate_lm
     from llmclf.loaders.spec import load_model
     from llmclf.training.lm import calc_loss_loader
@@ -63,6 +63,9 @@ def test_qwen2_5_0_5b_loss_on_the_verdict_equals_transformers_on_the_same_gguf(s
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in ("The capital of France is", "Ünïcödé, emoji 🙂 and\nnewlines", "<|im_start|>user\nHi<|im_end|>"):
         assert tokenizer.encode(text) == hf_tokenizer(text)["input_ids"]
+    # the GGUF's own chat template, for one user message (it adds its default system turn)
+    assert hf_tokenizer.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
+                                            add_generation_prompt=True) == chat_template_for("qwen2.5-0.5b")
     text = read_text(shared_dir / "data" / "the_verdict" / "the-verdict.txt")
     ours = evaluate_lm(model, tokenizer, text, precision="float32")  # what `llmclf lm-eval` prints
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
