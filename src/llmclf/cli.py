@@ -17,7 +17,7 @@ from llmclf import distributed
 from llmclf import language_model as lm
 from llmclf.config import DEFAULT_BACKBONE, DEFAULT_MODEL
 from llmclf.errors import LlmclfError
-from llmclf.families import FAMILIES, scratch_model_names
+from llmclf.families import FAMILIES
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.serve import defaults as serving
@@ -77,7 +77,8 @@ def relaunched(devices: int | None, max_restarts: int) -> bool:
 
 
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", help=f"A preset or packaged model ({', '.join(scratch_model_names())}), a .gguf file, "
+    "--model", "-m", help=f"A preset ({', '.join(n for f in FAMILIES.values() for n in f.presets)}) or packaged "
+    f"model ({'; '.join(f'{n}: {m.title}' for f in FAMILIES.values() for n, m in f.packaged.items())}), a .gguf file, "
     f"a Hugging Face directory of a registered family ({', '.join(FAMILIES)}), an llmclf checkpoint directory, "
     "or a state_dict file (.pth, .safetensors) with --base-config.")]
 RandomInitOpt = Annotated[bool, typer.Option(
@@ -383,7 +384,8 @@ def train(
         "Default: llmclf's cross-validated defaults.")] = None,
     engine: Annotated[str, typer.Option(
         "--engine", help="scratch (llmclf's own model code) | hf (transformers Trainer, encoder models) | "
-        "auto (hf for encoders such as all-minilm-l6-v2 or BERT directories, else scratch).")] = "auto",
+        "auto (hf for encoders such as the packaged all-minilm-l6-v2 and all-mpnet-base-v2 or BERT directories, "
+        "else scratch).")] = "auto",
     test_file: Annotated[Optional[Path], typer.Option("--test", help="Test data, evaluated once at the end.")] = None,
     text_col: TextColOpt = "text",
     label_col: LabelColOpt = "label",
@@ -407,7 +409,7 @@ def train(
 
     Two engines, one set of training options with one meaning: `scratch` puts a new head on
     llmclf's own models (GPT-2, Llama, Qwen3, Gemma 3; chosen layers trainable, frozen layers cached); `hf`
-    fine-tunes encoders (BERT family, all-minilm-l6-v2) with transformers' Trainer. Where the
+    fine-tunes encoders (BERT family, all-minilm-l6-v2, all-mpnet-base-v2) with transformers' Trainer. Where the
     engines' defaults differ, both are shown. A training state is saved in --out/checkpoints after
     every epoch (and every --save-every steps): an interrupted run continues with --resume.
 

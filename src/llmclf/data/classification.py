@@ -11,13 +11,14 @@ import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
 from llmclf.errors import DataError
+from llmclf.loaders.paths import leaves_folder
 from llmclf.loaders.tensors import atomic_files, atomic_path
 
 
@@ -346,8 +347,7 @@ def _read_sms_zip(path: Path) -> bytes:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
             for info in members:
-                name = info.filename.replace("\\", "/")
-                if name.startswith("/") or ".." in name.split("/") or PureWindowsPath(info.filename).drive:
+                if leaves_folder(info.filename):
                     raise DataError(f"{path} has a member named {info.filename!r}, which would be written outside "
                                     "the folder it is unpacked to (zip-slip); refusing the archive")
             member = next((info for info in members if info.filename == SMS_SPAM_MEMBER), None)

