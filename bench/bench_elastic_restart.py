@@ -12,7 +12,8 @@ worker (rank 0 or 1) gets SIGKILL from outside at one of these moments:
 - save: once rank 0's first training state is being written (its temporary file exists);
 on a quiet machine and on a busy one (BURNERS processes that spin on the CPU, started and stopped
 here). A run passes when torchrun exits 0 and the final weights equal the reference's (max abs
-difference < 1e-6, the tolerance of tests/test_distributed.py). Failed runs' output goes to --logs.
+difference < 1e-6, the tolerance of tests/test_distributed.py); each line also says whether its
+metrics.jsonl is the reference's. Failed runs' output goes to --logs (default: a new temporary folder).
 
     python bench/bench_elastic_restart.py [--runs 20] [--ranks 0,1] [--moments step,eval,save]
         [--loads quiet,busy] [--burners 2] [--model gpt2-small] [--logs DIR]
@@ -196,6 +197,9 @@ def main() -> None:
                         seconds.append(time.perf_counter() - start)
                         diff = max_diff(reference, out) if code == 0 else float("nan")
                         ok = code == 0 and diff < TOLERANCE and note.startswith("killed")
+                        if code == 0:
+                            same = (out / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+                            note += f"; metrics.jsonl {'identical' if same else 'DIFFERS'}"
                         passed += ok
                         if ok:
                             log_file.unlink()
