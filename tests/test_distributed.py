@@ -159,6 +159,26 @@ def test_torchrun_restarts_a_killed_worker_on_a_busy_cpu_and_finishes_like_an_un
     assert (killed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
 
 
+def test_each_generation_of_workers_joins_under_keys_of_its_own(monkeypatch):
+    """In the agent's store, which outlives its workers, a restarted group cannot read the keys (gloo's
+    addresses) of the group before it."""
+    from torch.distributed import TCPStore
+
+    from llmclf import distributed
+
+    agent_store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent_store.port), "RANK": "0",
+                        "WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(name, value)
+    for count in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
+        store, rank, world = distributed.generation_store()
+        assert (rank, world) == (0, 2) and not store.check(["rank_0"])
+        store.set("rank_0", f"address of generation {count}")
+    assert agent_store.get("llmclf/generation-0/rank_0") == b"address of generation 0"
+    assert agent_store.get("llmclf/generation-1/rank_0") == b"address of generation 1"
+
+
 def test_a_failed_worker_says_why_in_the_agent_summary(setup, tmp_path):
     args = _train_args(setup, tmp_path / "out", 4)
     args[args.index(str(setup["val"]))] = str(tmp_path / "missing.csv")

@@ -106,12 +106,12 @@ def generation_store() -> tuple[dist.Store, int, int]:
 
     With `torchrun --master-port` (static rendezvous) or a c10d rendezvous that shares the agent's store,
     every generation of workers meets in the same store. There, a restarted group's `default_pg` keys were
-    still those of the workers the agent had just stopped: gloo read a dead peer's address, connecting was
-    refused, and the restarted worker failed ("Gloo connectFullMesh failed ... Connection refused") and with
-    it the run. The restart count names the generation: after a failure every agent restarts its workers
-    and counts it. (A c10d rendezvous whose nodes come and go restarts without counting: launch such jobs
-    with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every generation a store of its own, as
-    `launch_local` does; then no prefix is needed.)"""
+    still those of the workers the agent had just stopped: gloo read a dead peer's address, and the
+    restarted workers failed ("Gloo connectFullMesh failed ... Connection refused") or waited in
+    ProcessGroupGloo's connect until the timeout, and with them the run. The restart count names the
+    generation: after a failure every agent restarts its workers and counts it. (A c10d rendezvous whose
+    nodes come and go restarts without counting: launch such jobs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+    which gives every generation a store of its own, as `launch_local` does; then no prefix is needed.)"""
     store, rank_, world = next(dist.rendezvous("env://", timeout=TIMEOUT))
     store.set_timeout(TIMEOUT)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
