@@ -179,6 +179,25 @@ def test_each_generation_of_workers_joins_under_keys_of_its_own(monkeypatch):
     assert agent_store.get("llmclf/generation-1/rank_0") == b"address of generation 1"
 
 
+def test_a_worker_records_its_error_for_the_agent_and_a_finished_one_still_exits(monkeypatch, tmp_path):
+    from llmclf import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    with pytest.raises(SystemExit) as finished:  # how a command ends; llmclf's main then calls end_worker
+        distributed.recorded(lambda: sys.exit(0))()
+    assert finished.value.code == 0 and not (tmp_path / "error.json").exists()
+
+    def fail() -> None:
+        raise RuntimeError("Gloo connectFullMesh failed")
+
+    with pytest.raises(RuntimeError):
+        distributed.recorded(fail)()
+    error = json.loads((tmp_path / "error.json").read_text())["message"]
+    assert error["message"] == "RuntimeError: Gloo connectFullMesh failed" and "in fail" in error["extraInfo"][
+        "py_callstack"]
+
+
 def test_a_failed_worker_says_why_in_the_agent_summary(setup, tmp_path):
     args = _train_args(setup, tmp_path / "out", 4)
     args[args.index(str(setup["val"]))] = str(tmp_path / "missing.csv")

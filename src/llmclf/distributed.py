@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import functools
 import hashlib
 import json
 import logging
@@ -121,13 +122,26 @@ def generation_store() -> tuple[dist.Store, int, int]:
 
 def recorded(main: Callable[[], None]) -> Callable[[], None]:
     """`main` as a worker's entry point: under torchrun / the elastic agent, an exception that ends it is
-    written to the agent's error file (`torch.distributed.elastic.multiprocessing.errors.record`), so the
-    agent's failure summary shows its traceback instead of "error_file: <N/A>"."""
+    written to the agent's error file, so the agent's failure summary shows its traceback instead of
+    "error_file: <N/A>". The error handler of `torch.distributed.elastic.multiprocessing.errors.record`,
+    without `record` itself: its wrapper turns SystemExit(0), how a finished command ends, into a return,
+    and the worker would then skip `end_worker`."""
     if not launched():
         return main
-    from torch.distributed.elastic.multiprocessing.errors import record
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-    return record(main)
+    handler = get_error_handler()
+
+    @functools.wraps(main)
+    def wrapper() -> None:
+        handler.initialize()
+        try:
+            main()
+        except Exception as exc:
+            handler.record_exception(exc)
+            raise
+
+    return wrapper
 
 
 def record_error(exc: BaseException) -> None:
