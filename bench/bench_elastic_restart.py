@@ -11,9 +11,10 @@ worker (rank 0 or 1) gets SIGKILL from outside at one of these moments:
 - eval: once the first `"event": "epoch"` line is there (+ EVAL_DELAY s), i.e. during the evaluation;
 - save: once rank 0's first training state is being written (its temporary file exists);
 on a quiet machine and on a busy one (BURNERS processes that spin on the CPU, started and stopped
-here). A run passes when torchrun exits 0 and the final weights equal the reference's (max abs
-difference < 1e-6, the tolerance of tests/test_distributed.py); each line also says whether its
-metrics.jsonl is the reference's. Failed runs' output goes to --logs (default: a new temporary folder).
+here; "quiet" only means that this script adds no load: say what else ran). A run passes when
+torchrun exits 0 and the final weights equal the reference's (max abs difference < 1e-6, the
+tolerance of tests/test_distributed.py); each line also says whether its metrics.jsonl is the
+reference's. Failed runs' output goes to --logs (default: a new temporary folder).
 
     python bench/bench_elastic_restart.py [--runs 20] [--ranks 0,1] [--moments step,eval,save]
         [--loads quiet,busy] [--burners 2] [--model gpt2-small] [--logs DIR]
