@@ -112,11 +112,20 @@ def test_two_processes_of_batch_4_train_what_one_of_batch_8_trains(setup, cache)
     assert result.stdout.count("trained in") == 1
 
 
-def test_devices_restarts_a_killed_worker_and_finishes_like_an_uninterrupted_run(setup):
+RESTART_ARGS = ["--grad-accum", "2", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup) -> Path:
+    """The run that the restart tests' killed runs must end like: 2 processes, a state every 2 steps."""
+    reference = setup["root"] / "reference"
+    _run(_torchrun(2, *_train_args(setup, reference, 4, *RESTART_ARGS)))
+    return reference
+
+
+def test_devices_restarts_a_killed_worker_and_finishes_like_an_uninterrupted_run(setup, uninterrupted):
     root = setup["root"]
-    reference, killed = root / "reference", root / "killed"
-    args = ["--grad-accum", "2", "--save-every", "2"]
-    _run(_torchrun(2, *_train_args(setup, reference, 4, *args)))
+    reference, killed, args = uninterrupted, root / "killed", RESTART_ARGS
     # rank 1 SIGKILLs itself right after optimizer step 5 (mid-epoch 2); the agent restarts both workers
     # (a bounded process-group timeout and a spare restart: a reconnect that fails costs a restart, not a hang)
     result = _run(["-m", "llmclf", *_train_args(setup, killed, 4, *args), "--devices", "2", "--max-restarts", "2"],
@@ -124,6 +133,78 @@ def test_devices_restarts_a_killed_worker_and_finishes_like_an_uninterrupted_run
     assert "exitcode: -9" in result.stderr and "resuming" in result.stderr, result.stderr[-3000:]
     assert _max_diff(reference, killed) < 1e-6
     assert not (killed / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("fault", ["save:4@0", pytest.param("step:5@1", marks=pytest.mark.slow)],
+                         ids=["rank-0-mid-save", "rank-1-mid-epoch"])
+def test_torchrun_restarts_a_killed_worker_on_a_busy_cpu_and_finishes_like_an_uninterrupted_run(setup, uninterrupted,
+                                                                                                 fault):
+    """torchrun --master-port: every generation of workers meets in the agent's one store, where the
+    restarted group used to read its dead peer's address and failed or hung (issue 28); a process
+    spinning on the CPU slows the workers down as another job on the same cores does."""
+    reference, killed = uninterrupted, setup["root"] / f"killed-{fault}"
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1", "--master-port",
+                str(free_port()), "-m", "llmclf", *_train_args(setup, killed, 4, *RESTART_ARGS)]
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        result = _run(torchrun, env=_env(LLMCLF_FAULT=fault))
+    finally:
+        burner.kill()
+        burner.wait()
+    assert "exitcode: -9" in result.stderr and "resuming" in result.stderr, result.stderr[-3000:]
+    assert _max_diff(reference, killed) < 1e-6
+    assert not (killed / "checkpoints").exists()
+    # the metrics log of the resumed run is the uninterrupted run's: what the killed group logged after
+    # its last state is gone
+    assert (killed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_each_generation_of_workers_joins_under_keys_of_its_own(monkeypatch):
+    """In the agent's store, which outlives its workers, a restarted group cannot read the keys (gloo's
+    addresses) of the group before it."""
+    from torch.distributed import TCPStore
+
+    from llmclf import distributed
+
+    agent_store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent_store.port), "RANK": "0",
+                        "WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(name, value)
+    for count in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
+        store, rank, world = distributed.generation_store()
+        assert (rank, world) == (0, 2) and not store.check(["rank_0"])
+        store.set("rank_0", f"address of generation {count}")
+    assert agent_store.get("llmclf/generation-0/rank_0") == b"address of generation 0"
+    assert agent_store.get("llmclf/generation-1/rank_0") == b"address of generation 1"
+
+
+def test_a_worker_records_its_error_for_the_agent_and_a_finished_one_still_exits(monkeypatch, tmp_path):
+    from llmclf import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    with pytest.raises(SystemExit) as finished:  # how a command ends; llmclf's main then calls end_worker
+        distributed.recorded(lambda: sys.exit(0))()
+    assert finished.value.code == 0 and not (tmp_path / "error.json").exists()
+
+    def fail() -> None:
+        raise RuntimeError("Gloo connectFullMesh failed")
+
+    with pytest.raises(RuntimeError):
+        distributed.recorded(fail)()
+    error = json.loads((tmp_path / "error.json").read_text())["message"]
+    assert error["message"] == "RuntimeError: Gloo connectFullMesh failed" and "in fail" in error["extraInfo"][
+        "py_callstack"]
+
+
+def test_a_failed_worker_says_why_in_the_agent_summary(setup, tmp_path):
+    args = _train_args(setup, tmp_path / "out", 4)
+    args[args.index(str(setup["val"]))] = str(tmp_path / "missing.csv")
+    result = _call(_torchrun(2, *args))
+    assert result.returncode != 0
+    summary = result.stderr[result.stderr.index("Root Cause"):]
+    assert "missing.csv" in summary and "error_file: <N/A>" not in summary, summary
 
 
 @pytest.mark.slow

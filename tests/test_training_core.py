@@ -214,6 +214,18 @@ def test_sigkilled_run_resumes_to_the_same_model(run_files, uninterrupted, fault
     _same_run(uninterrupted, out)
 
 
+def test_killed_before_its_first_state_starts_over_with_a_fresh_metrics_log(run_files, uninterrupted, tmp_path):
+    """What the killed process logged is not kept when there is no state to resume from (as a restarted
+    torchrun group does, and --resume)."""
+    out = tmp_path / "killed"
+    killed = _run(_train_command(run_files, out), fault="step:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not list((out / "checkpoints").glob("state-*.pt")) and (out / "metrics.jsonl").read_text()
+    resumed = _run(_train_command(run_files, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    _same_run(uninterrupted, out)
+
+
 def test_killed_at_an_arbitrary_moment_resumes_to_the_same_model(run_files, uninterrupted, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ)

@@ -836,7 +836,7 @@ def main() -> None:
         s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, raise_interrupted) for s in handled}
     try:
-        _run_app()
+        distributed.recorded(_run_app)()  # a worker's traceback reaches the elastic agent's summary
     except SystemExit as exc:
         if distributed.launched() and (exc.code is None or isinstance(exc.code, int)):
             distributed.end_worker(exc.code or 0)
@@ -858,10 +858,12 @@ def _run_app() -> None:
         raise SystemExit(exc.exit_code) from None
     except LlmclfError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        distributed.record_error(exc)
         raise SystemExit(1) from None
     except OSError as exc:  # one that no writer named (e.g. creating a directory): still one line, with its path
         where = f": {exc.filename}" if exc.filename is not None else ""
         typer.secho(f"error: {exc.strerror or exc}{where}", fg=typer.colors.RED, err=True)
+        distributed.record_error(exc)
         raise SystemExit(1) from None
     except Interrupted as exc:
         typer.secho(f"interrupted by {signal.Signals(exc.signum).name}", fg=typer.colors.YELLOW, err=True)

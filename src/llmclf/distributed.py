@@ -6,12 +6,17 @@ same workers through torch's elastic agent (`torch.distributed.launcher.elastic_
 torchrun calls). Each worker reads RANK / WORLD_SIZE / LOCAL_RANK from the environment the agent
 sets, joins the process group (NCCL on CUDA, gloo on CPU) and places itself on `cuda:LOCAL_RANK`
 when GPUs are present. Nothing else in llmclf reads these variables.
+
+After a failure the agent restarts every worker (`--max-restarts`); training resumes from its last
+state. A restarted group joins under keys of its own generation (`generation_store`), and a worker
+that fails records its error for the agent's summary (`recorded`, `record_error`).
 """
 
 from __future__ import annotations
 
 import atexit
 import faulthandler
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +24,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
@@ -40,9 +45,14 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def restart_count() -> int:
+    """How many times the elastic agent restarted this worker's group after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def restarted() -> bool:
     """Whether the elastic agent restarted this worker's group after a failure (then resume)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return restart_count() > 0
 
 
 def world_size() -> int:
@@ -82,11 +92,65 @@ def init(device: str | None = None) -> torch.device:
                               f"{torch.cuda.device_count()} GPU(s); start at most that many processes per node")
         torch.cuda.set_device(chosen)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=TIMEOUT)
+        store, rank_, world = generation_store()
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=TIMEOUT, store=store,
+                                rank=rank_, world_size=world)
         log.debug("rank %d of %d on %s", rank(), world_size(), chosen)
     if not is_main():  # rank 0 speaks for all
         logging.getLogger("llmclf").setLevel(logging.WARNING)
     return chosen
+
+
+def generation_store() -> tuple[dist.Store, int, int]:
+    """(store, rank, world size) for this worker's process group: the launcher's store (MASTER_ADDR:PORT),
+    with the keys of this generation of workers under a prefix of their own when that store outlives them.
+
+    With `torchrun --master-port` (static rendezvous) or a c10d rendezvous that shares the agent's store,
+    every generation of workers meets in the same store. There, a restarted group's `default_pg` keys were
+    still those of the workers the agent had just stopped: gloo read a dead peer's address, and the
+    restarted workers failed ("Gloo connectFullMesh failed ... Connection refused") or waited in
+    ProcessGroupGloo's connect until the timeout, and with them the run. The restart count names the
+    generation: after a failure every agent restarts its workers and counts it. (A c10d rendezvous whose
+    nodes come and go restarts without counting: launch such jobs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+    which gives every generation a store of its own, as `launch_local` does; then no prefix is needed.)"""
+    store, rank_, world = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    store.set_timeout(TIMEOUT)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.PrefixStore(f"llmclf/generation-{restart_count()}", store)
+    return store, rank_, world
+
+
+def recorded(main: Callable[[], None]) -> Callable[[], None]:
+    """`main` as a worker's entry point: under torchrun / the elastic agent, an exception that ends it is
+    written to the agent's error file, so the agent's failure summary shows its traceback instead of
+    "error_file: <N/A>". The error handler of `torch.distributed.elastic.multiprocessing.errors.record`,
+    without `record` itself: its wrapper turns SystemExit(0), how a finished command ends, into a return,
+    and the worker would then skip `end_worker`."""
+    if not launched():
+        return main
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    handler = get_error_handler()
+
+    @functools.wraps(main)
+    def wrapper() -> None:
+        handler.initialize()
+        try:
+            main()
+        except Exception as exc:
+            handler.record_exception(exc)
+            raise
+
+    return wrapper
+
+
+def record_error(exc: BaseException) -> None:
+    """In a worker: write `exc` (an error llmclf reports in one line and ends on) to the agent's error file,
+    for its failure summary. Call from the `except` block that handles it."""
+    if launched():
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(exc)
 
 
 def shutdown() -> None:

@@ -130,6 +130,8 @@ class TextClassifier(BaseClassifier):
                 training.load_state_dict(state)
                 log.info("resuming %s at epoch %d, step %d (batch %d of the epoch)", out_dir, training.epoch + 1,
                          training.history.global_step, training.batches_done)
+            elif log_file is not None:  # no state to resume from: the run starts over, and so does its log
+                log_file.truncate(0)
             self.history_ = training.run()
         finally:
             if log_file is not None:
