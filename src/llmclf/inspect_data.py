@@ -159,7 +159,8 @@ def inspect_data(data: LabelledTexts, out_dir: str | Path | None = None, model: 
                                             batch_size, progress, precision)
     labels = np.array(label_ids)
     probs = probs / probs.sum(1, keepdims=True)
-    is_issue = find_label_issues(labels, probs)
+    # n_jobs=1: no worker processes (forked, they would inherit the CLI's signal handlers)
+    is_issue = find_label_issues(labels, probs, n_jobs=1)
     quality = get_label_quality_scores(labels, probs)
     overlap = find_overlapping_classes(labels=labels, pred_probs=probs, class_names=classes)
 
