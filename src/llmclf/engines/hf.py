@@ -429,7 +429,7 @@ class HFClassifier(BaseClassifier):
             seed=args.seed,
             bf16=resolve_precision(args.precision, device) == torch.bfloat16,
             use_cpu=device.type == "cpu",
-            report_to="none",
+            report_to="none",  # --report-to is llmclf.tracking's: the same keys and resume in both engines
             disable_tqdm=not progress,
             dataloader_num_workers=0,
         )
