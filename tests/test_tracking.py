@@ -77,6 +77,10 @@ def test_mlflow_store_holds_params_metrics_and_one_run(tmp_path, tiny_checkpoint
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == clf.history_.global_step
     assert math.isclose(run.data.metrics["final/test_accuracy"], result["test"]["accuracy"], rel_tol=1e-6)
     assert run.info.status == "FINISHED"
+    _train(tmp_path, tiny_checkpoint, "mlflow")  # a fresh run in the same directory replaces the old one
+    again = json.loads((out / "tracking.json").read_text())["mlflow_run_id"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert again != run.info.run_id and [r.info.run_id for r in runs] == [again]
 
 
 def test_a_missing_package_is_a_clear_error(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ The metrics are those of `metrics.jsonl`, named `EVENT_PREFIX[event]/field` (see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -124,11 +125,14 @@ class MlflowTracker:
         self.uri = (out_dir / MLFLOW_DIR).resolve().as_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         run_file = out_dir / RUN_FILE
-        saved = json.loads(run_file.read_text(encoding="utf-8")) if resume and run_file.is_file() else {}
-        if saved.get("mlflow_run_id"):
+        saved = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+        if resume and saved.get("mlflow_run_id"):
             self.run_id = saved["mlflow_run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
+            if saved.get("mlflow_run_id"):  # a fresh run in this directory replaces its old one (marked deleted)
+                with contextlib.suppress(Exception):
+                    self.client.delete_run(saved["mlflow_run_id"])
             experiment = self.client.get_experiment_by_name(EXPERIMENT)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
             self.run_id = self.client.create_run(experiment_id, run_name=out_dir.resolve().name).info.run_id
