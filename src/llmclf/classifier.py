@@ -125,4 +125,9 @@ def train_classifier(model: str, train_file: str | os.PathLike, val_file: str | 
     if test_data is not None:
         result["test"] = evaluation_report(clf, test_data, plots_dir=out)
         atomic_write_json(Path(out) / TEST_METRICS_FILE, result["test"])
+        from llmclf.tracking import open_tracker, track_final
+
+        # the run the training logged to, continued
+        track_final(open_tracker(clf.train_args().report_to, out, resume=True), {"test": result["test"]},
+                    getattr(clf, "last_step_", 0))
     return clf, result

@@ -517,6 +517,63 @@ def tune_command(
                    f"loss {m['loss']:.4f}  (n={m['n']})")
 
 
+@app.command("inspect", epilog=examples(
+    "llmclf inspect --data data/sms/train.csv --out runs/sms-issues",
+    "llmclf inspect --data data/sms/train.csv --model smollm2-135m --folds 5",
+    "llmclf inspect --data reviews.csv --model runs/reviews --text-col review \\",
+    "    --label-col sentiment --out runs/review-issues",
+    more="Output: OUT/label_issues.csv (every row, most suspect label first: row, text, given_label, "
+    "suggested_label, label_quality, is_issue, duplicate_of, outlier_score) and OUT/report.json."))
+def inspect_command(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled data (CSV, TSV or JSONL).")],
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="tfidf (the n-gram model: seconds), or a scratch-engine backbone or model directory "
+        "trained from one: a logistic regression on its mean-pooled final states.")] = "tfidf",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write label_issues.csv and report.json "
+                                                "here.")] = None,
+    folds: Annotated[int, typer.Option("--folds", min=2, help="k of the stratified k-fold that gives every "
+                                       "example probabilities from a model that did not see it.")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the folds.")] = 123,
+    duplicate_threshold: Annotated[float, typer.Option(
+        "--duplicate-threshold", help="Cosine similarity from which two examples are near-duplicates.")] = 0.95,
+    top: Annotated[int, typer.Option("--top", min=0, help="Suspected label errors to print.")] = 10,
+    max_length: MaxLengthOverrideOpt = None,
+    text_col: TextColOpt = "text",
+    label_col: LabelColOpt = "label",
+    precision: PrecisionOpt = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Find likely label errors, near-duplicates, outliers and overlapping classes in labelled data.
+
+    Out-of-fold class probabilities (k-fold on frozen features, a cheap model per fold) go to
+    cleanlab's confident learning; cosine neighbours of the same features give duplicates and outliers.
+    """
+    _check_precision(precision)
+    from llmclf.data.classification import read_labelled
+    from llmclf.inspect_data import inspect_data
+
+    result = inspect_data(read_labelled(data, text_col, label_col), out, model=model, folds=folds, seed=seed,
+                          duplicate_threshold=duplicate_threshold, max_length=max_length, progress=progress,
+                          precision=precision)
+    report = result.report
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(f"{report['examples']} examples, out-of-fold accuracy {report['out_of_fold_accuracy'] * 100:.2f}% "
+               f"({model}, {folds} folds): {report['label_issues']} likely label errors, "
+               f"{report['near_duplicates']} near-duplicates ({report['near_duplicates_with_another_label']} with "
+               f"another label)")
+    for pair in report["overlapping_classes"][:3]:
+        typer.echo(f"overlap {pair['class_a']} / {pair['class_b']}: {pair['examples']} examples")
+    for row in result.issues[:top]:
+        text = row["text"] if len(row["text"]) <= 70 else row["text"][:67] + "..."
+        typer.echo(f"row {row['row']:>6}  {row['given_label']} -> {row['suggested_label']}  "
+                   f"quality {row['label_quality']:.3f}  {text!r}")
+    if out is not None:
+        typer.echo(f"wrote {out / 'label_issues.csv'} and {out / 'report.json'}")
+
+
 def _load_classifier(model: str, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
                      device):
     from llmclf.classifier import load_classifier

@@ -348,6 +348,18 @@ class BaseClassifier:
         y_true = self._label_ids(data)  # checked first: unknown labels fail before any inference
         return self._metrics(y_true, self.predict_proba(data.texts, batch_size))
 
+    def _open_tracker(self, args: TrainArgs, out_dir: str | os.PathLike | None, resuming: bool, step: int,
+                      train: LabelledTexts, val: LabelledTexts, n_parameters: int, n_trainable: int):
+        """`--report-to`'s tracker for this run (rank 0; `llmclf.tracking`), with the options, the data's
+        and the model's sizes logged as its parameters."""
+        from llmclf.tracking import open_tracker
+
+        tracker = open_tracker(args.report_to, out_dir if distributed.is_main() else None, resuming, step)
+        tracker.log_params({"engine": self.engine, "backbone": str(self.model), **args.to_dict(self.engine),
+                            "classes": self.classes_, "train_examples": len(train), "validation_examples": len(val),
+                            "parameters": n_parameters, "trainable_parameters": n_trainable})
+        return tracker
+
     def _metrics(self, y_true: list[int], probs: np.ndarray) -> dict:
         y_pred = probs.argmax(axis=1).tolist()
         picked = probs[np.arange(len(y_true)), y_true]

@@ -23,6 +23,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +39,7 @@ from llmclf.loaders.packaged import PackagedModel
 from llmclf.loaders.paths import model_file
 from llmclf.loaders.tensors import atomic_files, atomic_write_json, write_error
 from llmclf.runtime import inference_autocast, resolve_device, resolve_precision
+from llmclf.tracking import NoTracker, Tracker, track_final, trainer_metric_names
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_scores
 from llmclf.training.optim import (
@@ -270,8 +272,12 @@ def _trainer_classes() -> tuple[type, type]:
             self.saved_step: int | None = None
             self.signalled = StopRequest()  # set by `fit` to the one SIGINT/SIGTERM fill in
             self.stopping = False  # a signal came: stop once the next checkpoint is written
+            self.open_tracker: Callable[[int], Tracker] = lambda step: NoTracker()  # set by `fit` (--report-to)
+            self.tracker: Tracker = NoTracker()
 
-        def _write(self, record: dict[str, Any]) -> None:
+        def _write(self, record: dict[str, Any], track: bool = True) -> None:
+            if track:
+                self.tracker.log_metrics(trainer_metric_names(record), record["step"])
             if self.metrics_log is not None:
                 try:
                     self.metrics_log.write(json.dumps(record) + "\n")
@@ -287,11 +293,12 @@ def _trainer_classes() -> tuple[type, type]:
                 if "eval_loss" in record:
                     self.selection.update(_eval_record(record, record["step"], record.get("epoch")))
             self.saved_step = state.global_step or None
+            self.tracker = self.open_tracker(state.global_step)  # (a resumed tracker holds the replayed records)
             if self.metrics_log is not None:
                 self.metrics_log.seek(0)
                 self.metrics_log.truncate()
                 for record in state.log_history:
-                    self._write({"step": record["step"], "epoch": record.get("epoch"), **record})
+                    self._write({"step": record["step"], "epoch": record.get("epoch"), **record}, track=False)
 
         def on_step_end(self, args, state, control, **kwargs):
             # After Trainer counted optimizer step N, before its log, evaluation and checkpoint:
@@ -427,7 +434,7 @@ class HFClassifier(BaseClassifier):
             seed=args.seed,
             bf16=resolve_precision(args.precision, device) == torch.bfloat16,
             use_cpu=device.type == "cpu",
-            report_to="none",
+            report_to="none",  # --report-to is llmclf.tracking's: the same keys and resume in both engines
             disable_tqdm=not progress,
             dataloader_num_workers=0,
         )
@@ -479,6 +486,9 @@ class HFClassifier(BaseClassifier):
         checkpoint = distributed.broadcast(resume_checkpoint(state_dir) if resuming and main else None)
         metrics_log = open(Path(out_dir) / METRICS_LOG_FILE, "w", encoding="utf-8") if out_dir and main else None  # noqa: SIM115
         selector = selection_callback(args, metrics_log)
+        n_parameters = sum(p.numel() for p in model.parameters())
+        selector.open_tracker = lambda step: self._open_tracker(args, out_dir, bool(resuming), step, train, val,
+                                                                n_parameters, n_trainable)
         try:
             trainer = _trainer_classes()[1](
                 model=model, args=self.training_arguments(state_dir, len(train_set), progress, args),
@@ -507,6 +517,9 @@ class HFClassifier(BaseClassifier):
                              "best_metric": metric_value(best, args.select_by) if best else None,
                              "evaluations": selector.selection.history, "stopped_early": selector.stopped_early,
                              "global_step": state.global_step}
+        except BaseException:
+            selector.tracker.close()
+            raise
         finally:
             if metrics_log is not None:
                 with contextlib.suppress(OSError):  # a write that failed (disk full) was reported already
@@ -519,6 +532,8 @@ class HFClassifier(BaseClassifier):
         self.config_ = {"backbone": str(self.model)}
         val_probs = self._probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
         self.val_metrics_ = self._metrics(self._label_ids(val), self._fit_ensemble(train, val, val_probs))
+        self.last_step_ = self.history_["global_step"]
+        track_final(selector.tracker, {"validation": self.val_metrics_}, self.last_step_)
         if out_dir is not None and main:
             self._save_finished_run(out_dir, state_dir)
         distributed.barrier()

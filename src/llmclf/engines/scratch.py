@@ -29,6 +29,7 @@ from llmclf.loaders.spec import load_model
 from llmclf.loaders.tensors import atomic_files, atomic_write_json
 from llmclf.models.heads import SequenceClassifier, Trainable, apply_trainable, merge_lora, replace_head
 from llmclf.runtime import resolve_device, resolve_precision
+from llmclf.tracking import NoTracker, track_final
 from llmclf.training.args import TrainArgs
 from llmclf.training.classifier import Batches, ClassifierTraining, all_logits, iter_logits
 from llmclf.training.optim import class_weight_tensor
@@ -119,7 +120,7 @@ class TextClassifier(BaseClassifier):
                               **common)
         writes = out_dir is not None and main  # only rank 0 writes
         state_dir = start_run(out_dir, self.run_) if writes else None
-        log_file = None
+        log_file, tracker = None, NoTracker()
         if writes:
             log_file = open(Path(out_dir) / METRICS_LOG_FILE, "a" if resuming else "w", encoding="utf-8")  # noqa: SIM115
         try:
@@ -132,7 +133,14 @@ class TextClassifier(BaseClassifier):
                          training.history.global_step, training.batches_done)
             elif log_file is not None:  # no state to resume from: the run starts over, and so does its log
                 log_file.truncate(0)
+            # a run that starts over (no state loaded) starts its tracking run over too
+            training.tracker = tracker = self._open_tracker(args, out_dir if writes else None, state is not None,
+                                                            training.history.global_step, train, val, n_total,
+                                                            n_trainable)
             self.history_ = training.run()
+        except BaseException:
+            tracker.close()
+            raise
         finally:
             if log_file is not None:
                 with contextlib.suppress(OSError):  # a write that failed (disk full) was reported already
@@ -145,6 +153,8 @@ class TextClassifier(BaseClassifier):
         # metrics as `self.evaluate(val)` without another pass through the frozen layers.
         val_probs = torch.softmax(all_logits(classifier, val_batches), dim=-1).numpy()
         self.val_metrics_ = self._metrics(val_enc.labels, self._fit_ensemble(train, val, val_probs))
+        self.last_step_ = self.history_.global_step
+        track_final(tracker, {"validation": self.val_metrics_}, self.last_step_)
         if writes:
             self._save_finished_run(out_dir, state_dir)
         distributed.barrier()  # the model is saved before any rank returns

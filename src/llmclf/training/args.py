@@ -17,6 +17,7 @@ from typing import Any
 from llmclf.errors import ConfigError
 from llmclf.models.heads import POOLINGS, Trainable
 from llmclf.runtime import PRECISIONS, auto_precision_note
+from llmclf.tracking import REPORT_TO
 
 ENGINES = ("scratch", "hf")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -170,6 +171,11 @@ class TrainArgs:
     save_every: int | None = option(
         None, "Also write the training state every N optimizer steps (it is always written after every "
         "epoch), for --resume.", check=_at_least(1, optional=True), affects_result=False)
+    report_to: str = option(
+        "none", "Also send the options, the model's size, every logged metric and the final metrics to: none | "
+        "tensorboard (event files in OUT/runs) | mlflow (a file store in OUT/mlruns); one run per output "
+        "directory, continued by --resume. Needs pip install 'llmclf[tracking]'.",
+        check=_one_of(REPORT_TO), affects_result=False)
     seed: int = option(123, "Random seed (head init, data order, dropout): the book's 123, Trainer's 42.", hf=42)
     # --- model (scratch engine)
     trainable: str = option(

@@ -27,6 +27,7 @@ from llmclf.data.classification import EncodedTexts, batch_order, collate
 from llmclf.loaders.tensors import write_error
 from llmclf.models.heads import SequenceClassifier
 from llmclf.runtime import autocast, inference_autocast
+from llmclf.tracking import NoTracker, Tracker, metric_names
 from llmclf.training.args import TrainArgs
 from llmclf.training.metrics import classification_scores
 from llmclf.training.optim import Selection, classification_loss, make_optimizer, make_scheduler, metric_value
@@ -275,6 +276,7 @@ class ClassifierTraining:
         self.best_state = self._snapshot()
         self.finished = False
         self.saved_step: int | None = None  # the optimizer step of the newest training state written
+        self.tracker: Tracker = NoTracker()  # `--report-to`: set by the engine on rank 0 (llmclf.tracking)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.trainable.items()}
@@ -320,6 +322,7 @@ class ClassifierTraining:
     # --- the loop -----------------------------------------------------------------------------
 
     def _write(self, record: dict) -> None:
+        self.tracker.log_metrics(metric_names(record), record["step"])
         if self.metrics_log is not None:
             try:
                 self.metrics_log.write(json.dumps(record) + "\n")
