@@ -61,6 +61,7 @@ HF_POOLING = "encoder"  # a Transformers-engine recipe pools as its encoder does
 METRICS = ("accuracy", "macro_f1")
 PROBE_TEXTS = 32  # texts timed through the frozen layers to estimate a backbone's whole pass
 TRAIN_COST = 3.0  # forward + backward of a block, in forward passes (for time estimates)
+HEAD_COST = 0.005  # an epoch of a head on cached states, in frozen passes (a deliberate overestimate)
 
 
 # --- what is searched ----------------------------------------------------------------------------
@@ -563,14 +564,17 @@ class _Budget:
 
 def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds: int) -> float:
     """Seconds a scratch candidate's cross-validation needs once its backbone's states exist: its
-    trainable blocks forward and backward over each fold's training part every epoch, plus the head."""
+    trainable blocks forward and backward over each fold's training part every epoch, the head
+    (`HEAD_COST` of a frozen pass per epoch and fold), and once, the states continued from the cached
+    block to the first trainable one."""
     from llmclf.models.heads import Trainable
 
     assert candidate.recipe is not None
-    trained = n_layers - Trainable.parse(candidate.recipe.trainable).first_trainable_block(n_layers)
-    per_epoch = frozen_seconds * (trained / max(n_layers, 1)) * TRAIN_COST * (folds - 1) / folds
-    head = 0.02 * frozen_seconds  # final norm + head over cached states, and the held-out fold
-    return folds * candidate.recipe.epochs * (per_epoch + head)
+    first = Trainable.parse(candidate.recipe.trainable).first_trainable_block(n_layers)
+    per_block = frozen_seconds / max(n_layers - 2, 1)  # the frozen pass runs blocks :n_layers - 2
+    trained = (n_layers - first) * per_block * TRAIN_COST * (folds - 1) / folds
+    continued = max(first - (n_layers - 2), 0) * per_block
+    return continued + folds * candidate.recipe.epochs * (trained + HEAD_COST * frozen_seconds)
 
 
 def _train_winner(winner: dict[str, Any], search: Search, train: LabelledTexts, val: LabelledTexts,
