@@ -143,8 +143,8 @@ def threshold_problem(spec: str | None) -> str | None:
         return None
     try:
         ThresholdMetric.parse(spec)
-    except ConfigError as exc:
-        return str(exc).removeprefix(f"--tune-threshold {spec!r}: ")
+    except ConfigError:
+        return f"must be f1, precision@R or recall@P (R, P in (0, 1], e.g. precision@0.95), got {spec!r}"
     return None
 
 
