@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,32 +147,36 @@ class TextClassifier(BaseClassifier):
         val_probs = torch.softmax(all_logits(classifier, val_batches), dim=-1).numpy()
         refit = None
         if trainable.kind == "head" and train_batches.states is not None and world == 1:
-            refit = functools.partial(self._refit_head, classifier, train_batches, val_batches, args, class_weights)
+            pooled = functools.cache(lambda: (train_batches.pooled(classifier), val_batches.pooled(classifier)))
+            refit = functools.partial(self._refit_head, classifier, pooled, args, class_weights)
         self.val_metrics_ = self._finish_fit(train, val, val_probs, refit)
         if writes:
             self._save_finished_run(out_dir, state_dir)
         distributed.barrier()  # the model is saved before any rank returns
         return self
 
-    def _refit_head(self, classifier: SequenceClassifier, train_batches: Batches, val_batches: Batches,
+    def _refit_head(self, classifier: SequenceClassifier, pooled: Callable[[], tuple[Batches, Batches]],
                     args: TrainArgs, class_weights: torch.Tensor | None, fold: int, fit: list[int],
                     held: list[int]) -> np.ndarray:
         """Probabilities of training texts `held` from a new head trained as the real one was (same options,
-        same validation set for --select-by) on training texts `fit`, over the cached frozen features: the
-        out-of-fold predictions that the blend weights are fitted on. The trained head is put back after."""
+        same validation set for --select-by) on training texts `fit`: the out-of-fold predictions that the
+        blend weights are fitted on. `pooled()` gives the training and validation batches as the vectors the
+        head reads (`Batches.pooled`), so each step is one small matrix product. The trained head is put back."""
+        train_vectors, val_vectors = pooled()
         backbone = classifier.backbone
-        trained = backbone.out_head
+        trained, final_norm = backbone.out_head, backbone.final_norm
         torch.manual_seed(args.seed + 1 + fold)
         try:
             replace_head(backbone, len(self.classes_), bias=args.head_bias)
             backbone.out_head.to(device=trained.weight.device, dtype=trained.weight.dtype)
+            backbone.final_norm = torch.nn.Identity()  # applied already, in `pooled`
             fold_args = dataclasses.replace(args, save_every=None)
-            ClassifierTraining(classifier, train_batches.subset(fit), val_batches, fold_args, class_weights,
+            ClassifierTraining(classifier, train_vectors.subset(fit), val_vectors, fold_args, class_weights,
                                progress=False, say=log.debug).run()
             classifier.eval()
-            return torch.softmax(all_logits(classifier, train_batches.subset(held, bucket=False)), dim=-1).numpy()
+            return torch.softmax(all_logits(classifier, train_vectors.subset(held, bucket=False)), dim=-1).numpy()
         finally:
-            backbone.out_head = trained
+            backbone.out_head, backbone.final_norm = trained, final_norm
 
     def _why_no_refit(self) -> str:
         return ("only a head trained alone on cached frozen features (--trainable head, a backbone without dropout, "
