@@ -189,7 +189,7 @@ def test_out_of_fold_weights_differ_from_validation_only_ones(tiny_lm: Path):
                              [str(rng.choice(["neg", "pos"])) for _ in range(n)], "noise")
 
     train, val = noise(40, 0), noise(30, 100)
-    clf = TextClassifier(str(tiny_lm), ensemble_folds=4)
+    clf = TextClassifier(str(tiny_lm), ensemble_folds=2)
     clf.classes_ = ["neg", "pos"]
     y_train = np.array(clf._label_ids(train))
     val_probs = rng.dirichlet(np.ones(2), size=len(val))  # no better than the n-grams on the validation texts
@@ -200,7 +200,7 @@ def test_out_of_fold_weights_differ_from_validation_only_ones(tiny_lm: Path):
     clf._fit_ensemble(train, val, val_probs, refit_head)
     report = clf.ensemble_report_
     oof, val_only = report["weights"], report["weights_validation_only"]
-    assert report["fitted_on"].startswith("out-of-fold predictions of 4 folds")
+    assert report["fitted_on"].startswith("out-of-fold predictions of 2 folds")
     assert oof[0] / sum(oof) > 0.6 and oof[0] > val_only[0] + 0.5  # the validation set alone: both near 0
     clf.ensemble_folds = 0
     clf._fit_ensemble(train, val, val_probs, refit_head)

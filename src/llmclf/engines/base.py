@@ -271,16 +271,16 @@ class BaseClassifier:
                 raise ConfigError(f"{model_dir}/config.json: decision_threshold {decision} does not fit the labels "
                                   f"{self.classes_} (it needs two, one of them its label)")
             self.decision_ = DecisionThreshold(self.classes_.index(decision["label"]), float(decision["threshold"]))
+            self.decision_metric_ = decision.get("metric")
 
     def fitted_config(self) -> dict[str, Any]:
         """What config.json holds of the fitting after training: the calibration temperature and the
         decision threshold (ONNX exports copy it into their sidecar)."""
-        decision = getattr(self, "decision_", None)
-        report = getattr(self, "threshold_report_", None) or {}
+        decision, metric = getattr(self, "decision_", None), getattr(self, "decision_metric_", None)
         return {"calibration": {"method": "temperature", "temperature": getattr(self, "temperature_", 1.0)},
                 "decision_threshold": None if decision is None else {
                     "label": self.classes_[decision.positive], "threshold": decision.threshold,
-                    **({"metric": report["metric"]} if "metric" in report else {})}}
+                    **({"metric": metric} if metric is not None else {})}}
 
     def _saved_metrics(self) -> dict[str, Any]:
         """config.json's "metrics": validation metrics, training time and size, and the reports of the
@@ -328,7 +328,7 @@ class BaseClassifier:
                                         "validation_before": before, "validation_after": after}
             log.info("temperature %.3f fitted on the validation set: log-loss %.4f -> %.4f, ECE %.4f -> %.4f",
                      self.temperature_, before["log_loss"], after["log_loss"], before["ece"], after["ece"])
-        self.decision_, self.threshold_report_ = None, None
+        self.decision_, self.decision_metric_, self.threshold_report_ = None, None, None
         if self.tune_threshold is not None:
             positive = self._positive_index()
             threshold, report = tune_threshold(probs[:, positive], y_val == positive, self.tune_threshold)
@@ -337,7 +337,7 @@ class BaseClassifier:
                 log.warning("--tune-threshold %s: no threshold reaches it on the validation set (best: %s); the "
                             "label stays the most probable class", self.tune_threshold, report["best_reachable"])
             else:
-                self.decision_ = DecisionThreshold(positive, threshold)
+                self.decision_, self.decision_metric_ = DecisionThreshold(positive, threshold), report["metric"]
                 log.info("decision threshold %.4f on p(%s) for %s: validation precision %.4f, recall %.4f, F1 %.4f",
                          threshold, self.classes_[positive], report["metric"], report["precision"],
                          report["recall"], report["f1"])
@@ -353,6 +353,7 @@ class BaseClassifier:
         tuned positive class, else the second label) instead of the saved decision; None: the most
         probable label."""
         self._check_fitted()
+        self.decision_metric_ = None  # set by hand, not tuned
         if threshold is None:
             self.decision_ = None
             return
