@@ -35,6 +35,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 48  # of the word-level tokenizer
 QWEN2_VOCAB = 300  # of the byte-level BPE tokenizer (Transformers reads a Qwen2 model's tokenizer as Qwen2's)
 LABELS = ["neg", "pos", "other | {x}"]  # a pipe and braces: label names go through JSON, Markdown and code as is
+TEMPERATURE = 0.6  # the calibration temperature of every case (its inverse for the hf engine's)
 # name -> (family, config, head bias, template, max_length). Templates with an ending make llmclf keep
 # that ending when it cuts a long text (the card's second snippet); those without, `truncation=True`.
 CASES = {
@@ -114,6 +115,7 @@ def _saved_classifier(name: str, directory: Path, gpt2_tokenizer_dir: Path, metr
     clf.model_ = SequenceClassifier(backbone, "last").eval()
     if metrics is not None:
         clf.val_metrics_ = metrics
+    clf.temperature_ = TEMPERATURE  # saved, reloaded, and folded into the exported head
     return clf.save(directory)
 
 
@@ -129,6 +131,7 @@ def _hf_engine_classifier(directory: Path) -> HFClassifier:
     clf = HFClassifier(str(directory), template="query: {text}", ensemble="none", precision="float32")
     clf.model_, clf.tokenizer_ = BertForSequenceClassification(config).eval(), tokenizer
     clf.classes_, clf.max_length_, clf.template_, clf.ngrams_, clf.config_ = LABELS, 8, "query: {text}", None, {}
+    clf.temperature_ = 1 / TEMPERATURE  # folded into BERT's `classifier` layer
     return clf
 
 
@@ -227,7 +230,9 @@ def test_config_and_card_say_what_llmclf_knows(exported):
     assert config["id2label"] == {"0": "neg", "1": "pos", "2": "other | {x}"} and config["label2id"]["pos"] == 1
     assert config["pad_token_id"] == clf.tokenizer_.pad_id == 50256
     assert config["llmclf"] == {"template": "Review: {text}", "max_length": 12, "backbone": "tiny-gpt2",
-                                "labels": LABELS, "keep_last_tokens": 0}
+                                "labels": LABELS, "keep_last_tokens": 0, "decision_threshold": None,
+                                "calibration": {"method": "temperature", "temperature": TEMPERATURE}}
+    assert clf.temperature_ == TEMPERATURE  # as saved
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["model_max_length"] == 12 and tokenizer_config["pad_token"] == "<|endoftext|>"
     card = (out / "README.md").read_text()
@@ -350,3 +355,17 @@ def test_smollm2_trained_head_only_exports_exactly(tmp_path, shared_dir):
     assert result["ids"] == clf.token_ids(check)
     assert np.abs(np.array(result["single"]) - expected).max() < 1e-4
     assert np.abs(np.array(result["batch"]) - expected).max() < 1e-4
+
+
+def test_a_decision_threshold_is_written_down_for_the_user(tmp_path, gpt2_tokenizer_dir):
+    clf = load_classifier(_saved_classifier("gpt2", tmp_path / "gpt2", gpt2_tokenizer_dir), precision="float32")
+    clf.classes_ = ["neg", "pos"]  # a binary head, for a decision threshold
+    torch.manual_seed(0)
+    replace_head(clf.model_.backbone, 2, bias=True)
+    clf.set_decision_threshold(0.3)
+    out = tmp_path / "hf"
+    out.mkdir()
+    export_hf(clf, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["llmclf"]["decision_threshold"] == {"label": "pos", "threshold": 0.3}
+    assert "## Decision threshold" in (out / "README.md").read_text()

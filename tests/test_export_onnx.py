@@ -17,6 +17,7 @@ from llmclf.cli import app
 from llmclf.engines.onnx import ONNXClassifier
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.export import export_model
+from llmclf.training.calibration import apply_temperature
 from tiny_classifier import NEGATIVE, POSITIVE, tiny_classifier_dir, toy_data
 
 runner = CliRunner()
@@ -125,6 +126,26 @@ def test_tfidf_ensemble_and_mean_pooling_survive_the_export(trained: Path, tmp_p
     assert onnx_clf.ngrams_ is not None and onnx_clf.template_ == clf.template_
     np.testing.assert_allclose(onnx_clf.predict_proba(TEXTS), load_classifier(tmp_path / "clf",
                                precision="float32").predict_proba(TEXTS), atol=1e-4)
+
+
+def test_the_temperature_and_decision_threshold_carry_over(trained: Path, tmp_path: Path):
+    clf = load_classifier(trained, precision="float32")
+    uncalibrated = clf._probabilities(TEXTS, 8, dropout=False)
+    clf.temperature_ = 0.5
+    p_pos = clf.predict_proba(TEXTS)[:, 1]
+    threshold = float(np.sort(p_pos)[-2] + np.sort(p_pos)[-1]) / 2  # only the likeliest text is pos
+    clf.set_decision_threshold(threshold)
+    clf.save(tmp_path / "calibrated")
+    export_model(tmp_path / "calibrated", tmp_path / "onnx", "onnx")
+    sidecar = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert sidecar["calibration"]["temperature"] == 0.5 and sidecar["decision_threshold"]["threshold"] == threshold
+    torch_clf = load_classifier(tmp_path / "calibrated", precision="float32")
+    onnx_clf = load_classifier(tmp_path / "onnx", precision="float32")
+    expected = torch_clf.predict_proba(TEXTS)
+    np.testing.assert_allclose(expected, apply_temperature(uncalibrated, 0.5), atol=1e-6)
+    np.testing.assert_allclose(onnx_clf.predict_proba(TEXTS), expected, atol=1e-4)
+    assert onnx_clf.predict(TEXTS) == torch_clf.predict(TEXTS) == ["pos" if p >= threshold else "neg" for p in p_pos]
+    assert onnx_clf.predict(TEXTS).count("pos") == 1
 
 
 def test_transformers_engine_models_export_too(tmp_path: Path):

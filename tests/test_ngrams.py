@@ -20,7 +20,7 @@ from llmclf.engines.scratch import TextClassifier
 from llmclf.errors import ConfigError
 from llmclf.loaders.checkpoint import save_checkpoint
 from llmclf.models.gpt2 import GPTModel
-from llmclf.ngrams import N_FEATURES, NGRAMS_FILE, NgramModel, _counts, _tfidf
+from llmclf.ngrams import N_FEATURES, NGRAMS_FILE, NgramModel, _tfidf, fit_blend_weights, ngram_counts
 
 runner = CliRunner()
 TOPICS = {"sport": "match goal team score league", "money": "bank market shares profit stock",
@@ -44,7 +44,7 @@ def test_features_are_scikit_learns_sublinear_tfidf_of_the_hashed_ngrams():
     from sklearn.feature_extraction.text import TfidfTransformer
 
     texts = [*_topics(29, 1).texts, "qzxj"]  # with character n-grams that only one text has
-    counts = _counts(texts)
+    counts = ngram_counts(texts)
     model = NgramModel.fit(texts, [i % 3 for i in range(30)], 3)
     ours = _tfidf(counts, model.idf.astype(np.float64))
     words = TfidfTransformer(sublinear_tf=True).fit_transform(counts[:, :N_FEATURES])
@@ -63,9 +63,9 @@ def test_scores_are_the_logistic_regressions_probabilities(labels):
     train, new = _topics(60, 1, labels), _topics(20, 2, labels)
     y = [labels.index(label) for label in train.labels]
     model = NgramModel.fit(train.texts, y, len(labels))
-    x = _tfidf(_counts(train.texts), model.idf.astype(np.float64))
+    x = _tfidf(ngram_counts(train.texts), model.idf.astype(np.float64))
     reference = LogisticRegression(C=ngrams.C, max_iter=2000).fit(x, y)
-    expected = reference.predict_proba(_tfidf(_counts(new.texts), model.idf.astype(np.float64)))
+    expected = reference.predict_proba(_tfidf(ngram_counts(new.texts), model.idf.astype(np.float64)))
     np.testing.assert_allclose(np.exp(model.scores(new.texts)), expected, atol=1e-5)
     gold = np.array([labels.index(label) for label in new.labels])
     assert (model.scores(new.texts).argmax(1) == gold).mean() == 1.0
@@ -77,13 +77,19 @@ def test_the_weights_follow_the_better_model():
     model = NgramModel.fit(train.texts, [i % 3 for i in range(60)], 3)
     rng = np.random.default_rng(0)
     noise = rng.dirichlet(np.ones(3), size=30)  # a language model that knows nothing
-    w_lm, w_ngram = model.fit_weights(noise, val.texts, y_val).weights
+    w_lm, w_ngram = model.fit_weights(noise, val.texts, y_val, prior=0.0).weights  # log-loss alone
     assert w_ngram > 1.0 and w_lm < 0.1
     assert (model.blend(noise, val.texts).argmax(1) == y_val).all()
     oracle = np.eye(3)[y_val] * 0.9 + 0.1 / 3  # a language model that is always right
     reversed_ngrams = NgramModel(model.idf, model.coef[[2, 0, 1]], model.intercept[[2, 0, 1]], model.weights)
-    w_lm, w_ngram = reversed_ngrams.fit_weights(oracle, val.texts, y_val).weights
+    w_lm, w_ngram = reversed_ngrams.fit_weights(oracle, val.texts, y_val, prior=0.0).weights
     assert w_lm > w_ngram
+    # The default pull toward equal weights: the shares move toward 1/2, and more so on fewer texts.
+    pulled = reversed_ngrams.fit_weights(oracle, val.texts, y_val).weights
+    assert 0.5 < pulled[0] / pulled.sum() < w_lm / (w_lm + w_ngram)
+    log_oracle, scores = np.log(oracle), reversed_ngrams.scores(val.texts)
+    more = fit_blend_weights(np.tile(log_oracle, (10, 1)), np.tile(scores, (10, 1)), y_val * 10)
+    assert pulled[0] / pulled.sum() < more[0] / more.sum()
 
 
 @pytest.fixture
@@ -107,7 +113,7 @@ def test_scratch_ensemble_trains_saves_reloads_and_refuses_a_missing_file(tmp_pa
     reloaded = load_classifier(out, precision="float32")
     np.testing.assert_allclose(reloaded.predict_proba(new), probs, atol=1e-6)
     lm_alone = reloaded._probabilities(new, 8, dropout=False)
-    np.testing.assert_allclose(probs, reloaded.ngrams_.blend(lm_alone, new), atol=1e-6)
+    np.testing.assert_allclose(probs, reloaded._calibrated(reloaded.ngrams_.blend(lm_alone, new)), atol=1e-6)
     assert not np.allclose(probs, lm_alone, atol=1e-3)
     mc = reloaded.predict_mc_dropout(new, passes=3, seed=0)
     assert mc.mean.shape == (12, 3) and np.allclose(mc.mean.sum(axis=1), 1.0, atol=1e-5)

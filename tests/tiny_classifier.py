@@ -36,7 +36,8 @@ def tiny_dropout_lm(out: Path, tokenizer) -> Path:
 
 
 def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
-    """The directory of a tiny GPT-2 classifier (labels neg, pos; dropout 0.1) saved by `fit`."""
+    """The directory of a tiny GPT-2 classifier (labels neg, pos; dropout 0.1; not calibrated: its validation
+    set is its training set) saved by `fit`."""
     out = tmp_path_factory.getbasetemp() / "llmclf-tiny-classifier"
     if (out / "config.json").is_file():
         return out
@@ -55,7 +56,7 @@ def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Pa
     labels = ["pos" if i % 2 else "neg" for i in range(32)]
     data = LabelledTexts([f"item {i}: {WORDS[lab]}" for i, lab in enumerate(labels)], labels, "toy")
     clf = TextClassifier(str(lm), trainable="all", pooling="last", template=None, epochs=3, lr=3e-3, batch_size=8,
-                         ensemble="none", log_every=1000, precision="float32")
+                         ensemble="none", calibration="none", log_every=1000, precision="float32")
     clf.fit(data, data, progress=False)
     tmp = out.with_name(out.name + ".tmp")
     clf.save(tmp)

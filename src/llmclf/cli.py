@@ -436,7 +436,7 @@ def train(
         if split in result:
             m = result[split]
             typer.echo(f"{split:10s} accuracy {m['accuracy'] * 100:6.2f}%  macro-F1 {m['macro_f1']:.4f}  "
-                       f"loss {m['loss']:.4f}  (n={m['n']})")
+                       f"loss {m['loss']:.4f}  ECE {m['ece']:.4f}  (n={m['n']})")
 
 
 @app.command("tune", epilog=examples(
@@ -589,6 +589,24 @@ NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=2, he
 PoolingOverrideOpt = Annotated[Optional[str], typer.Option(
     "--pooling", help="Override the pooling (last | mean | last-position).")]
 MaxLengthOverrideOpt = Annotated[Optional[int], typer.Option("--max-length", min=1, help="Override max tokens.")]
+DecisionThresholdOpt = Annotated[Optional[float], typer.Option(
+    "--decision-threshold", min=0.0, max=1.0, help="Binary models: label a text with the positive class when its "
+    "probability reaches P (the class tuned by `train --tune-threshold`, else --positive-label or the second "
+    "label), instead of the threshold saved with the model (or the most probable label). Not --threshold, "
+    "which only sets the `confident` flag.")]
+
+
+def _set_decision_threshold(clf, decision_threshold: Optional[float]) -> None:
+    if decision_threshold is not None:
+        clf.set_decision_threshold(decision_threshold)
+
+
+def _decision_note(clf) -> str:
+    decision = clf.decision
+    if decision is None:
+        return ""
+    positive = clf.classes_[decision.positive]
+    return f"decision: {positive} when p({positive}) >= {decision.threshold:.4f}, else the other label"
 
 
 @app.command(epilog=examples(
@@ -603,8 +621,10 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", "-d", help="Labelled data (CSV, TSV or JSONL).")],
     text_col: TextColOpt = "text",
     label_col: LabelColOpt = "label",
-    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write confusion_matrix.png here.")] = None,
+    plots: Annotated[Optional[Path], typer.Option(
+        "--plots", help="Write confusion_matrix.png and calibration.png (reliability diagram) here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    decision_threshold: DecisionThresholdOpt = None,
     base_config: BaseConfigOpt = None,
     num_classes: NumClassesOpt = None,
     pooling: PoolingOverrideOpt = None,
@@ -614,19 +634,25 @@ def evaluate(
     backend: BackendOpt = "auto",
     device: DeviceOpt = None,
 ) -> None:
-    """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix and loss on labelled data."""
+    """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, and calibration (log-loss, Brier
+    score, expected calibration error: top label, 15 equal-width confidence bins) on labelled data."""
     _check_precision(precision)
     from llmclf.classifier import evaluation_report
     from llmclf.data.classification import read_labelled
 
     clf = _load_classifier(model, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
                            device)
+    _set_decision_threshold(clf, decision_threshold)
     metrics = evaluation_report(clf, read_labelled(data, text_col, label_col), plots_dir=plots)
     if as_json:
         typer.echo(json.dumps(metrics))
         return
     typer.echo(f"accuracy {metrics['accuracy'] * 100:.2f}%  macro-F1 {metrics['macro_f1']:.4f}  "
-               f"loss {metrics['loss']:.4f}  n={metrics['n']}")
+               f"n={metrics['n']}")
+    typer.echo(f"log-loss {metrics['log_loss']:.4f}  Brier {metrics['brier']:.4f}  ECE {metrics['ece']:.4f} "
+               f"(top label, {metrics['reliability']['bins']} bins)")
+    if _decision_note(clf):
+        typer.echo(_decision_note(clf))
     for label, m in metrics["per_class"].items():
         typer.echo(f"  {label:15s} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
                    f"support {m['support']}")
@@ -666,7 +692,8 @@ def predict(
         "deviation of each probability and a `confident` flag. Default: one deterministic pass.")] = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", min=0.0, max=1.0, help="A prediction is `confident` when its label's probability "
-        "(mean, with --mc-dropout) reaches P.")] = None,
+        "(mean, with --mc-dropout) reaches P. It does not change the label: see --decision-threshold.")] = None,
+    decision_threshold: DecisionThresholdOpt = None,
     dropout_rate: Annotated[Optional[float], typer.Option(
         "--dropout-rate", min=0.0, max=0.99, help="With --mc-dropout: dropout probability for the passes "
         "(needed for models trained without dropout, e.g. SmolLM2).")] = None,
@@ -716,6 +743,9 @@ def predict(
         raise typer.BadParameter("must be in (0, 1]", param_hint="--threshold")
     clf = _load_classifier(model, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
                            device)
+    _set_decision_threshold(clf, decision_threshold)
+    if _decision_note(clf) and not as_json and distributed.is_main():
+        typer.echo(_decision_note(clf), err=True)
     if input_file is not None:
         stats = predict_file(clf, input_file, output_file, text_col=text_col, batch_size=batch_size,
                              chunk_size=chunk_size, mc_dropout=mc_dropout, threshold=threshold,

@@ -5,7 +5,9 @@ the training texts; its class scores are combined with the language model's as
 
     p(class | text) = softmax(w_lm * log p_lm(class | text) + w_ngram * score_ngram(class | text)),
 
-the two weights fitted on the validation set (log-loss). The n-grams are hashed (scikit-learn's
+the two weights fitted by log-loss on held-out predictions (`fit_blend_weights`: out-of-fold
+predictions of the training set plus the validation set where the engine can refit its head on
+folds, else the validation set alone), pulled toward equal weights. The n-grams are hashed (scikit-learn's
 `HashingVectorizer`), so the saved state is four arrays and no vocabulary: `ngrams.safetensors`
 (idf, coef, intercept, weights) beside the model, and nothing in it runs code when loaded.
 """
@@ -29,9 +31,14 @@ CHAR_NGRAMS = (2, 5)
 MIN_DF = (1, 2)  # n-grams seen in fewer training texts are dropped (word, character), as the baseline does
 C = 10.0  # inverse L2 strength of the logistic regression
 MAX_WEIGHT = 10.0
+# The blend weights' pull toward equal weights: the mean log-loss over the N texts they are fitted on plus
+# (EQUAL_WEIGHTS_PRIOR / N) * ||s - 1/2||^2 on the weights' shares s = w / sum(w) (their scale is free: the
+# temperature rescales it anyway). The pull is worth this many texts: it matters on a validation set of a
+# hundred texts (0.05 nats per text for one model alone at N = 100), little on a thousand out-of-fold ones.
+EQUAL_WEIGHTS_PRIOR = 10.0
 
 
-def _counts(texts: list[str]):
+def ngram_counts(texts: list[str]):
     """Sparse (texts, 2 * N_FEATURES) n-gram counts: word block, then character block."""
     from scipy.sparse import hstack
     from sklearn.feature_extraction.text import HashingVectorizer
@@ -68,9 +75,14 @@ class NgramModel:
     @classmethod
     def fit(cls, texts: list[str], labels: list[int], n_classes: int) -> NgramModel:
         """The n-gram model of these training texts (label ids in 0..n_classes-1); weights 1, 1."""
+        return cls.fit_counts(ngram_counts(texts), labels, n_classes)
+
+    @classmethod
+    def fit_counts(cls, counts, labels: list[int] | np.ndarray, n_classes: int) -> NgramModel:
+        """`fit` from the texts' `ngram_counts` (rows of one matrix serve every fold of cross-validation)."""
         from sklearn.linear_model import LogisticRegression
 
-        counts = _counts(texts)
+        labels = np.asarray(labels).tolist()
         n = counts.shape[0]
         df = np.bincount(counts.indices, minlength=counts.shape[1])
         idf = np.log((1 + n) / (1 + df)) + 1.0  # scikit-learn's smooth idf
@@ -87,7 +99,7 @@ class NgramModel:
 
     def scores(self, texts: list[str]) -> np.ndarray:
         """Class log-probabilities of the n-gram model alone, (len(texts), classes)."""
-        x = _tfidf(_counts(texts), self.idf.astype(np.float64))
+        x = _tfidf(ngram_counts(texts), self.idf.astype(np.float64))
         return log_softmax(np.asarray(x @ self.coef.T.astype(np.float64)) + self.intercept, axis=1)
 
     def combine(self, lm_probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -99,19 +111,11 @@ class NgramModel:
     def blend(self, lm_probs: np.ndarray, texts: list[str]) -> np.ndarray:
         return self.combine(lm_probs, self.scores(texts))
 
-    def fit_weights(self, lm_probs: np.ndarray, texts: list[str], labels: list[int]) -> NgramModel:
-        """Choose (w_lm, w_ngram) in [0, MAX_WEIGHT]^2 by log-loss on held-out texts; returns self."""
-        from scipy.optimize import minimize
-
-        scores, y = self.scores(texts), np.asarray(labels)
+    def fit_weights(self, lm_probs: np.ndarray, texts: list[str], labels: list[int],
+                    prior: float = EQUAL_WEIGHTS_PRIOR) -> NgramModel:
+        """Choose (w_lm, w_ngram) by `fit_blend_weights` on these held-out texts; returns self."""
         log_lm = np.log(np.clip(lm_probs, 1e-12, 1.0))
-
-        def loss(w: np.ndarray) -> float:
-            z = log_softmax(w[0] * log_lm + w[1] * scores, axis=1)
-            return float(-z[np.arange(len(y)), y].mean() + 1e-3 * (w ** 2).sum())
-
-        result = minimize(loss, np.ones(2), method="L-BFGS-B", bounds=[(0.0, MAX_WEIGHT)] * 2)
-        self.weights = result.x.astype(np.float32)
+        self.weights = fit_blend_weights(log_lm, self.scores(texts), labels, prior).astype(np.float32)
         return self
 
     # --- persistence -------------------------------------------------------------------------
@@ -144,3 +148,25 @@ class NgramModel:
                 found = arrays[name].shape if name in arrays else "missing"
                 raise ConfigError(f"{path}: tensor {name!r} should have shape {shape}, found {found}")
         return cls(**{name: arrays[name] for name in expected})
+
+
+def fit_blend_weights(log_lm: np.ndarray, scores: np.ndarray, labels: list[int] | np.ndarray,
+                      prior: float = EQUAL_WEIGHTS_PRIOR) -> np.ndarray:
+    """(w_lm, w_ngram) in [0, MAX_WEIGHT]^2 minimising the blend's mean log-loss on held-out texts (the
+    language model's log-probabilities and the n-gram `scores` of each, and their label ids), plus
+    (prior / N) * ||s - mean(s)||^2 on their shares s = w / sum(w), toward equal weights, and a tiny L2 toward
+    0 that keeps them bounded."""
+    from scipy.optimize import minimize
+
+    y = np.asarray(labels)
+    if len(y) == 0:
+        return np.ones(2)
+    rows = np.arange(len(y))
+    pull = prior / len(y)
+
+    def loss(w: np.ndarray) -> float:
+        z = log_softmax(w[0] * log_lm + w[1] * scores, axis=1)
+        shares = w / max(w.sum(), 1e-9)
+        return float(-z[rows, y].mean() + pull * ((shares - shares.mean()) ** 2).sum() + 1e-3 * (w ** 2).sum())
+
+    return minimize(loss, np.ones(2), method="L-BFGS-B", bounds=[(0.0, MAX_WEIGHT)] * 2).x

@@ -37,6 +37,7 @@ from llmclf.data.classification import RECORD_SUFFIXES, read_lines, read_records
 from llmclf.engines.base import prediction_record
 from llmclf.errors import DataError
 from llmclf.loaders.tensors import atomic_write_json, write_error
+from llmclf.training.calibration import DecisionThreshold, decide
 from llmclf.training.state import fault_point
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,10 @@ def partial_paths(output_path: str | os.PathLike) -> tuple[Path, Path]:
 class _Writer:
     """Encodes prediction rows as CSV/TSV lines or JSON lines (bytes, so offsets are exact)."""
 
-    def __init__(self, fmt: str, text_col: str, classes: list[str], with_std: bool, with_confident: bool) -> None:
+    def __init__(self, fmt: str, text_col: str, classes: list[str], with_std: bool, with_confident: bool,
+                 decision: DecisionThreshold | None = None) -> None:
         self.fmt, self.text_col, self.classes = fmt, text_col, classes
-        self.with_std, self.with_confident = with_std, with_confident
+        self.with_std, self.with_confident, self.decision = with_std, with_confident, decision
 
     def columns(self) -> list[str]:
         return [self.text_col, "label", *(["confident"] if self.with_confident else []),
@@ -107,7 +109,8 @@ class _Writer:
             lines = []
             for i, text in enumerate(texts):  # the label: prediction_record's argmax, equal to `labels`
                 record = prediction_record(self.classes, mean[i], None if std is None else std[i],
-                                           confident=None if confident is None else confident[i])
+                                           confident=None if confident is None else confident[i],
+                                           decision=self.decision)
                 lines.append(json.dumps({self.text_col: text, **record}, ensure_ascii=False) + "\n")
             return "".join(lines).encode("utf-8")
         rows = []
@@ -197,7 +200,7 @@ def predict_texts(clf: Any, texts: list[str], batch_size: int = 32, mc_dropout: 
                                       dropout_rate=dropout_rate, seed=seed).records()
     records = []
     for row in clf.predict_proba(texts, batch_size):
-        record = prediction_record(clf.classes_, row, threshold=threshold)
+        record = prediction_record(clf.classes_, row, threshold=threshold, decision=clf.decision)
         if "confident" in record:  # one pass: --json output has always put `confident` last
             record["confident"] = record.pop("confident")
         records.append(record)
@@ -248,8 +251,9 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
     main = distributed.is_main()
     partial, state_file = partial_paths(output_path)
     classes = list(clf.classes_)
+    decision = getattr(clf, "decision", None)
     writer = _Writer(fmt, text_col, classes, with_std=mc_dropout is not None,
-                     with_confident=mc_dropout is not None or threshold is not None)
+                     with_confident=mc_dropout is not None or threshold is not None, decision=decision)
     settings = {"version": STATE_VERSION, **_fingerprint(input_path), "text_col": text_col, "format": fmt,
                 "columns": writer.columns(), "model": _model_fingerprint(clf), "mc_dropout": mc_dropout,
                 "threshold": threshold, "dropout_rate": dropout_rate, "seed": seed,
@@ -276,7 +280,7 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
                                             dropout_rate=dropout_rate, seed=None if seed is None else seed + first_row)
             return writer.encode(texts, result.labels, result.mean, result.std, result.confident)
         probs = np.asarray(clf.predict_proba(texts, batch_size))
-        best = probs.argmax(axis=1)
+        best = decide(probs, decision)
         confident = None if threshold is None else [bool(probs[i, b] >= threshold) for i, b in enumerate(best)]
         return writer.encode(texts, [classes[int(b)] for b in best], probs, None, confident)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +33,25 @@ from llmclf.data.classification import (
 from llmclf.errors import ConfigError, DataError, LlmclfError
 from llmclf.loaders.spec import chat_template_for
 from llmclf.loaders.tensors import WriteError
-from llmclf.ngrams import NgramModel
+from llmclf.ngrams import NgramModel, fit_blend_weights, ngram_counts
 from llmclf.training.args import TrainArgs
-from llmclf.training.metrics import classification_metrics, plot_confusion_matrix
+from llmclf.training.calibration import (
+    DecisionThreshold,
+    apply_temperature,
+    calibration_scores,
+    decide,
+    fit_temperature,
+    reliability_bins,
+    tune_threshold,
+)
+from llmclf.training.metrics import classification_metrics, plot_calibration, plot_confusion_matrix
 from llmclf.training.state import RunFinishedError, finish_run, has_unfinished_run, prepare_run, run_fingerprint
 
 log = logging.getLogger(__name__)
+
+# refit_head(fold, fit, held): the language model's probabilities of training texts `held` from a head trained
+# on training texts `fit` (fold number `fold`, for its seed)
+HeadRefit = Callable[[int, list[int], list[int]], np.ndarray]
 
 METRICS_LOG_FILE = "metrics.jsonl"
 HISTORY_FILE = "history.json"
@@ -50,15 +63,18 @@ class NotFittedError(LlmclfError):
 
 
 def prediction_record(classes: Sequence[str], probabilities: Sequence[float], std: Sequence[float] | None = None,
-                      *, threshold: float | None = None, confident: bool | None = None) -> dict[str, Any]:
+                      *, threshold: float | None = None, confident: bool | None = None,
+                      decision: DecisionThreshold | None = None) -> dict[str, Any]:
     """The JSON-ready prediction for one text, as `predict --json`, `.jsonl` output and `serve` give it.
 
-    Keys in this order: `label` (the class of highest probability; with MC-dropout, of highest
-    mean), `confident`, `probabilities` and `std` (class -> float). `confident` is there when
-    given, or with `std` (MC-dropout) or a `threshold`: whether the label's probability reached
-    `threshold` (always true without one). `std` is there when given.
+    Keys in this order: `label` (the class of highest probability, with MC-dropout of highest
+    mean; with a binary `decision` threshold, the positive class when its probability reaches the
+    threshold), `confident`, `probabilities`, `std` (class -> float) and `decision_threshold`.
+    `confident` is there when given, or with `std` (MC-dropout) or a `threshold`: whether the
+    label's probability reached `threshold` (always true without one). `std` is there when given;
+    `decision_threshold` ({"label": positive class, "threshold": t}) with a `decision`.
     """
-    best = int(np.argmax(probabilities))
+    best = int(decide(np.asarray(probabilities, dtype=np.float64)[None], decision)[0])
     record: dict[str, Any] = {"label": classes[best]}
     if confident is None and (std is not None or threshold is not None):
         confident = threshold is None or bool(probabilities[best] >= threshold)
@@ -67,6 +83,8 @@ def prediction_record(classes: Sequence[str], probabilities: Sequence[float], st
     record["probabilities"] = dict(zip(classes, map(float, probabilities), strict=True))
     if std is not None:
         record["std"] = dict(zip(classes, map(float, std), strict=True))
+    if decision is not None:
+        record["decision_threshold"] = {"label": classes[decision.positive], "threshold": decision.threshold}
     return record
 
 
@@ -82,10 +100,11 @@ class MCDropoutResult:
     classes: list[str]
     passes: int
     threshold: float | None
+    decision: DecisionThreshold | None = None  # the model's binary decision threshold, if it has one
 
     def records(self) -> list[dict[str, Any]]:
         """One `prediction_record` per text: label, confident, probabilities (mean) and std."""
-        return [prediction_record(self.classes, mean, std, confident=ok)
+        return [prediction_record(self.classes, mean, std, confident=ok, decision=self.decision)
                 for ok, mean, std in zip(self.confident, self.mean, self.std, strict=True)]
 
 
@@ -173,6 +192,14 @@ class BaseClassifier:
         unseen = sorted(set(val.labels) - set(self.classes_))
         if unseen:
             raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
+        for name in ("tune_threshold", "positive_label"):
+            if getattr(self, name) is not None and len(self.classes_) != 2:
+                raise ConfigError(f"{TrainArgs.flag(name)} {getattr(self, name)}: decision thresholds are for two "
+                                  f"classes, and {train.source} has {len(self.classes_)} ({', '.join(self.classes_)}); "
+                                  "leave it out (the label is then the most probable class)")
+        if self.positive_label is not None and self.positive_label not in self.classes_:
+            raise DataError(f"--positive-label {self.positive_label!r} is not a label of {train.source} "
+                            f"({', '.join(self.classes_)})")
         chat = chat_template_for(str(self.model)) if self.template == AUTO_TEMPLATE else None
         self.template_ = resolve_template(self.template, chat, self.classes_)
 
@@ -231,6 +258,39 @@ class BaseClassifier:
             (config.get("training") or {}).get("template")
         trained_with = (config.get("training") or {}).get("ensemble", "none")
         self.ngrams_ = NgramModel.load(model_dir, len(self.classes_)) if trained_with == "tfidf" else None
+        self.temperature_, self.decision_ = 1.0, None  # older directories: uncalibrated, arg-max
+        calibration = config.get("calibration")
+        if isinstance(calibration, dict) and calibration.get("temperature") is not None:
+            self.temperature_ = float(calibration["temperature"])
+            if not self.temperature_ > 0:
+                raise ConfigError(f"{model_dir}/config.json: calibration temperature must be > 0, got "
+                                  f"{self.temperature_}")
+        decision = config.get("decision_threshold")
+        if isinstance(decision, dict) and decision.get("threshold") is not None:
+            if len(self.classes_) != 2 or decision.get("label") not in self.classes_:
+                raise ConfigError(f"{model_dir}/config.json: decision_threshold {decision} does not fit the labels "
+                                  f"{self.classes_} (it needs two, one of them its label)")
+            self.decision_ = DecisionThreshold(self.classes_.index(decision["label"]), float(decision["threshold"]))
+            self.decision_metric_ = decision.get("metric")
+
+    def fitted_config(self) -> dict[str, Any]:
+        """What config.json holds of the fitting after training: the calibration temperature and the
+        decision threshold (ONNX exports copy it into their sidecar)."""
+        decision, metric = getattr(self, "decision_", None), getattr(self, "decision_metric_", None)
+        return {"calibration": {"method": "temperature", "temperature": getattr(self, "temperature_", 1.0)},
+                "decision_threshold": None if decision is None else {
+                    "label": self.classes_[decision.positive], "threshold": decision.threshold,
+                    **({"metric": metric} if metric is not None else {})}}
+
+    def _saved_metrics(self) -> dict[str, Any]:
+        """config.json's "metrics": validation metrics, training time and size, and the reports of the
+        blend, the calibration and the decision threshold fitted after training."""
+        return {"validation": getattr(self, "val_metrics_", None),
+                "train_seconds": getattr(self, "train_seconds_", None),
+                "trainable_parameters": getattr(self, "n_trainable_", None),
+                "ensemble": getattr(self, "ensemble_report_", None),
+                "calibration": getattr(self, "calibration_report_", None),
+                "decision_threshold": getattr(self, "threshold_report_", None)}
 
     def _save_finished_run(self, out_dir: str | os.PathLike, state_dir: Path) -> None:
         """Save the fitted model and its plots, then close the run (`checkpoints/` goes). A save that
@@ -247,20 +307,122 @@ class BaseClassifier:
     def _plot(self, out_dir: Path) -> None:
         raise NotImplementedError
 
-    # --- the n-gram ensemble (`ensemble="tfidf"`, llmclf.ngrams) ---------------------------------
+    # --- after training: the n-gram blend, calibration and decision threshold ---------------------
 
-    def _fit_ensemble(self, train: LabelledTexts, val: LabelledTexts, val_probs: np.ndarray) -> np.ndarray:
-        """With `ensemble="tfidf"`, fit `ngrams_` on `train` and its weights on `val`, given the
-        language model's validation probabilities; returns the whole classifier's."""
-        self.ngrams_ = None
+    def _finish_fit(self, train: LabelledTexts, val: LabelledTexts, val_probs: np.ndarray,
+                    refit_head: HeadRefit | None = None) -> dict:
+        """Fit what follows training on the language model's validation probabilities `val_probs`: the
+        n-gram blend (`ensemble="tfidf"`), the temperature (`calibration`) and the decision threshold
+        (`tune_threshold`). `refit_head(fold, fit, held)` (engines that can refit their head cheaply) gives
+        the language model's probabilities of training texts `held` from a head trained on `fit`.
+        Returns the validation metrics of the whole classifier."""
+        y_val = np.asarray(self._label_ids(val))
+        probs = self._fit_ensemble(train, val, val_probs, refit_head)
+        self.temperature_, self.calibration_report_ = 1.0, None
+        if self.calibration == "temperature":
+            before = calibration_scores(probs, y_val)
+            self.temperature_ = fit_temperature(probs, y_val)
+            probs = apply_temperature(probs, self.temperature_)
+            after = calibration_scores(probs, y_val)
+            self.calibration_report_ = {"method": "temperature", "temperature": self.temperature_,
+                                        "validation_before": before, "validation_after": after}
+            log.info("temperature %.3f fitted on the validation set: log-loss %.4f -> %.4f, ECE %.4f -> %.4f",
+                     self.temperature_, before["log_loss"], after["log_loss"], before["ece"], after["ece"])
+        self.decision_, self.decision_metric_, self.threshold_report_ = None, None, None
+        if self.tune_threshold is not None:
+            positive = self._positive_index()
+            threshold, report = tune_threshold(probs[:, positive], y_val == positive, self.tune_threshold)
+            self.threshold_report_ = {"label": self.classes_[positive], "threshold": threshold, **report}
+            if threshold is None:
+                log.warning("--tune-threshold %s: no threshold reaches it on the validation set (best: %s); the "
+                            "label stays the most probable class", self.tune_threshold, report["best_reachable"])
+            else:
+                self.decision_, self.decision_metric_ = DecisionThreshold(positive, threshold), report["metric"]
+                log.info("decision threshold %.4f on p(%s) for %s: validation precision %.4f, recall %.4f, F1 %.4f",
+                         threshold, self.classes_[positive], report["metric"], report["precision"],
+                         report["recall"], report["f1"])
+        return self._metrics(y_val.tolist(), probs)
+
+    def _positive_index(self) -> int:
+        """The positive class of a binary decision threshold: `positive_label`, else the second label."""
+        label = getattr(self, "positive_label", None)
+        return self.classes_.index(label) if label is not None else 1
+
+    def set_decision_threshold(self, threshold: float | None, label: str | None = None) -> None:
+        """Decide binary labels by `threshold` on the probability of `label` (default: the model's
+        tuned positive class, else the second label) instead of the saved decision; None: the most
+        probable label."""
+        self._check_fitted()
+        self.decision_metric_ = None  # set by hand, not tuned
+        if threshold is None:
+            self.decision_ = None
+            return
+        if len(self.classes_) != 2:
+            raise ConfigError(f"a decision threshold is for two classes; this model has {len(self.classes_)} "
+                              f"({', '.join(self.classes_)})")
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"decision threshold must be in [0, 1], got {threshold}")
+        if label is not None and label not in self.classes_:
+            raise ConfigError(f"{label!r} is not a label of this model ({', '.join(self.classes_)})")
+        saved = getattr(self, "decision_", None)
+        positive = self.classes_.index(label) if label is not None else (
+            saved.positive if saved is not None else self._positive_index())
+        self.decision_ = DecisionThreshold(positive, float(threshold))
+
+    def _fit_ensemble(self, train: LabelledTexts, val: LabelledTexts, val_probs: np.ndarray,
+                      refit_head: HeadRefit | None) -> np.ndarray:
+        """With `ensemble="tfidf"`, fit `ngrams_` on `train` and its blend weights (`llmclf.ngrams`):
+        on out-of-fold predictions of `ensemble_folds` folds of `train` plus `val` when the head can
+        be refit (`refit_head`), else on `val`; returns the blend's validation probabilities."""
+        self.ngrams_, self.ensemble_report_ = None, None
         if self.ensemble == "none":
             return val_probs
         start = time.perf_counter()
-        ngrams = NgramModel.fit(train.texts, self._label_ids(train), len(self.classes_))
-        self.ngrams_ = ngrams.fit_weights(val_probs, val.texts, self._label_ids(val))
-        log.info("n-gram ensemble fitted in %.1f s: weights %.3f (language model), %.3f (n-grams)",
-                 time.perf_counter() - start, *self.ngrams_.weights)
-        return self.ngrams_.blend(val_probs, val.texts)
+        n_classes, y_train, y_val = len(self.classes_), np.asarray(self._label_ids(train)), self._label_ids(val)
+        counts = ngram_counts(train.texts)
+        ngrams = NgramModel.fit_counts(counts, y_train, n_classes)
+        val_scores = ngrams.scores(val.texts)
+        log_lm_val = np.log(np.clip(val_probs, 1e-12, 1.0))
+        val_only = fit_blend_weights(log_lm_val, val_scores, y_val)
+        folds, why_not = self.ensemble_folds, None
+        smallest = int(np.bincount(y_train, minlength=n_classes).min())
+        if folds == 0:
+            why_not = "--ensemble-folds 0"
+        elif refit_head is None:
+            why_not = self._why_no_refit()
+        elif smallest < folds:
+            why_not = f"a class has {smallest} training text(s), fewer than {folds} folds"
+        if why_not is None:
+            from sklearn.model_selection import StratifiedKFold
+
+            oof_lm, oof_scores = np.zeros((len(y_train), n_classes)), np.zeros((len(y_train), n_classes))
+            splits = StratifiedKFold(folds, shuffle=True, random_state=self.seed).split(y_train, y_train)
+            for fold, (fit, held) in enumerate(splits):
+                oof_lm[held] = refit_head(fold, fit.tolist(), held.tolist())
+                fold_ngrams = NgramModel.fit_counts(counts[fit], y_train[fit], n_classes)
+                oof_scores[held] = fold_ngrams.scores([train.texts[i] for i in held])
+            weights = fit_blend_weights(np.vstack([np.log(np.clip(oof_lm, 1e-12, 1.0)), log_lm_val]),
+                                        np.vstack([oof_scores, val_scores]), np.concatenate([y_train, y_val]))
+            fitted_on = f"out-of-fold predictions of {folds} folds of the training set + the validation set"
+        else:
+            weights, fitted_on = val_only, f"the validation set ({why_not})"
+        ngrams.weights = weights.astype(np.float32)
+        self.ngrams_ = ngrams
+        blend = ngrams.combine(val_probs, val_scores)
+        accuracy = {name: float((p.argmax(axis=1) == np.asarray(y_val)).mean()) if len(y_val) else float("nan")
+                    for name, p in (("language_model", val_probs), ("ngrams", val_scores), ("blend", blend))}
+        self.ensemble_report_ = {"weights": [float(w) for w in weights], "fitted_on": fitted_on,
+                                 "weights_validation_only": [float(w) for w in val_only],
+                                 "validation_accuracy": accuracy, "seconds": round(time.perf_counter() - start, 2)}
+        log.info("n-gram ensemble fitted in %.1f s: weights %.3f (language model), %.3f (n-grams), on %s "
+                 "(validation set alone: %.3f, %.3f); validation accuracy: language model %.4f, n-grams %.4f, "
+                 "blend %.4f", self.ensemble_report_["seconds"], *weights, fitted_on, *val_only,
+                 accuracy["language_model"], accuracy["ngrams"], accuracy["blend"])
+        return blend
+
+    def _why_no_refit(self) -> str:
+        """Why this classifier's head cannot be refit on folds cheaply (logged with the weights)."""
+        return f"the {self.engine} engine does not refit its model on folds"
 
     def _with_ngrams(self, probs: np.ndarray, texts: list[str], scores: np.ndarray | None = None) -> np.ndarray:
         """The language model's probabilities, combined with the n-gram model's if there is one."""
@@ -294,18 +456,27 @@ class BaseClassifier:
             raise DataError(f"{data.source}: labels {unknown} are not among the model's {self.classes_}")
         return [index[label] for label in data.labels]
 
+    def _calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """The whole classifier's probabilities rescaled by its temperature (1 when not calibrated)."""
+        return apply_temperature(probs, getattr(self, "temperature_", 1.0))
+
     def predict_proba(self, texts: Sequence[str] | str, batch_size: int = 32) -> np.ndarray:
         """Class probabilities (N, len(classes_)), columns in `classes_` order, rows in input order;
-        one deterministic pass (dropout off)."""
+        one deterministic pass (dropout off), calibrated (the temperature fitted on validation)."""
         self._check_fitted()
         texts = self._as_texts(texts)
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        return self._with_ngrams(self._probabilities(texts, batch_size, dropout=False), texts)
+        return self._calibrated(self._with_ngrams(self._probabilities(texts, batch_size, dropout=False), texts))
 
     def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[str]:
-        """Predicted label names, in input order."""
-        return [self.classes_[i] for i in self.predict_proba(texts, batch_size).argmax(axis=1)]
+        """Predicted label names, in input order (by the decision threshold of a binary model that has one)."""
+        return [self.classes_[i] for i in decide(self.predict_proba(texts, batch_size), self.decision)]
+
+    @property
+    def decision(self) -> DecisionThreshold | None:
+        """The binary decision threshold (tuned on validation, or set), or None: the most probable label."""
+        return getattr(self, "decision_", None)
 
     def predict_mc_dropout(self, texts: Sequence[str] | str, passes: int = 5, threshold: float | None = None,
                            batch_size: int = 32, dropout_rate: float | None = None,
@@ -329,21 +500,23 @@ class BaseClassifier:
         n_classes = len(self.classes_)
         if not texts:
             empty = np.zeros((0, n_classes), dtype=np.float32)
-            return MCDropoutResult([], empty, empty.copy(), [], list(self.classes_), passes, threshold)
+            return MCDropoutResult([], empty, empty.copy(), [], list(self.classes_), passes, threshold, self.decision)
         if seed is not None:
             torch.manual_seed(seed)
         scores = self.ngrams_.scores(texts) if getattr(self, "ngrams_", None) is not None else None
         with dropout_active(self._torch_module(), dropout_rate):
-            runs = np.stack([self._with_ngrams(self._probabilities(texts, batch_size, dropout=True), texts, scores)
+            runs = np.stack([self._calibrated(self._with_ngrams(self._probabilities(texts, batch_size, dropout=True),
+                                                                texts, scores))
                              for _ in range(passes)])
         mean, std = runs.mean(axis=0), runs.std(axis=0)
-        best = mean.argmax(axis=1)
+        best = decide(mean, self.decision)
         confident = [threshold is None or bool(mean[i, best[i]] >= threshold) for i in range(len(texts))]
         labels = [self.classes_[int(i)] for i in best]
-        return MCDropoutResult(labels, mean, std, confident, list(self.classes_), passes, threshold)
+        return MCDropoutResult(labels, mean, std, confident, list(self.classes_), passes, threshold, self.decision)
 
     def evaluate(self, data: LabelledTexts, batch_size: int = 32) -> dict:
-        """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, loss and n."""
+        """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, loss and n, and the
+        calibration: `log_loss` (= `loss`), `brier`, `ece` and the `reliability` bins (see `_metrics`)."""
         self._check_fitted()
         y_true = self._label_ids(data)  # checked first: unknown labels fail before any inference
         return self._metrics(y_true, self.predict_proba(data.texts, batch_size))
@@ -361,10 +534,20 @@ class BaseClassifier:
         return tracker
 
     def _metrics(self, y_true: list[int], probs: np.ndarray) -> dict:
-        y_pred = probs.argmax(axis=1).tolist()
-        picked = probs[np.arange(len(y_true)), y_true]
-        loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()) if y_true else float("nan")
-        return classification_metrics(y_true, y_pred, self.classes_, loss)
+        """`classification_metrics` of the decided labels, plus `log_loss`, `brier` (mean over texts of
+        the sum over classes of the squared error), `ece` (top-label, 15 equal-width confidence bins) and
+        `reliability` (per bin: texts, mean confidence, accuracy; what calibration.png shows)."""
+        y_pred = decide(probs, self.decision).tolist()
+        scores = calibration_scores(probs, y_true)
+        metrics = classification_metrics(y_true, y_pred, self.classes_, scores["log_loss"] if y_true else float("nan"))
+        count, confidence, accuracy = reliability_bins(probs, y_true)
+        as_list = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731 (JSON has no NaN)
+        metrics.update(scores, reliability={"bins": len(count), "count": count.tolist(),
+                                            "confidence": as_list(confidence), "accuracy": as_list(accuracy)})
+        if self.decision is not None:
+            metrics["decision_threshold"] = {"label": self.classes_[self.decision.positive],
+                                             "threshold": self.decision.threshold}
+        return metrics
 
     def info(self) -> dict[str, Any]:
         """What serving and users need to know: labels, backbone, engine, max_length, metrics."""
@@ -375,12 +558,15 @@ class BaseClassifier:
             metrics = {"validation": self.val_metrics_, "train_seconds": getattr(self, "train_seconds_", None)}
         return {"labels": list(self.classes_), "backbone": str(config.get("backbone", getattr(self, "model", ""))),
                 "engine": self.engine, "max_length": self.max_length_, "metrics": metrics,
-                "test_metrics": config.get("test_metrics")}
+                "test_metrics": config.get("test_metrics"), **self.fitted_config()}
 
 
 def evaluation_report(clf: BaseClassifier, data: LabelledTexts, plots_dir: str | os.PathLike | None = None) -> dict:
-    """`clf.evaluate(data)`, plus the confusion matrix as PNG in `plots_dir`."""
+    """`clf.evaluate(data)`, plus the confusion matrix and the reliability diagram as PNG in `plots_dir`
+    (confusion_matrix.png, calibration.png)."""
     metrics = clf.evaluate(data)
     if plots_dir is not None:
         plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], Path(plots_dir) / "confusion_matrix.png")
+        plot_calibration(metrics["reliability"], Path(plots_dir) / "calibration.png",
+                         title=f"ECE {metrics['ece']:.4f} (top label, {metrics['reliability']['bins']} bins)")
     return metrics

@@ -531,7 +531,7 @@ class HFClassifier(BaseClassifier):
         self.n_trainable_ = n_trainable
         self.config_ = {"backbone": str(self.model)}
         val_probs = self._probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
-        self.val_metrics_ = self._metrics(self._label_ids(val), self._fit_ensemble(train, val, val_probs))
+        self.val_metrics_ = self._finish_fit(train, val, val_probs)
         self.last_step_ = self.history_["global_step"]
         track_final(selector.tracker, {"validation": self.val_metrics_}, self.last_step_)
         if out_dir is not None and main:
@@ -597,10 +597,8 @@ class HFClassifier(BaseClassifier):
             "format": CHECKPOINT_FORMAT, "format_version": 1, "task": "classification", "engine": self.engine,
             "architecture": self.model_.config.model_type, "hf_model": HF_MODEL_DIR, "backbone": str(self.model),
             "labels": self.classes_, "max_length": self.max_length_, "training": self.training_options(),
-            "input_template": self.template_, "run": getattr(self, "run_", None),
-            "metrics": {"validation": getattr(self, "val_metrics_", None),
-                        "train_seconds": getattr(self, "train_seconds_", None),
-                        "trainable_parameters": getattr(self, "n_trainable_", None)}}
+            "input_template": self.template_, "run": getattr(self, "run_", None), **self.fitted_config(),
+            "metrics": self._saved_metrics()}
         history = getattr(self, "history_", None)
         with atomic_files(out_dir, last=CONFIG_FILE) as staging:
             self.model_.save_pretrained(staging / HF_MODEL_DIR)

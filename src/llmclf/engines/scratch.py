@@ -4,9 +4,12 @@ scikit-learn style: new head, chosen trainable layers, cached frozen layers, mix
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +155,44 @@ class TextClassifier(BaseClassifier):
         # From the validation batches already built (with their cached frozen states): the same
         # metrics as `self.evaluate(val)` without another pass through the frozen layers.
         val_probs = torch.softmax(all_logits(classifier, val_batches), dim=-1).numpy()
-        self.val_metrics_ = self._metrics(val_enc.labels, self._fit_ensemble(train, val, val_probs))
+        refit = None
+        if trainable.kind == "head" and train_batches.states is not None and world == 1:
+            pooled = functools.cache(lambda: (train_batches.pooled(classifier), val_batches.pooled(classifier)))
+            refit = functools.partial(self._refit_head, classifier, pooled, args, class_weights)
+        self.val_metrics_ = self._finish_fit(train, val, val_probs, refit)
         self.last_step_ = self.history_.global_step
         track_final(tracker, {"validation": self.val_metrics_}, self.last_step_)
         if writes:
             self._save_finished_run(out_dir, state_dir)
         distributed.barrier()  # the model is saved before any rank returns
         return self
+
+    def _refit_head(self, classifier: SequenceClassifier, pooled: Callable[[], tuple[Batches, Batches]],
+                    args: TrainArgs, class_weights: torch.Tensor | None, fold: int, fit: list[int],
+                    held: list[int]) -> np.ndarray:
+        """Probabilities of training texts `held` from a new head trained as the real one was (same options,
+        same validation set for --select-by) on training texts `fit`: the out-of-fold predictions that the
+        blend weights are fitted on. `pooled()` gives the training and validation batches as the vectors the
+        head reads (`Batches.pooled`), so each step is one small matrix product. The trained head is put back."""
+        train_vectors, val_vectors = pooled()
+        backbone = classifier.backbone
+        trained, final_norm = backbone.out_head, backbone.final_norm
+        torch.manual_seed(args.seed + 1 + fold)
+        try:
+            replace_head(backbone, len(self.classes_), bias=args.head_bias)
+            backbone.out_head.to(device=trained.weight.device, dtype=trained.weight.dtype)
+            backbone.final_norm = torch.nn.Identity()  # applied already, in `pooled`
+            fold_args = dataclasses.replace(args, save_every=None)
+            ClassifierTraining(classifier, train_vectors.subset(fit), val_vectors, fold_args, class_weights,
+                               progress=False, say=log.debug).run()
+            classifier.eval()
+            return torch.softmax(all_logits(classifier, train_vectors.subset(held, bucket=False)), dim=-1).numpy()
+        finally:
+            backbone.out_head, backbone.final_norm = trained, final_norm
+
+    def _why_no_refit(self) -> str:
+        return ("only a head trained alone on cached frozen features (--trainable head, a backbone without dropout, "
+                "one process) is refit on folds")
 
     def _encode(self, data: LabelledTexts, with_labels: bool = True,
                 token_ids: list[list[int]] | None = None) -> EncodedTexts:
@@ -218,10 +252,8 @@ class TextClassifier(BaseClassifier):
                 staging, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
                 backbone=str(self.model), labels=self.classes_, max_length=self.max_length_,
                 pooling=self.model_.pooling, pad_id=self.tokenizer_.pad_id, training=self.training_options(),
-                input_template=self.template_, run=getattr(self, "run_", None),
-                metrics={"validation": getattr(self, "val_metrics_", None),
-                         "train_seconds": getattr(self, "train_seconds_", None),
-                         "trainable_parameters": getattr(self, "n_trainable_", None)})
+                input_template=self.template_, run=getattr(self, "run_", None), **self.fitted_config(),
+                metrics=self._saved_metrics())
         return out_dir
 
     @classmethod

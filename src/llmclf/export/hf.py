@@ -63,7 +63,12 @@ def export_hf(clf: Any, out_dir: Path, model_path: str | os.PathLike | None = No
     _amend_json(out_dir / "config.json", {
         "id2label": dict(enumerate(clf.classes_)), "label2id": {label: i for i, label in enumerate(clf.classes_)},
         "llmclf": {"template": clf.template_, "max_length": clf.max_length_, "backbone": _backbone(clf),
-                   "labels": list(clf.classes_), "keep_last_tokens": keep_last}})
+                   "labels": list(clf.classes_), "keep_last_tokens": keep_last, **clf.fitted_config()}})
+    if clf.decision is not None:
+        log.warning("Transformers' pipeline labels each text with its most probable class; the model's decision "
+                    "threshold (%s when p(%s) >= %.4f) is in config.json (llmclf.decision_threshold) and the model "
+                    "card, for you to apply", clf.classes_[clf.decision.positive], clf.classes_[clf.decision.positive],
+                    clf.decision.threshold)
     (out_dir / "README.md").write_text(
         model_card(clf, architecture, keep_last, str(Path(model_path or out_dir).resolve())), encoding="utf-8")
     max_diff = check_export(clf, out_dir, keep_last)
@@ -112,6 +117,7 @@ def _write_scratch_model(clf: Any, out_dir: Path) -> str:
     fam = family_of(backbone)
     state = {name: tensor.detach().cpu() for name, tensor in backbone.state_dict().items()}
     weight, bias = state.pop("out_head.weight"), state.pop("out_head.bias", None)
+    weight, bias = fold_temperature(clf, weight, bias)
     if bias is not None:  # check_exportable made sure the family has a final-norm bias
         state[fam.final_norm_bias] = fold_head_bias(weight, bias, state[fam.final_norm_bias])
     tensors = {**fam.rename_to_hf(state, backbone.cfg), "score.weight": weight}
@@ -125,6 +131,15 @@ def _write_scratch_model(clf: Any, out_dir: Path) -> str:
         "pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id, "bos_token_id": tokenizer.bos_id,
         "dtype": str(weight.dtype).removeprefix("torch.")})
     return architecture
+
+
+def fold_temperature(clf: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The class head's weight and bias divided by the classifier's calibration temperature T: softmax(z / T)
+    with z = Wx + b is softmax((W/T)x + b/T), so Transformers computes the calibrated probabilities exactly."""
+    t = float(getattr(clf, "temperature_", 1.0))
+    if t == 1.0:
+        return weight, bias
+    return weight / t, None if bias is None else bias / t
 
 
 def fold_head_bias(weight: torch.Tensor, bias: torch.Tensor, norm_bias: torch.Tensor) -> torch.Tensor:
@@ -187,11 +202,35 @@ def _backend_tokenizer(tokenizer: Any) -> Any:
 # --- Transformers-engine models ------------------------------------------------------------------
 
 def _write_transformers_model(clf: Any, out_dir: Path) -> str:
-    """The model's and tokenizer's save_pretrained files (model_max_length = max_length); returns its class."""
-    clf.model_.save_pretrained(out_dir)
+    """The model's and tokenizer's save_pretrained files (model_max_length = max_length), the calibration
+    temperature folded into the class head (`fold_temperature`); returns its class."""
+    model = clf.model_
+    if float(getattr(clf, "temperature_", 1.0)) != 1.0:
+        import copy
+
+        model = copy.deepcopy(clf.model_)  # clf keeps its own head: the check compares against it
+        head = _class_head(model, len(clf.classes_))
+        with torch.no_grad():
+            weight, bias = fold_temperature(clf, head.weight, head.bias)
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+    model.save_pretrained(out_dir)
     clf.tokenizer_.save_pretrained(out_dir)
     _amend_json(out_dir / "tokenizer_config.json", {"model_max_length": clf.max_length_})
     return type(clf.model_).__name__
+
+
+def _class_head(model: torch.nn.Module, n_classes: int) -> torch.nn.Linear:
+    """The Linear layer that gives a Transformers sequence classifier its logits: its last Linear module,
+    which must have one output per class (BERT's `classifier`, RoBERTa's `classifier.out_proj`, `score`)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears or linears[-1].out_features != n_classes:
+        raise ConfigError(f"cannot find the class head of this {type(model).__name__} (its last Linear layer has "
+                          f"{linears[-1].out_features if linears else 'no'} outputs, not {n_classes}) to fold the "
+                          "calibration temperature into; use --format onnx, which keeps it, or retrain with "
+                          "--calibration none")
+    return linears[-1]
 
 
 def _amend_json(path: Path, values: dict[str, Any]) -> None:
@@ -281,6 +320,13 @@ def model_card(clf: Any, architecture: str, keep_last: int, model_path: str) -> 
         "## Texts longer than max_length\n",
         _long_text_section(clf, keep_last, model_path),
     ]
+    if clf.decision is not None:
+        positive = clf.classes_[clf.decision.positive]
+        sections += ["## Decision threshold\n",
+                     f"llmclf labels a text {json.dumps(positive)} when that class's probability reaches "
+                     f"{clf.decision.threshold:.6g} (tuned on the validation set; config.json, "
+                     "`llmclf.decision_threshold`), not at the most probable class as the pipeline does. The "
+                     "probabilities are calibrated (the temperature is folded into the `score` layer).\n"]
     metrics = _metrics_table(clf)
     if metrics:
         sections += ["## Metrics (from llmclf)\n", metrics]

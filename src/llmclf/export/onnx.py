@@ -3,7 +3,8 @@
 The directory holds `model.onnx` (float32, dynamic batch and sequence axes, from torch's exporter),
 optionally `model.int8.onnx` (ONNX Runtime's dynamic int8 quantization of every MatMul's weights), the
 tokenizer's files, the n-gram model of a TF-IDF ensemble, and `config.json`, the sidecar that makes the
-directory self-describing: labels, template, max_length, pad id, tokenizer, input and output names.
+directory self-describing: labels, template, max_length, pad id, tokenizer, input and output names, the
+calibration temperature and decision threshold (applied after the graph and the n-gram blend, as in PyTorch).
 `load_classifier(DIR)` reads it back as an `ONNXClassifier` (llmclf.engines.onnx).
 """
 
@@ -115,6 +116,7 @@ def export_onnx(clf: Any, out_dir: Path, quantize: str | None = None) -> dict[st
         "tokenizer": tokenizer_info, "training": {"ensemble": "tfidf" if getattr(clf, "ngrams_", None) else "none"},
         "onnx": {"files": files, "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES),
                  "opset": _opset(out_dir / ONNX_FILE), **report},
+        **clf.fitted_config(),  # the temperature and decision threshold, applied by ONNXClassifier as by torch
         "metrics": config.get("metrics"), "test_metrics": config.get("test_metrics")})
     return report
 

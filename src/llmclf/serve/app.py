@@ -63,11 +63,18 @@ class ClassifyRequest(BaseModel):
         None, ge=0.0, lt=1.0, description="With mc_dropout: override the model's dropout probability.")
 
 
+class DecisionInfo(BaseModel):
+    label: str = Field(description="The positive class: the label when its probability reaches the threshold.")
+    threshold: float
+
+
 class ClassifyResult(BaseModel):
     label: str
     probabilities: dict[str, float]
     std: Optional[dict[str, float]] = None
     confident: Optional[bool] = None
+    decision_threshold: Optional[DecisionInfo] = Field(
+        None, description="The model's binary decision threshold (tuned on validation), when it has one.")
 
 
 class ClassifyResponse(BaseModel):
@@ -385,7 +392,8 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = default
         for row in rows:
             mean, std = row if key is not None else (row, None)
             # ClassifyResult fixes the JSON field order: label, probabilities, std, confident.
-            results.append(prediction_record(classes, mean, std, threshold=request.threshold))
+            results.append(prediction_record(classes, mean, std, threshold=request.threshold,
+                                             decision=getattr(clf, "decision", None)))
         return {"results": results}
 
     return app

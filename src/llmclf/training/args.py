@@ -18,6 +18,7 @@ from llmclf.errors import ConfigError
 from llmclf.models.heads import POOLINGS, Trainable
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.tracking import REPORT_TO
+from llmclf.training.calibration import CALIBRATIONS, threshold_problem
 
 ENGINES = ("scratch", "hf")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -62,6 +63,10 @@ def _one_of(choices: tuple[str, ...]):
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
     return check
+
+
+def _folds(value: int) -> str | None:
+    return None if value == 0 or value >= 2 else f"must be 0 (fit on the validation set only) or >= 2, got {value}"
 
 
 def _warmup(value: float) -> str | None:
@@ -151,6 +156,25 @@ class TrainArgs:
         "and character 2-5-grams, fitted on the training texts; the two are weighted by log-loss on the "
         "validation set after training (saved beside the model as ngrams.safetensors).",
         hf="none", check=_one_of(ENSEMBLES))
+    ensemble_folds: int = option(
+        5, "With --ensemble tfidf: fit the blend weights on out-of-fold predictions of the training set (K "
+        "stratified folds; the head and the n-gram model are refit on the rest of each) plus the validation set, "
+        "pulled toward equal weights. Needs a head trained alone on cached features (the default recipe); "
+        "otherwise, and with 0, the weights are fitted on the validation set only (with the same pull).",
+        check=_folds, metavar="K")
+    # --- calibration and decisions (fitted on the validation set after training)
+    calibration: str = option(
+        "temperature", "temperature: rescale the whole classifier's probabilities (after any blend) by one "
+        "temperature fitted on the validation set (log-loss), saved with the model; it never changes the most "
+        "probable label | none.", check=_one_of(CALIBRATIONS))
+    tune_threshold: str | None = option(
+        None, "Binary only: choose the decision threshold on the positive class's (calibrated) probability on the "
+        "validation set for f1 | precision@R (the highest recall with precision >= R) | recall@P (the highest "
+        "precision with recall >= P); saved with the model and used by predict, evaluate and serve "
+        "(default: the most probable label).", check=threshold_problem, metavar="METRIC")
+    positive_label: str | None = option(
+        None, "The positive class of --tune-threshold (default: the second label in sorted order, as "
+        "scikit-learn's classes_[1]).", metavar="LABEL")
     # --- evaluation, model selection, checkpoints
     select_by: str = option(
         "accuracy", "Validation metric that picks the best evaluation, whose weights are kept: accuracy | "

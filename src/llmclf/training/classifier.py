@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from llmclf import distributed
 from llmclf.data.classification import EncodedTexts, batch_order, collate
 from llmclf.loaders.tensors import write_error
-from llmclf.models.heads import SequenceClassifier
+from llmclf.models.heads import SequenceClassifier, pool
 from llmclf.runtime import autocast, inference_autocast
 from llmclf.tracking import NoTracker, Tracker, metric_names
 from llmclf.training.args import TrainArgs
@@ -69,6 +69,25 @@ class Batches:
         part.lengths = [self.lengths[i] for i in indices]
         part.states = [self.states[i] for i in indices] if self.states is not None else None
         part.bucket = self.bucket if bucket is None else bucket
+        return part
+
+    @torch.no_grad()
+    def pooled(self, model: SequenceClassifier) -> Batches:
+        """These texts, cached after the last block, as what the head reads: one vector per text (final norm
+        and pooling done once), for training a head alone many times (cross-validation). Run `model` on them
+        with its final norm replaced by `nn.Identity` (the pooling of one position is that position)."""
+        if self.states is None or self.cache_from != len(model.backbone.trf_blocks):
+            raise ValueError("pooled batches need every block's output cached (a head trained alone)")
+        vectors: list[torch.Tensor] = [torch.empty(0)] * len(self.states)
+        for idx in self.order():
+            x, mask, _ = self.make(idx)
+            attn = None if model.pooling == "last-position" else mask
+            with autocast(self.device, self.dtype):
+                h = pool(model.backbone.final_norm(x), attn, model.pooling)  # (B, C)
+            for row, i in enumerate(idx):
+                vectors[i] = h[row:row + 1].clone()
+        part = copy.copy(self)
+        part.states, part.lengths, part.fixed_length = vectors, [1] * len(vectors), None
         return part
 
     def _compute_states(self, model: SequenceClassifier, dtype: torch.dtype, progress: bool, name: str):

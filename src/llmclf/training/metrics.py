@@ -1,4 +1,4 @@
-"""Classification metrics (scikit-learn) and the confusion-matrix plot."""
+"""Classification metrics (scikit-learn), the confusion-matrix plot and the reliability diagram."""
 
 from __future__ import annotations
 
@@ -53,6 +53,43 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: str 
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(np.array(matrix), display_labels=labels).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title("Confusion matrix")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_calibration(reliability: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """The reliability diagram (accuracy against mean confidence of the top label, per equal-width
+    confidence bin, beside the diagonal of perfect calibration) above the confidence histogram, from
+    the `reliability` entry of the evaluation metrics. Written as PNG to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = reliability["bins"]
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centers, width = (edges[:-1] + edges[1:]) / 2, 1.0 / bins
+    count = np.asarray(reliability["count"])
+    nan = float("nan")
+    accuracy = np.array([nan if v is None else v for v in reliability["accuracy"]], dtype=float)
+    confidence = np.array([nan if v is None else v for v in reliability["confidence"]], dtype=float)
+    used = count > 0
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfectly calibrated")
+    top.bar(centers[used], accuracy[used], width=width, edgecolor="black", alpha=0.8, label="accuracy")
+    top.bar(centers[used], confidence[used] - accuracy[used], bottom=accuracy[used], width=width, color="tab:red",
+            alpha=0.3, edgecolor="tab:red", label="gap to confidence")
+    top.set_ylabel("Accuracy")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(title or "Reliability diagram")
+    bottom.bar(centers, count, width=width, edgecolor="black", color="tab:blue")
+    bottom.set_xlabel("Confidence (probability of the predicted label)")
+    bottom.set_ylabel("Texts")
+    bottom.set_xlim(0, 1)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
