@@ -38,7 +38,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench_backbones import SHARED, SPLITS, load_sms, stratified_sizes
+from bench_backbones import SHARED, SPLITS, fit_tfidf_svm, load_sms, stratified_sizes
 
 from llmclf.config import DEFAULT_BACKBONE
 from llmclf.data.classification import LabelledTexts, label_order, read_labelled
@@ -99,16 +99,8 @@ def accuracy(predicted: list[str], data: LabelledTexts) -> float:
 
 
 def run_tfidf(data: dict, tests: dict) -> dict:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.pipeline import make_pipeline, make_union
-    from sklearn.svm import LinearSVC
-
     start = time.perf_counter()
-    model = make_pipeline(
-        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)),
-        LinearSVC(C=1.0))
-    model.fit(data["train"].texts + data["validation"].texts, data["train"].labels + data["validation"].labels)
+    model = fit_tfidf_svm(data)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, **{name: accuracy(list(model.predict(t.texts)), t) for name, t in tests.items()}}
 
