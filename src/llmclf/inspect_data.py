@@ -65,14 +65,14 @@ def _ngram_features(texts: list[str], label_ids: list[int], n_classes: int,
     """Out-of-fold probabilities of the n-gram model, and every text's TF-IDF vector (unit rows)."""
     from sklearn.preprocessing import normalize
 
-    from llmclf.ngrams import NgramModel, _counts, _tfidf
+    from llmclf.ngrams import NgramModel, _tfidf, ngram_counts
 
     probs = np.zeros((len(texts), n_classes))
     for train_idx, held_idx in folds:
         model = NgramModel.fit([texts[i] for i in train_idx], [label_ids[i] for i in train_idx], n_classes)
         probs[held_idx] = np.exp(model.scores([texts[i] for i in held_idx]))
     whole = NgramModel.fit(texts, label_ids, n_classes)  # its idf: the vectors the neighbours are found in
-    return probs, normalize(_tfidf(_counts(texts), whole.idf.astype(np.float64)))
+    return probs, normalize(_tfidf(ngram_counts(texts), whole.idf.astype(np.float64)))
 
 
 def _backbone_features(model: str, texts: list[str], label_ids: list[int], classes: list[str],
