@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,7 +152,9 @@ def test_torchrun_restarts_a_killed_worker_on_a_busy_cpu_and_finishes_like_an_un
     finally:
         burner.kill()
         burner.wait()
-    assert "exitcode: -9" in result.stderr and "resuming" in result.stderr, result.stderr[-3000:]
+    # the agent saw a worker fail (the killed one, -9, or its peer, whose collective broke first: which
+    # one it reports is a race) and the restarted group resumed
+    assert re.search(r"\(exitcode: -?\d+\)", result.stderr) and "resuming" in result.stderr, result.stderr[-3000:]
     assert _max_diff(reference, killed) < 1e-6
     assert not (killed / "checkpoints").exists()
     # the metrics log of the resumed run is the uninterrupted run's: what the killed group logged after
