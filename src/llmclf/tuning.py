@@ -21,7 +21,6 @@ scores as the search goes, so an interrupted search keeps its leaderboard and `r
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from llmclf.data.classification import (
 )
 from llmclf.errors import ConfigError, DataError
 from llmclf.loaders.tensors import atomic_path, atomic_write_json
-from llmclf.training.state import Interrupted, TrainingInterruptedError
+from llmclf.training.state import Interrupted, TrainingInterruptedError, texts_checksum
 
 log = logging.getLogger(__name__)
 
@@ -413,13 +412,9 @@ def cross_validate_ngrams(texts: list[str], labels: list[int], n_classes: int,
 
 # --- the leaderboard ----------------------------------------------------------------------------
 
-def _fingerprint(train: LabelledTexts, val: LabelledTexts) -> str:
-    digest = hashlib.sha256()
-    for data in (train, val):
-        for text, label in zip(data.texts, data.labels, strict=True):
-            digest.update(json.dumps([text, label]).encode("utf-8"))
-        digest.update(b"|")
-    return digest.hexdigest()
+def _fingerprint(train: LabelledTexts, val: LabelledTexts) -> dict[str, str]:
+    """The checksums of the data, as a training run's fingerprint has them (`texts_checksum`)."""
+    return {"train": texts_checksum(train.texts, train.labels), "validation": texts_checksum(val.texts, val.labels)}
 
 
 @dataclass
