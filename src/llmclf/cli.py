@@ -574,6 +574,84 @@ def inspect_command(
         typer.echo(f"wrote {out / 'label_issues.csv'} and {out / 'report.json'}")
 
 
+# --- zero- and few-shot (llmclf.zero_shot) ------------------------------------------------------
+
+ZERO_SHOT_OPTIONS = {
+    "zero_shot": (bool, False, typer.Option(
+        "--zero-shot", help="No trained model: --model is an instruction-tuned causal LM (smollm2-135m, "
+        "qwen2.5-0.5b, gemma3-270m, ...) that scores each of --labels as the answer to a prompt in its chat format.",
+        rich_help_panel="Zero-/few-shot")),
+    "labels": (Optional[str], None, typer.Option(
+        "--labels", help="With --zero-shot: the class names, comma-separated, in the order of the output columns "
+        "(e.g. \"positive,negative\").", rich_help_panel="Zero-/few-shot")),
+    "template": (Optional[str], None, typer.Option(
+        "--template", help="With --zero-shot: the user's message, with {text}, optionally {labels} and {examples} "
+        "(default: \"Classify the text as one of: {labels}. Answer with the label only.\\n\\n{examples}Text: "
+        "{text}\").", rich_help_panel="Zero-/few-shot")),
+    "score": (str, "mean", typer.Option(
+        "--score", help="With --zero-shot: a label's score is the mean or sum of its tokens' log-probabilities.",
+        rich_help_panel="Zero-/few-shot")),
+    "shots": (int, 0, typer.Option(
+        "--shots", min=0, help="With --zero-shot: K labelled examples per class (from --train) in the prompt.",
+        rich_help_panel="Zero-/few-shot")),
+    "train": (Optional[Path], None, typer.Option(
+        "--train", help="With --shots: labelled file (CSV, TSV or JSONL, columns text,label) to take examples from.",
+        rich_help_panel="Zero-/few-shot")),
+    "shot_selection": (str, "random", typer.Option(
+        "--shot-selection", help="With --shots: random (one seeded draw, shared by every text) or nearest (per text, "
+        "the examples nearest by the model's embeddings; slower).", rich_help_panel="Zero-/few-shot")),
+    "shot_seed": (int, DEFAULT_SEED, typer.Option(
+        "--shot-seed", help="With --shots random: the seed of the draw.", rich_help_panel="Zero-/few-shot")),
+}
+
+
+def with_zero_shot_options(func):
+    """Add the zero-/few-shot options to a command that loads a classifier; it receives them as
+    `zero_shot` (a dict, or None without --zero-shot)."""
+    import functools
+    import inspect
+
+    params = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "zero_shot"]
+    for name, (kind, default, option) in ZERO_SHOT_OPTIONS.items():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[kind, option]))
+
+    @functools.wraps(func)
+    def command(**kwargs):
+        options = {name: kwargs.pop(name) for name in ZERO_SHOT_OPTIONS}
+        if not options.pop("zero_shot"):
+            given = [f"--{n.replace('_', '-')}" for n, (_, default, _) in ZERO_SHOT_OPTIONS.items()
+                     if n in options and options[n] != default]
+            if given:
+                raise typer.BadParameter(f"{', '.join(given)} apply with --zero-shot only", param_hint=given[0])
+            return func(**kwargs, zero_shot=None)
+        return func(**kwargs, zero_shot=options)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__
+    return command
+
+
+def _zero_shot_classifier(model: str, options: dict, max_length, precision: str, device):
+    """The `ZeroShotClassifier` the --zero-shot options describe, fitted (examples read from --train)."""
+    from llmclf.data.classification import read_labelled
+    from llmclf.zero_shot import ZeroShotClassifier
+
+    if options["labels"] is None:
+        raise typer.BadParameter("--zero-shot needs the class names, e.g. --labels \"positive,negative\"",
+                                 param_hint="--labels")
+    labels = [x.strip() for x in options["labels"].split(",")] if options["labels"].strip() else []
+    if options["shots"] and options["train"] is None:
+        raise typer.BadParameter(f"--shots {options['shots']} takes its examples from --train FILE",
+                                 param_hint="--train")
+    examples = read_labelled(options["train"]) if options["train"] is not None else None
+    clf = ZeroShotClassifier(model, labels, template=options["template"], score=options["score"],
+                             shots=options["shots"], shot_selection=options["shot_selection"],
+                             seed=options["shot_seed"], max_length=max_length, precision=precision, device=device)
+    return clf.fit(examples)
+
+
 def _load_classifier(model: str, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
                      device):
     from llmclf.classifier import load_classifier
@@ -615,7 +693,12 @@ def _decision_note(clf) -> str:
     "    --plots runs/spam",
     "llmclf evaluate --model runs/spam-onnx --data data/sms/test.csv \\",
     "    --precision int8",
+    "llmclf evaluate --zero-shot --model smollm2-135m --labels \"ham,spam\" \\",
+    "    --data data/sms/test.csv",
+    "llmclf evaluate --zero-shot --model smollm2-135m --labels \"ham,spam\" \\",
+    "    --shots 4 --train data/sms/train.csv --data data/sms/test.csv",
 ))
+@with_zero_shot_options
 def evaluate(
     model: ClfModelOpt,
     data: Annotated[Path, typer.Option("--data", "-d", help="Labelled data (CSV, TSV or JSONL).")],
@@ -633,6 +716,7 @@ def evaluate(
     precision: PrecisionOpt = "auto",
     backend: BackendOpt = "auto",
     device: DeviceOpt = None,
+    zero_shot: Optional[dict] = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, and calibration (log-loss, Brier
     score, expected calibration error: top label, 15 equal-width confidence bins) on labelled data."""
@@ -640,8 +724,9 @@ def evaluate(
     from llmclf.classifier import evaluation_report
     from llmclf.data.classification import read_labelled
 
-    clf = _load_classifier(model, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
-                           device)
+    clf = _zero_shot_classifier(model, zero_shot, max_length, precision, device) if zero_shot else \
+        _load_classifier(model, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
+                         device)
     _set_decision_threshold(clf, decision_threshold)
     metrics = evaluation_report(clf, read_labelled(data, text_col, label_col), plots_dir=plots)
     if as_json:
@@ -669,7 +754,12 @@ def evaluate(
     "    --json \"It was okay.\"",
     "llmclf predict --model runs/spam --input big.csv --output scored.csv \\",
     "    --devices 2",
+    "llmclf predict --zero-shot --model smollm2-135m \\",
+    "    --labels \"positive,negative\" \"What a wonderful film.\"",
+    "llmclf predict --zero-shot --model qwen2.5-0.5b --labels \"ham,spam\" \\",
+    "    --shots 4 --train data/sms/train.csv \"You won a free cruise!\"",
 ))
+@with_zero_shot_options
 def predict(
     model: ClfModelOpt,
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
@@ -712,6 +802,7 @@ def predict(
     device: DeviceOpt = None,
     devices: DevicesOpt = None,
     max_restarts: MaxRestartsOpt = 0,
+    zero_shot: Optional[dict] = None,
 ) -> None:
     """Classify texts given as arguments or in a file; prints or writes label and probabilities.
 
@@ -741,8 +832,9 @@ def predict(
         raise typer.BadParameter("--dropout-rate applies to --mc-dropout passes only", param_hint="--dropout-rate")
     if threshold is not None and threshold <= 0:
         raise typer.BadParameter("must be in (0, 1]", param_hint="--threshold")
-    clf = _load_classifier(model, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
-                           device)
+    clf = _zero_shot_classifier(model, zero_shot, max_length, precision, device) if zero_shot else \
+        _load_classifier(model, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
+                         device)
     _set_decision_threshold(clf, decision_threshold)
     if _decision_note(clf) and not as_json and distributed.is_main():
         typer.echo(_decision_note(clf), err=True)
@@ -776,7 +868,9 @@ def predict(
     "llmclf serve --model runs/spam-onnx --backend onnx",
     "curl -s localhost:8000/v1/classify -H 'Content-Type: application/json' \\",
     "    -d '{\"texts\": [\"You won a free cruise!\"]}'",
+    "llmclf serve --zero-shot --model smollm2-135m --labels \"positive,negative\"",
     more="More: docs/serving.md and docs/security.md."))
+@with_zero_shot_options
 def serve(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(
@@ -837,6 +931,7 @@ def serve(
     precision: PrecisionOpt = "auto",
     backend: BackendOpt = "auto",
     device: DeviceOpt = None,
+    zero_shot: Optional[dict] = None,
 ) -> None:
     """Serve a trained classifier over HTTP: REST API (/v1/classify, /v1/model, /healthz), a web page
     at / and the OpenAPI docs at /docs. Concurrent requests share forward passes (micro-batching).
@@ -853,7 +948,8 @@ def serve(
     api_key, warning = resolve_api_key(api_key, source is not None and source.name == "ENVIRONMENT", api_key_file)
     if warning:
         typer.secho(warning, fg=typer.colors.YELLOW, err=True)
-    clf = load_classifier(model, backend, max_length=max_length, precision=precision, device=device)
+    clf = _zero_shot_classifier(model, zero_shot, max_length, precision, device) if zero_shot else \
+        load_classifier(model, backend, max_length=max_length, precision=precision, device=device)
     clf.predict_proba(["warm-up"])  # first-call costs (allocation, kernels) before the first request
     application = create_app(clf, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              max_texts=max_texts, max_body_bytes=max_body_bytes, max_mc_passes=max_mc_passes,
