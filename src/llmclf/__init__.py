@@ -8,6 +8,7 @@ from llmclf.language_model import LMEvalResult, evaluate_lm, generate_text, load
 from llmclf.models.gpt2 import GPTModel
 from llmclf.tokenizer import load_gpt2_tokenizer, text_to_token_ids, token_ids_to_text
 from llmclf.tuning import tune
+from llmclf.zero_shot import ZeroShotClassifier
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "LMEvalResult",
     "LlmclfError",
     "TextClassifier",
+    "ZeroShotClassifier",
     "evaluate_lm",
     "generate",
     "generate_text",
