@@ -259,7 +259,7 @@ class ZeroShotClassifier(BaseClassifier):
         bos = getattr(self.tokenizer_, "bos_id", None)
         return ids[1:] if bos is not None and ids[:1] == [bos] else ids
 
-    def fit(self, examples: LabelledTexts | None = None, *_: Any, **__: Any) -> ZeroShotClassifier:
+    def fit(self, examples: LabelledTexts | None = None) -> ZeroShotClassifier:
         """Load the model, check the labels and options, choose the few-shot examples (from `examples`,
         with `shots`) and run the shared prompt head once. Returns self."""
         labels = self._check_options(examples)
@@ -387,24 +387,34 @@ class ZeroShotClassifier(BaseClassifier):
             seqs.append(before + ids[: max(room - len(before) + len(self.first_ids_), 0)] + self.tail_ids_)
         return seqs
 
-    def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
+    def label_token_log_probs(self, texts: Sequence[str] | str, batch_size: int = 32) -> np.ndarray:
+        """Per text and label, the log-probabilities of the label's tokens as the answer: (N, C, Lmax),
+        0 past a label's end (`score` combines them; both scores come from one such pass)."""
         from llmclf.runtime import inference_autocast
 
+        self._check_fitted()
+        texts = self._as_texts(texts)
         seqs = self._text_ids(texts)
-        lengths = [len(ids) for ids in self.label_ids_]
-        width = self.max_length_ * max(len(self.classes_), 1)
-        per_pass = max(1, min(batch_size, ROW_TOKEN_BUDGET // width))
+        per_pass = max(1, min(batch_size, ROW_TOKEN_BUDGET // (self.max_length_ * len(self.classes_))))
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a pass
-        out = np.empty((len(texts), len(self.classes_)), dtype=np.float32)
+        out = np.zeros((len(texts), len(self.classes_), self.max_label_), dtype=np.float32)
         for start in range(0, len(order), per_pass):
             idx = order[start:start + per_pass]
             cache = SharedPrefixCache.from_kv_cache(self.prefix_cache_, len(idx))
             with torch.no_grad(), inference_autocast(self.model_, self.device_, self.dtype_):
                 logp = label_log_probs(self.model_, cache, [seqs[i] for i in idx], self.label_ids_,
                                        self.tokenizer_.pad_id)
-            scores = combine_scores(logp, lengths, self.score)
-            out[idx] = torch.softmax(scores, dim=-1).cpu().numpy()
+            out[idx] = logp.cpu().numpy()
         return out
+
+    def probabilities_from(self, token_log_probs: np.ndarray, score: str | None = None) -> np.ndarray:
+        """Softmax over the labels of their scores (`score`, default this classifier's) from `label_token_log_probs`."""
+        lengths = [len(ids) for ids in self.label_ids_]
+        scores = combine_scores(torch.from_numpy(token_log_probs), lengths, score or self.score)
+        return torch.softmax(scores, dim=-1).numpy()
+
+    def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
+        return self.probabilities_from(self.label_token_log_probs(texts, batch_size))
 
     def _torch_module(self) -> torch.nn.Module:
         return self.model_
