@@ -1,0 +1,296 @@
+"""Why a classifier gave its label: per-token attributions over the user's own text.
+
+`explain(clf, texts)` gives one `Explanation` per text: the label the whole classifier predicts
+(n-gram blend, temperature and decision threshold included), and for each piece of the text (a token
+of the model's tokenizer, mapped back to a character span of the original text) how much it moved the
+*language model's* score of that label. What is explained is stated in `Explanation.explains`:
+
+* `integrated-gradients` (PyTorch engines): the language model's logit of the label, before the
+  n-gram blend and the temperature. Integrated gradients (Sundararajan et al., 2017) on the token
+  embeddings of the text, from a baseline where every text token's embedding is zero, along `steps`
+  Gauss-Legendre points (Captum's default rule), in batches. Zero rather than the pad token's
+  embedding: pad ids differ between families (GPT-2 and Llama pad with their end-of-text token,
+  whose embedding means something to the model), while a zero embedding is "no token" for every
+  family. Completeness: the attributions sum to logit(text) - logit(baseline) up to `delta`, which
+  shrinks as `steps` grows.
+* `occlusion` (the ONNX backend, which has no gradients; or asked for): the language model's
+  probability of the label, minus that probability with the token removed from the input.
+
+The template's tokens (instruction, chat format) stay as they are in both: only tokens of the text
+are attributed. The n-gram model of a blended classifier is not attributed (its hashed word and
+character n-grams overlap and are l2-normalized together, so per-span contributions would not add up);
+`Explanation.blended` says when the label also depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from llmclf.data.classification import TEXT_FIELD, collate, encode_texts, template_suffix_tokens
+from llmclf.errors import ConfigError
+
+METHODS = ("auto", "integrated-gradients", "occlusion")
+DEFAULT_STEPS = 32
+MAX_STEPS = 1024
+
+
+@dataclass
+class ModelAccess:
+    """What an engine lends `explain`: its forward pass on padded token ids and where its token
+    embeddings are made (None: no gradients, occlusion only)."""
+
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) (B, T) -> (B, classes)
+    embedding: nn.Module | None
+    device: torch.device
+    pad_id: int
+    fixed_length: int | None = None  # pad every sequence to this length (`last-position` pooling)
+    outputs_probabilities: bool = False  # `forward` gives probabilities (ONNX), not logits
+
+
+@dataclass
+class TokenAttribution:
+    """One piece of the text: characters `text[start:end]` and its attribution. A piece is one token,
+    or several when tokens share a character (byte-level BPE splits a character over tokens)."""
+
+    start: int
+    end: int
+    text: str
+    attribution: float
+
+
+@dataclass
+class Explanation:
+    """The attributions of one text for the label the classifier predicts (see the module's docstring)."""
+
+    label: str
+    method: str
+    explains: str  # in words, what `score` is and what the attributions add up to
+    score: float  # the explained quantity on the text
+    baseline_score: float  # ... with every text token at the baseline (zero embedding; or removed)
+    tokens: list[TokenAttribution]
+    steps: int | None = None  # integrated gradients' integration points
+    blended: bool = False  # the label also depends on an n-gram model, which is not attributed
+    truncated: bool = False  # the text was cut to the model's max_length: its end is not attributed
+    delta: float | None = field(default=None)  # integrated gradients: sum(attributions) - (score - baseline_score)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the fields above, tokens as {start, end, text, attribution}."""
+        return asdict(self)
+
+
+# --- tokens and character spans -------------------------------------------------------------
+
+
+def _byte_to_char(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """For each UTF-8 byte offset 0..len(bytes): the index of the character it lies in (floor) and of
+    the first character starting at or after it (ceil)."""
+    sizes = np.array([len(c.encode("utf-8", "surrogatepass")) for c in text], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])  # byte offset of each character, and the end
+    offsets = np.arange(starts[-1] + 1)
+    floor = np.searchsorted(starts, offsets, side="right") - 1
+    ceil = np.searchsorted(starts, offsets, side="left")
+    return floor, ceil
+
+
+def model_input_tokens(clf: Any, text: str) -> tuple[list[int], list[tuple[int, int] | None], bool]:
+    """The token ids the model reads for `text` (as `clf.token_ids`); per token, its character span in
+    `text` (None for the template's tokens and special tokens; a token that straddles the text's edge
+    is clipped to it); and whether tokens of the text were cut off (the text is longer than max_length)."""
+    from llmclf.tokenizer import GPT2Tokenizer, HFTokenizer
+
+    template = getattr(clf, "template_", None)
+    model_input = text if template is None else template.replace(TEXT_FIELD, text)
+    begin = 0 if template is None else template.index(TEXT_FIELD)  # the text's first occurrence
+    tokenizer = clf.tokenizer_
+    if isinstance(tokenizer, GPT2Tokenizer):
+        ids = tokenizer.encode(model_input)
+        lengths = [len(tokenizer.encoding.decode_single_token_bytes(i)) for i in ids]
+        ends = np.cumsum([0, *lengths])
+        floor, ceil = _byte_to_char(model_input)
+        spans: list[tuple[int, int] | None] = [(int(floor[a]), int(ceil[b]))
+                                               for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    elif isinstance(tokenizer, HFTokenizer):
+        from llmclf.tokenizer import _unicode
+
+        encoding = tokenizer.backend.encode(_unicode(model_input), add_special_tokens=False)
+        ids = tokenizer.encode(model_input)
+        spans = [None] * (len(ids) - len(encoding.ids)) + [tuple(o) for o in encoding.offsets]
+    else:  # a Transformers tokenizer (the Transformers engine, or an ONNX export of it)
+        enc = tokenizer(model_input, truncation=True, max_length=clf.max_length_, return_offsets_mapping=True,
+                        return_special_tokens_mask=True)
+        ids = list(enc["input_ids"])
+        spans = [None if special else tuple(o) for o, special in zip(enc["offset_mapping"],
+                                                                      enc["special_tokens_mask"], strict=True)]
+    end = begin + len(text)
+    spans = [None if s is None or s[1] <= begin or s[0] >= end or s[0] >= s[1]
+             else (max(s[0], begin) - begin, min(s[1], end) - begin) for s in spans]
+    n_text = sum(s is not None for s in spans)
+    if isinstance(tokenizer, GPT2Tokenizer | HFTokenizer) and ids:  # cut as the model's input is (encode_texts)
+        keep = encode_texts([""], tokenizer, clf.max_length_, token_ids=[list(range(len(ids)))],
+                            keep_last=template_suffix_tokens(template, tokenizer)).ids[0]
+        ids, spans = [ids[i] for i in keep], [spans[i] for i in keep]
+    return ids, spans, sum(s is not None for s in spans) < n_text
+
+
+def _pieces(spans: Sequence[tuple[int, int] | None]) -> list[tuple[int, int, list[int]]]:
+    """The text tokens' positions grouped into non-overlapping pieces (start, end, positions), in order:
+    tokens whose spans overlap (parts of one character) form one piece."""
+    pieces: list[tuple[int, int, list[int]]] = []
+    for pos, span in enumerate(spans):
+        if span is None:
+            continue
+        start, end = span
+        if pieces and start < pieces[-1][1]:
+            s, e, positions = pieces[-1]
+            pieces[-1] = (s, max(e, end), [*positions, pos])
+        else:
+            pieces.append((start, end, [pos]))
+    return pieces
+
+
+# --- the two methods -------------------------------------------------------------------------
+
+
+def gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points in (0, 1) and their weights for integrating over [0, 1] (Captum's `gausslegendre`)."""
+    x, w = np.polynomial.legendre.leggauss(steps)
+    return 0.5 * (x + 1), 0.5 * w
+
+
+@contextlib.contextmanager
+def _scaled_embeddings(embedding: nn.Module, scale: torch.Tensor, captured: list[torch.Tensor]) -> Iterator[None]:
+    """While inside: `embedding`'s output (B, T, C) is multiplied by `scale` (B, T) and made a leaf
+    that requires grad (appended to `captured`), so gradients w.r.t. the scaled embeddings can be read."""
+
+    def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        x = (out.detach() * scale[..., None].to(out.dtype)).requires_grad_(True)
+        captured.append(x)
+        return x
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _rows(access: ModelAccess, ids: list[int], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids, mask = collate([ids] * rows, access.pad_id, access.fixed_length)
+    return input_ids.to(access.device), mask.to(access.device)
+
+
+def integrated_gradients(access: ModelAccess, ids: list[int], text_mask: Sequence[bool], target: int,
+                         steps: int = DEFAULT_STEPS, batch_size: int = 32) -> tuple[np.ndarray, float, float]:
+    """Integrated gradients of logit `target` w.r.t. the embeddings of the positions where `text_mask` is
+    true (the others keep their embeddings), from zero embeddings there. Returns (attribution per
+    position, summed over the embedding dimension; logit of the input; logit of the baseline)."""
+    if access.embedding is None:
+        raise ConfigError("integrated gradients need the PyTorch model; this backend has no gradients: "
+                          "use --explain-method occlusion")
+    alphas, weights = gauss_legendre(steps)
+    length = len(ids)
+    in_text = torch.zeros(access.fixed_length or length, device=access.device)
+    in_text[:length] = torch.as_tensor(text_mask, dtype=torch.float32, device=access.device)
+    total: torch.Tensor | None = None
+    for first in range(0, steps + 1, batch_size):
+        chunk = torch.as_tensor(np.concatenate([alphas, [0.0]])[first:first + batch_size], dtype=torch.float32,
+                                device=access.device)  # the last row, alpha 0, is the baseline
+        scale = 1 - in_text + in_text * chunk[:, None]
+        captured: list[torch.Tensor] = []
+        with torch.enable_grad(), _scaled_embeddings(access.embedding, scale, captured):
+            logits = access.forward(*_rows(access, ids, len(chunk))).float()
+            (grad,) = torch.autograd.grad(logits[:, target].sum(), captured[0])
+        w = torch.as_tensor(np.concatenate([weights, [0.0]])[first:first + batch_size], device=access.device)
+        part = (grad.float() * w[:, None, None].float()).sum(0)
+        total = part if total is None else total + part
+        if first + batch_size > steps:
+            baseline = float(logits[-1, target].detach())
+    with torch.no_grad():
+        input_ids, mask = _rows(access, ids, 1)
+        score = float(access.forward(input_ids, mask).float()[0, target])
+        embeddings = access.embedding(input_ids)[0].float()
+    attributions = (embeddings * total).sum(-1) * in_text  # (x - 0) * average gradient
+    return attributions[:length].cpu().numpy(), score, baseline
+
+
+def occlusion(access: ModelAccess, ids: list[int], text_mask: Sequence[bool], target: int,
+              batch_size: int = 32) -> tuple[np.ndarray, float, float]:
+    """Occlusion: for each text position, the model's probability of `target` minus that probability
+    with the token removed. Returns (attribution per position; probability of the input; probability
+    with every text token removed)."""
+    positions = [i for i, t in enumerate(text_mask) if t]
+    variants = [ids, [t for t, keep in zip(ids, text_mask, strict=True) if not keep] or [access.pad_id]]
+    variants += [ids[:p] + ids[p + 1:] or [access.pad_id] for p in positions]
+    probs = []
+    with torch.no_grad():
+        for first in range(0, len(variants), batch_size):
+            input_ids, mask = collate(variants[first:first + batch_size], access.pad_id, access.fixed_length)
+            out = access.forward(input_ids.to(access.device), mask.to(access.device)).float()
+            probs.append((out if access.outputs_probabilities else torch.softmax(out, -1))[:, target].cpu())
+    p = torch.cat(probs).numpy().astype(np.float64)
+    attributions = np.zeros(len(ids))
+    attributions[positions] = p[0] - p[2:]
+    return attributions, float(p[0]), float(p[1])
+
+
+# --- the public API --------------------------------------------------------------------------
+
+
+def resolve_method(clf: Any, method: str) -> str:
+    """`auto`: integrated gradients where the engine has gradients, else occlusion."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "auto":
+        return "integrated-gradients" if clf._explain_access().embedding is not None else "occlusion"
+    return method
+
+
+def explain(clf: Any, texts: Sequence[str] | str, *, method: str = "auto", steps: int = DEFAULT_STEPS,
+            batch_size: int = 32, probabilities: np.ndarray | None = None) -> list[Explanation]:
+    """Per-token attributions of each text for the label `clf` predicts for it (see the module's
+    docstring for what they explain). `steps`: integrated gradients' integration points (more: a
+    smaller `delta`, proportionally slower); `batch_size`: rows per forward pass;
+    `probabilities`: `clf.predict_proba(texts)` when already computed."""
+    from llmclf.training.calibration import decide
+
+    clf._check_fitted()
+    texts = clf._as_texts(texts)
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"explanation steps must be in 1..{MAX_STEPS}, got {steps}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    method = resolve_method(clf, method)
+    if probabilities is None:
+        probabilities = clf.predict_proba(texts, batch_size=batch_size)
+    labels = decide(np.asarray(probabilities), clf.decision)
+    access = clf._explain_access()
+    blended = getattr(clf, "ngrams_", None) is not None
+    results = []
+    for text, target in zip(texts, labels, strict=True):
+        target = int(target)
+        ids, spans, truncated = model_input_tokens(clf, text)
+        text_mask = [s is not None for s in spans]
+        if method == "integrated-gradients":
+            per_position, score, baseline = integrated_gradients(access, ids, text_mask, target, steps, batch_size)
+            explains = (f"the language model's logit of {clf.classes_[target]!r} (before any n-gram blend and "
+                        f"temperature); the attributions add up to score - baseline_score (text embeddings zero)")
+        else:
+            per_position, score, baseline = occlusion(access, ids, text_mask, target, batch_size)
+            explains = (f"the language model's probability of {clf.classes_[target]!r} (before any n-gram blend "
+                        "and temperature); each attribution: that probability minus the same without the token")
+        tokens = [TokenAttribution(start, end, text[start:end], float(sum(per_position[p] for p in positions)))
+                  for start, end, positions in _pieces(spans)]
+        results.append(Explanation(
+            label=clf.classes_[target], method=method, explains=explains, score=score, baseline_score=baseline,
+            tokens=tokens, steps=steps if method == "integrated-gradients" else None, blended=blended,
+            truncated=truncated,
+            delta=(sum(t.attribution for t in tokens) - (score - baseline)
+                   if method == "integrated-gradients" else None)))
+    return results
