@@ -1,0 +1,210 @@
+"""Explanations (`llmclf.explain`): integrated gradients against Captum, completeness, occlusion through
+the ONNX backend and PyTorch alike, and character spans for GPT-2 BPE, SentencePiece-style and WordPiece
+tokenizers (a hypothesis property test: inside the text, in order, non-overlapping, the text's own
+characters), with the template's tokens never attributed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmclf.explain import explain, integrated_gradients, model_input_tokens, occlusion
+from tiny_classifier import NEGATIVE, POSITIVE, tiny_classifier_dir
+
+TEMPLATE = "Review: {text}\nSentiment:"
+TEXTS = [POSITIVE, NEGATIVE, "naïve café 🎉 great", "item 7: awful"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_dir: Path) -> Path:
+    return tiny_classifier_dir(tmp_path_factory, shared_dir)
+
+
+@pytest.fixture(scope="module")
+def clf(trained: Path):
+    from llmclf.classifier import load_classifier
+
+    return load_classifier(trained, precision="float32")
+
+
+@pytest.fixture(scope="module")
+def templated(clf):
+    """The tiny classifier reading its texts inside an instruction template (as the default models do)."""
+    other = copy.copy(clf)
+    other.template_, other.max_length_ = TEMPLATE, 48
+    return other
+
+
+def _text_positions(model, text: str) -> tuple[list[int], list[bool]]:
+    ids, spans, _ = model_input_tokens(model, text)
+    return ids, [s is not None for s in spans]
+
+
+def _forward_with_embeddings(model, ids: list[int]):
+    """f(embeddings (n, T, C)) -> logits (n, classes): the classifier with its token embeddings replaced."""
+    tok_emb = model.model_.backbone.tok_emb
+
+    def forward(embeddings: torch.Tensor) -> torch.Tensor:
+        handle = tok_emb.register_forward_hook(lambda _m, _i, _o: embeddings)
+        try:
+            rows = torch.tensor([ids] * embeddings.shape[0])
+            return model.model_(rows, torch.ones_like(rows))
+        finally:
+            handle.remove()
+
+    return forward
+
+
+@pytest.mark.parametrize("steps", [8, 32])
+def test_integrated_gradients_equal_captums(templated, steps: int):
+    from captum.attr import IntegratedGradients
+
+    text = "today: great wonderful happy"
+    ids, in_text = _text_positions(templated, text)
+    assert 0 < sum(in_text) < len(ids)  # the template's tokens are there, and are not the text's
+    target = 1
+    ours, _, _ = integrated_gradients(templated._explain_access(), ids, in_text, target, steps=steps, batch_size=5)
+    embeddings = templated.model_.backbone.tok_emb(torch.tensor([ids])).detach()
+    baseline = embeddings * (~torch.tensor(in_text))[None, :, None]  # text tokens zero, template as it is
+    theirs = IntegratedGradients(_forward_with_embeddings(templated, ids)).attribute(
+        embeddings, baselines=baseline, target=target, n_steps=steps, method="gausslegendre").sum(-1)[0]
+    np.testing.assert_allclose(ours, theirs.detach().numpy(), atol=2e-5, rtol=1e-4)
+    assert np.all(ours[~np.array(in_text)] == 0)
+
+
+def test_completeness_and_the_explained_scores(templated):
+    """The attributions sum to logit(text) - logit(baseline) within `delta`, which shrinks with more steps;
+    the scores are the model's own logits of the predicted label, computed here independently."""
+    coarse, fine = explain(templated, TEXTS, steps=2), explain(templated, TEXTS, steps=32)
+    assert max(abs(e.delta) for e in fine) < 1e-3
+    assert sum(abs(e.delta) for e in fine) < sum(abs(e.delta) for e in coarse)
+    for text, e in zip(TEXTS, fine, strict=True):
+        assert e.label == templated.predict([text])[0] and e.method == "integrated-gradients"
+        target = templated.classes_.index(e.label)
+        total = sum(t.attribution for t in e.tokens)
+        assert total == pytest.approx(e.score - e.baseline_score, abs=1e-3)
+        ids, in_text = _text_positions(templated, text)
+        forward = _forward_with_embeddings(templated, ids)
+        with torch.no_grad():
+            emb = templated.model_.backbone.tok_emb(torch.tensor([ids]))
+            full = forward(emb)[0, target].item()
+            zeroed = forward(emb * (~torch.tensor(in_text))[None, :, None])[0, target].item()
+        assert (e.score, e.baseline_score) == pytest.approx((full, zeroed), abs=1e-4)
+        assert "".join(t.text for t in e.tokens) == text  # GPT-2 BPE covers every character
+        assert all(text[t.start:t.end] == t.text for t in e.tokens)
+
+
+def test_the_positive_words_carry_the_positive_label(clf):
+    e = clf.explain([POSITIVE], steps=32)[0]
+    assert e.label == "pos"
+    by_word = {t.text.strip(): t.attribution for t in e.tokens}
+    assert max(by_word, key=by_word.get) in {"great", "wonderful", "happy"}
+
+
+def test_occlusion_is_the_drop_in_probability_and_onnx_agrees(clf, trained: Path, tmp_path):
+    from llmclf.classifier import load_classifier
+    from llmclf.export.onnx import export_onnx
+
+    torch_occ = explain(clf, TEXTS[:2], method="occlusion")
+    for text, e in zip(TEXTS[:2], torch_occ, strict=True):
+        target = clf.classes_.index(e.label)
+        ids, in_text = _text_positions(clf, text)
+        with torch.no_grad():
+            p = lambda seq, t=target: torch.softmax(clf.model_(torch.tensor([seq]), torch.ones(1, len(seq))), -1)[0, t]  # noqa: E731
+            first = in_text.index(True)
+            assert e.score == pytest.approx(p(ids).item(), abs=1e-5)
+            assert e.tokens[0].attribution == pytest.approx((p(ids) - p(ids[:first] + ids[first + 1:])).item(),
+                                                            abs=1e-5)
+        assert e.delta is None and e.steps is None
+    export_onnx(clf, tmp_path / "onnx")
+    onnx_clf = load_classifier(tmp_path / "onnx", precision="float32")
+    onnx_occ = onnx_clf.explain(TEXTS[:2])  # auto: no gradients through ONNX Runtime, so occlusion
+    for a, b in zip(torch_occ, onnx_occ, strict=True):
+        assert b.method == "occlusion" and [t.text for t in a.tokens] == [t.text for t in b.tokens]
+        np.testing.assert_allclose([t.attribution for t in a.tokens], [t.attribution for t in b.tokens], atol=1e-4)
+    with pytest.raises(Exception, match="integrated gradients need the PyTorch model"):
+        onnx_clf.explain(TEXTS[:1], method="integrated-gradients")
+
+
+def test_occlusion_function_removes_only_text_tokens(clf):
+    access = clf._explain_access()
+    ids, in_text = _text_positions(clf, POSITIVE)
+    attributions, score, without_text = occlusion(access, ids, in_text, 1)
+    assert len(attributions) == len(ids) and 0 <= without_text <= 1 and 0 <= score <= 1
+
+
+def test_a_long_text_is_cut_and_says_so(clf):
+    e = clf.explain(["great " * 200], steps=4)[0]
+    assert e.truncated and len(e.tokens) <= clf.max_length_
+    assert not clf.explain(["great"], steps=4)[0].truncated
+
+
+def test_bad_options_are_refused(clf):
+    with pytest.raises(Exception, match="steps must be in"):
+        clf.explain(["x"], steps=0)
+    with pytest.raises(Exception, match="unknown explanation method"):
+        clf.explain(["x"], method="shap")
+
+
+# --- character spans for three kinds of tokenizer -------------------------------------------------
+
+
+def _sentencepiece_style():
+    """A SentencePiece-style BPE (`▁` for spaces, byte fallback, a BOS token) trained on a few words."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from llmclf.tokenizer import HFTokenizer
+
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Metaspace()
+    specials = ["<pad>", "<bos>", "<eos>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(["today great wonderful happy awful terrible sad naïve café"] * 20, trainer)
+    return HFTokenizer(backend, eos_id=2, pad_id=0, source="tiny-sp", bos_id=1)
+
+
+def _wordpiece():
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "great", "wonder", "##ful", "happy", "a", "##b", "."]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tokenizer):
+    return {"gpt2-bpe": tokenizer, "sentencepiece": _sentencepiece_style(), "wordpiece": _wordpiece()}
+
+
+@pytest.mark.parametrize("kind", ["gpt2-bpe", "sentencepiece", "wordpiece"])
+@pytest.mark.parametrize("template", [None, "Classify: {text}\nAnswer:"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
+       | st.sampled_from(["naïve café 🎉 great", "wonderful happy.", "  a  b ", "\n\t", "ab" * 30]))
+def test_spans_lie_in_the_text_in_order_without_overlap(tokenizers, kind, template, text):
+    from llmclf.explain import _pieces
+
+    model = SimpleNamespace(tokenizer_=tokenizers[kind], template_=template, max_length_=32)
+    ids, spans, truncated = model_input_tokens(model, text)
+    assert len(ids) == len(spans) and len(ids) <= 32
+    pieces = _pieces(spans)
+    end = 0
+    for start, stop, positions in pieces:
+        assert end <= start <= stop <= len(text) and positions
+        end = stop
+    covered = sum(stop - start for start, stop, _ in pieces)
+    if kind == "gpt2-bpe" and not truncated:  # byte-level BPE: every character is in some token
+        assert covered == len(text)
+    if template is not None:  # the template's own tokens are never the text's
+        head = model_input_tokens(model, "")[0]
+        assert all(s is None for s in model_input_tokens(model, "")[1])
+        assert ids[:2] == head[:2] or not text  # the instruction's first tokens are there, unattributed
+        assert spans[0] is None
