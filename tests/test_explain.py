@@ -208,3 +208,61 @@ def test_spans_lie_in_the_text_in_order_without_overlap(tokenizers, kind, templa
         assert all(s is None for s in model_input_tokens(model, "")[1])
         assert ids[:2] == head[:2] or not text  # the instruction's first tokens are there, unattributed
         assert spans[0] is None
+
+
+# --- the CLI and the server -----------------------------------------------------------------------
+
+
+def test_predict_explain_prints_and_writes_json(trained: Path, clf):
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmclf.cli import app
+
+    runner = CliRunner()
+    args = ["predict", "--model", str(trained), "--precision", "float32", "--explain", "--explain-steps", "8"]
+    result = runner.invoke(app, [*args, "--json", POSITIVE])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output.strip().splitlines()[-1])
+    expected = clf.explain([POSITIVE], steps=8)[0]
+    got = record["explanation"]["tokens"]
+    assert [t["text"] for t in got] == [t.text for t in expected.tokens]
+    assert [t["attribution"] for t in got] == pytest.approx([t.attribution for t in expected.tokens], abs=1e-5)
+    assert record["label"] == record["explanation"]["label"] == expected.label
+    table = runner.invoke(app, [*args, POSITIVE])
+    assert table.exit_code == 0 and "explains: the language model's logit of 'pos'" in table.output
+    assert "happy(" in table.output
+    refused = runner.invoke(app, [*args, "--mc-dropout", "2", POSITIVE])
+    assert refused.exit_code != 0 and "one deterministic pass" in refused.output
+
+
+def test_the_api_explains_within_its_limits(clf):
+    import asyncio
+
+    import httpx
+
+    from llmclf.serve import create_app, defaults
+
+    async def go(body):
+        transport = httpx.ASGITransport(app=create_app(clf))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            return await c.post("/v1/classify", json=body)
+
+    r = asyncio.run(go({"texts": [POSITIVE, NEGATIVE], "explain": True}))
+    assert r.status_code == 200, r.text
+    for result, e in zip(r.json()["results"], clf.explain([POSITIVE, NEGATIVE], steps=defaults.EXPLAIN_STEPS),
+                         strict=True):
+        got = result["explanation"]
+        assert result["label"] == got["label"] == e.label
+        assert [(t["start"], t["end"], t["text"]) for t in got["tokens"]] == [(t.start, t.end, t.text)
+                                                                               for t in e.tokens]
+        assert [t["attribution"] for t in got["tokens"]] == pytest.approx([t.attribution for t in e.tokens],
+                                                                           abs=1e-5)
+    plain = asyncio.run(go({"texts": [POSITIVE]})).json()["results"][0]
+    assert "explanation" not in plain
+    too_many = asyncio.run(go({"texts": ["x"] * (defaults.MAX_EXPLAIN_TEXTS + 1), "explain": True}))
+    assert too_many.status_code == 413 and "limit with explanations" in too_many.json()["detail"]
+    both = asyncio.run(go({"texts": ["x"], "explain": True, "mc_dropout": 2}))
+    assert both.status_code == 422
+    assert asyncio.run(go({"texts": ["x"], "explain": "yes"})).status_code == 422
