@@ -25,8 +25,11 @@ character n-grams overlap and are l2-normalized together, so per-span contributi
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -294,3 +297,75 @@ def explain(clf: Any, texts: Sequence[str] | str, *, method: str = "auto", steps
             delta=(sum(t.attribution for t in tokens) - (score - baseline)
                    if method == "integrated-gradients" else None)))
     return results
+
+
+def plot_explanation(text: str, explanation: Explanation, path: str | os.PathLike, probability: float | None = None,
+                     width: int = 64) -> Path:
+    """A PNG of `text` with each attributed piece highlighted (green: for the label, red: against;
+    stronger colour, larger attribution), lines wrapped at `width` characters, and what it explains."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from llmclf.loaders.tensors import atomic_path
+
+    segments: list[tuple[str, float | None]] = []  # the text as (characters, attribution or None for gaps)
+    at = 0
+    for t in explanation.tokens:
+        if t.start > at:
+            segments.append((text[at:t.start], None))
+        segments.append((text[t.start:t.end], t.attribution))
+        at = max(at, t.end)
+    if at < len(text):
+        segments.append((text[at:], None))
+    lines: list[list[tuple[str, float | None]]] = [[]]
+    column = 0
+    for chars, value in segments:
+        for i, part in enumerate(chars.split("\n")):  # the text's own line breaks start new lines
+            if i > 0:
+                lines.append([])
+                column = 0
+            words = [w[j:j + width] for w in re.findall(r"\S+\s*|\s+", part) for j in range(0, len(w), width)]
+            for word in words:  # a piece of several words may wrap between them
+                if column + len(word.rstrip()) > width and column > 0:
+                    lines.append([])
+                    column = 0
+                lines[-1].append((word, value))
+                column += len(word)
+    largest = max([abs(t.attribution) for t in explanation.tokens] + [1e-12])
+    char_inches, line_inches = 0.118, 0.34
+    fig_width = width * char_inches + 0.6
+    title = f"{explanation.label}" + (f" ({probability:.1%})" if probability is not None else "")
+    caption = textwrap.fill(f"{explanation.method}: {explanation.explains}. Green: for {explanation.label!r}, red: "
+                            f"against. Sum {sum(t.attribution for t in explanation.tokens):+.3f}."
+                            + (" The n-gram model's part of the label is not shown." if explanation.blended else ""),
+                            int(width * 1.25))
+    n_caption = caption.count("\n") + 1
+    fig = plt.figure(figsize=(fig_width, line_inches * (len(lines) + 1.2) + 0.2 * n_caption + 0.3))
+    ax = fig.add_axes((0.3 / fig_width, 0, 1 - 0.6 / fig_width, 1))
+    ax.set_xlim(0, width)
+    height = len(lines) + 1.2 + (0.2 * n_caption + 0.3) / line_inches
+    ax.set_ylim(height, 0)
+    ax.axis("off")
+    font = char_inches * 72 / 0.602  # DejaVu Sans Mono advances 0.602 em per character
+    ax.text(0, 0.7, title, fontsize=font * 1.2, weight="bold", va="center", parse_math=False)
+    for row, line in enumerate(lines, start=1):
+        column = 0
+        for chars, value in line:
+            if value is not None:
+                strength = min(1.0, abs(value) / largest)
+                colour = (0.12, 0.63, 0.27, 0.08 + 0.6 * strength) if value >= 0 else (0.86, 0.2, 0.2,
+                                                                                        0.08 + 0.6 * strength)
+                ax.add_patch(Rectangle((column, row + 0.08), len(chars), 0.84, color=colour, linewidth=0))
+            ax.text(column, row + 0.5, chars, family="DejaVu Sans Mono", fontsize=font, va="center",
+                    parse_math=False)
+            column += len(chars)
+    ax.text(0, len(lines) + 1.3, caption, fontsize=font * 0.75, va="top", color="0.35", parse_math=False)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
