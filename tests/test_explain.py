@@ -266,3 +266,24 @@ def test_the_api_explains_within_its_limits(clf):
     both = asyncio.run(go({"texts": ["x"], "explain": True, "mc_dropout": 2}))
     assert both.status_code == 422
     assert asyncio.run(go({"texts": ["x"], "explain": "yes"})).status_code == 422
+
+
+def test_the_transformers_engine_explains_through_its_input_embeddings():
+    """A tiny random BERT (WordPiece) in the Transformers engine: integrated gradients through
+    `get_input_embeddings()`, complete, over the text's own words only (not [CLS]/[SEP])."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from llmclf.engines.hf import HFClassifier
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    clf = HFClassifier("tiny-bert", precision="float32")
+    clf.model_, clf.tokenizer_ = BertForSequenceClassification(config).eval(), _wordpiece()
+    clf.classes_, clf.max_length_, clf.template_, clf.ngrams_ = ["neg", "pos"], 32, None, None
+    text = "Great wonderful, happy."
+    e = clf.explain([text], steps=64)[0]
+    assert [t.text for t in e.tokens] == ["Great", "wonder", "ful", ",", "happy", "."]  # "," is [UNK]
+    assert [(t.start, t.end) for t in e.tokens[1:3]] == [(6, 12), (12, 15)]
+    assert abs(e.delta) < 1e-3 * max(1.0, abs(e.score - e.baseline_score))
+    assert e.label == clf.predict([text])[0]
