@@ -201,24 +201,22 @@ def integrated_gradients(access: ModelAccess, ids: list[int], text_mask: Sequenc
     length = len(ids)
     in_text = torch.zeros(access.fixed_length or length, device=access.device)
     in_text[:length] = torch.as_tensor(text_mask, dtype=torch.float32, device=access.device)
-    total: torch.Tensor | None = None
-    for first in range(0, steps + 1, batch_size):
-        chunk = torch.as_tensor(np.concatenate([alphas, [0.0]])[first:first + batch_size], dtype=torch.float32,
-                                device=access.device)  # the last row, alpha 0, is the baseline
+    total: torch.Tensor | float = 0.0  # the weighted sum of the gradients (T, C)
+    for first in range(0, steps, batch_size):
+        chunk = torch.as_tensor(alphas[first:first + batch_size], dtype=torch.float32, device=access.device)
         scale = 1 - in_text + in_text * chunk[:, None]
         captured: list[torch.Tensor] = []
         with torch.enable_grad(), _scaled_embeddings(access.embedding, scale, captured):
             logits = access.forward(*_rows(access, ids, len(chunk))).float()
             (grad,) = torch.autograd.grad(logits[:, target].sum(), captured[0])
-        w = torch.as_tensor(np.concatenate([weights, [0.0]])[first:first + batch_size], device=access.device)
-        part = (grad.float() * w[:, None, None].float()).sum(0)
-        total = part if total is None else total + part
-        if first + batch_size > steps:
-            baseline = float(logits[-1, target].detach())
+        w = torch.as_tensor(weights[first:first + batch_size], dtype=torch.float32, device=access.device)
+        total = total + (grad.float() * w[:, None, None]).sum(0)
+    with torch.no_grad(), _scaled_embeddings(access.embedding, torch.stack([torch.ones_like(in_text), 1 - in_text]),
+                                             []):  # the input, and the baseline: text embeddings zero
+        input_ids, mask = _rows(access, ids, 2)
+        score, baseline = access.forward(input_ids, mask).float()[:, target].tolist()
     with torch.no_grad():
-        input_ids, mask = _rows(access, ids, 1)
-        score = float(access.forward(input_ids, mask).float()[0, target])
-        embeddings = access.embedding(input_ids)[0].float()
+        embeddings = access.embedding(input_ids[:1])[0].float()
     attributions = (embeddings * total).sum(-1) * in_text  # (x - 0) * average gradient
     return attributions[:length].cpu().numpy(), score, baseline
 
