@@ -151,6 +151,12 @@ def test_a_long_text_is_cut_and_says_so(clf):
     assert not clf.explain(["great"], steps=4)[0].truncated
 
 
+def test_an_empty_text_has_nothing_to_attribute(clf):
+    for method in ("integrated-gradients", "occlusion"):
+        e = clf.explain([""], method=method, steps=4)[0]
+        assert e.tokens == [] and e.label == clf.predict([""])[0]
+
+
 def test_bad_options_are_refused(clf):
     with pytest.raises(Exception, match="steps must be in"):
         clf.explain(["x"], steps=0)

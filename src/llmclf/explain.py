@@ -139,6 +139,8 @@ def model_input_tokens(clf: Any, text: str) -> tuple[list[int], list[tuple[int, 
         keep = encode_texts([""], tokenizer, clf.max_length_, token_ids=[list(range(len(ids)))],
                             keep_last=template_suffix_tokens(template, tokenizer)).ids[0]
         ids, spans = [ids[i] for i in keep], [spans[i] for i in keep]
+    if not ids:  # an empty text without a template: the model reads one pad token (encode_texts)
+        ids, spans = [tokenizer.pad_id], [None]
     return ids, spans, sum(s is not None for s in spans) < n_text
 
 
