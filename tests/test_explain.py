@@ -157,6 +157,17 @@ def test_an_empty_text_has_nothing_to_attribute(clf):
         assert e.tokens == [] and e.label == clf.predict([""])[0]
 
 
+def test_the_picture_is_written(clf, tmp_path):
+    from PIL import Image
+
+    from llmclf.explain import plot_explanation
+
+    text = "Win $1000 cash\nnow: great wonderful happy " * 3
+    path = plot_explanation(text, clf.explain([text], steps=4)[0], tmp_path / "e.png", probability=0.9)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 400 and image.size[1] > 100
+
+
 def test_bad_options_are_refused(clf):
     with pytest.raises(Exception, match="steps must be in"):
         clf.explain(["x"], steps=0)
