@@ -340,8 +340,12 @@ def plot_explanation(text: str, explanation: Explanation, path: str | os.PathLik
     char_inches, line_inches = 0.118, 0.34
     fig_width = width * char_inches + 0.6
     title = f"{explanation.label}" + (f" ({probability:.1%})" if probability is not None else "")
+    total = sum(t.attribution for t in explanation.tokens)
+    gap = explanation.score - explanation.baseline_score
     caption = textwrap.fill(f"{explanation.method}: {explanation.explains}. Green: for {explanation.label!r}, red: "
-                            f"against. Sum {sum(t.attribution for t in explanation.tokens):+.3f}."
+                            f"against. Sum {total:+.3f}"
+                            + (f"; score - baseline_score {gap:+.3f} (delta {explanation.delta:+.3f}, "
+                               f"{explanation.steps} steps)." if explanation.delta is not None else ".")
                             + (" The n-gram model's part of the label is not shown." if explanation.blended else ""),
                             int(width * 1.25))
     n_caption = caption.count("\n") + 1
