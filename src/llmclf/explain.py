@@ -283,7 +283,8 @@ def explain(clf: Any, texts: Sequence[str] | str, *, method: str = "auto", steps
         if method == "integrated-gradients":
             per_position, score, baseline = integrated_gradients(access, ids, text_mask, target, steps, batch_size)
             explains = (f"the language model's logit of {clf.classes_[target]!r} (before any n-gram blend and "
-                        f"temperature); the attributions add up to score - baseline_score (text embeddings zero)")
+                        "temperature); the attributions add up to score - baseline_score (text embeddings zero) "
+                        "up to delta")
         else:
             per_position, score, baseline = occlusion(access, ids, text_mask, target, batch_size)
             explains = (f"the language model's probability of {clf.classes_[target]!r} (before any n-gram blend "
