@@ -207,6 +207,50 @@ def test_the_page_classifies_texts_and_shows_errors(server):
     assert [p for p in problems if "status of 401" not in p and "status of 413" not in p] == []
 
 
+def test_the_page_highlights_the_attributions_the_api_gives(server):
+    """With "Explain" ticked, each text is shown as its pieces, highlighted, in order and complete; the
+    values on the spans are the API's attributions (the same request through httpx), summing as it says."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    texts = [POSITIVE, "naïve 🎉 <b>awful</b> sad"]
+    api = httpx.post(f"{url}/v1/classify", json={"texts": texts, "explain": True},
+                     headers={"X-API-Key": API_KEY}, timeout=60).json()["results"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            problems = _watch(page)
+            page.goto(url + "/")
+            page.fill("#api-key", API_KEY)
+            page.fill("#texts", "\n".join(texts))
+            page.check("#explain")
+            page.click("#classify")
+            explained = page.locator("[data-testid=explained]")
+            expect(explained).to_have_count(len(texts))
+            for i, (text, result) in enumerate(zip(texts, api, strict=True)):
+                tokens = result["explanation"]["tokens"]
+                assert explained.nth(i).inner_text() == text  # pieces and gaps together: the text itself
+                spans = explained.nth(i).locator("[data-testid=token]")
+                expect(spans).to_have_count(len(tokens))
+                assert spans.all_inner_texts() == [t["text"] for t in tokens]
+                values = [float(spans.nth(j).get_attribute("data-attribution")) for j in range(len(tokens))]
+                assert values == pytest.approx([t["attribution"] for t in tokens], abs=1e-9)
+                total = sum(t["attribution"] for t in tokens)
+                explanation = result["explanation"]
+                assert sum(values) == pytest.approx(explanation["score"] - explanation["baseline_score"]
+                                                    - explanation["delta"], abs=1e-6)
+                assert f"Sum {total:.4f}" in page.locator("[data-testid=why]").nth(i).inner_text()
+                colour = spans.nth(0).evaluate("e => getComputedStyle(e).backgroundColor")
+                assert colour.startswith("rgba(")  # highlighted
+            assert page.locator("#results b, #results script").count() == 0  # the text's <b> shows as text
+            SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT_DIR / "serve_explain.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+
+
 def test_the_api_docs_render_offline(server):
     """/docs shows the API in Swagger UI with every asset from the server itself (no CDN)."""
     from playwright.sync_api import expect, sync_playwright

@@ -17,6 +17,9 @@ from llmclf import distributed
 from llmclf import language_model as lm
 from llmclf.config import DEFAULT_BACKBONE, DEFAULT_MODEL
 from llmclf.errors import LlmclfError
+from llmclf.explain import DEFAULT_STEPS as EXPLAIN_STEPS
+from llmclf.explain import MAX_STEPS as MAX_EXPLAIN_STEPS
+from llmclf.explain import METHODS as EXPLAIN_METHODS
 from llmclf.families import FAMILIES
 from llmclf.loaders.spec import DEFAULT_SEED
 from llmclf.runtime import PRECISIONS, auto_precision_note
@@ -754,6 +757,7 @@ def evaluate(
     "    --json \"It was okay.\"",
     "llmclf predict --model runs/spam --input big.csv --output scored.csv \\",
     "    --devices 2",
+    "llmclf predict --model runs/spam --explain \"You won a free cruise!\"",
     "llmclf predict --zero-shot --model smollm2-135m \\",
     "    --labels \"positive,negative\" \"What a wonderful film.\"",
     "llmclf predict --zero-shot --model qwen2.5-0.5b --labels \"ham,spam\" \\",
@@ -792,6 +796,16 @@ def predict(
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", help="With --input: progress bar with texts/s on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per text.")] = False,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Per-token attributions of each text (given as arguments) for its predicted label: "
+        "what moved the language model's score of that label (integrated gradients; occlusion for ONNX). "
+        "Costs about --explain-steps forward+backward passes per text. See docs/predict.md.")] = False,
+    explain_steps: Annotated[int, typer.Option(
+        "--explain-steps", min=1, max=MAX_EXPLAIN_STEPS, help="With --explain: integration points of integrated "
+        "gradients (more: closer to exact, proportionally slower).")] = EXPLAIN_STEPS,
+    explain_method: Annotated[str, typer.Option(
+        "--explain-method", help=f"With --explain: {', '.join(EXPLAIN_METHODS)} (auto: integrated gradients, or "
+        "occlusion where there are no gradients: the ONNX backend).")] = "auto",
     base_config: BaseConfigOpt = None,
     num_classes: NumClassesOpt = None,
     pooling: PoolingOverrideOpt = None,
@@ -832,6 +846,11 @@ def predict(
         raise typer.BadParameter("--dropout-rate applies to --mc-dropout passes only", param_hint="--dropout-rate")
     if threshold is not None and threshold <= 0:
         raise typer.BadParameter("must be in (0, 1]", param_hint="--threshold")
+    if explain and (input_file is not None or mc_dropout is not None):
+        raise typer.BadParameter("explanations are for texts given as arguments, with one deterministic pass "
+                                 "(no --input, no --mc-dropout)", param_hint="--explain")
+    if explain_method not in EXPLAIN_METHODS:
+        raise typer.BadParameter(f"choose one of {', '.join(EXPLAIN_METHODS)}", param_hint="--explain-method")
     clf = _zero_shot_classifier(model, zero_shot, max_length, precision, device) if zero_shot else \
         _load_classifier(model, backend, base_config, num_classes, pooling, max_length, tokenizer_dir, precision,
                          device)
@@ -850,7 +869,8 @@ def predict(
                    f"({stats['texts_per_second']:.1f} texts/s){resumed}; {stats['rows']} rows -> {output_file}")
         return
     records = predict_texts(clf, texts, batch_size=batch_size, mc_dropout=mc_dropout, threshold=threshold,
-                            dropout_rate=dropout_rate, seed=seed)
+                            dropout_rate=dropout_rate, seed=seed,
+                            explain={"method": explain_method, "steps": explain_steps} if explain else None)
     for text, record in zip(texts, records, strict=True):
         if as_json:
             typer.echo(json.dumps({"text": text, **record}, ensure_ascii=False))
@@ -859,6 +879,19 @@ def predict(
         extra = f"\t±{record['std'][record['label']]:.4f}" if "std" in record else ""
         flag = "" if threshold is None else ("\tconfident" if record["confident"] else "\tuncertain")
         typer.echo(f"{record['label']}\t{p:.4f}{extra}{flag}\t{text}")
+        if "explanation" in record:
+            typer.echo(_explanation_lines(record["explanation"]))
+
+
+def _explanation_lines(explanation: dict) -> str:
+    """An explanation for the terminal: what it explains, then each piece of the text with its attribution."""
+    e = explanation
+    how = f"{e['method']}, {e['steps']} steps, delta {e['delta']:+.4f}" if e["steps"] else e["method"]
+    notes = [" the label also depends on the n-gram model, not attributed"] if e["blended"] else []
+    notes += [" the text was cut to the model's length: its end is not attributed"] if e["truncated"] else []
+    tokens = " ".join(f"{t['text'].strip() or repr(t['text'])}({t['attribution']:+.3f})" for t in e["tokens"])
+    return (f"  explains: {e['explains']}; score {e['score']:.4f}, baseline {e['baseline_score']:.4f} ({how})"
+            + ";".join(notes) + f"\n  {tokens}")
 
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from llmclf import distributed
 from llmclf.data.classification import RECORD_SUFFIXES, read_lines, read_records
 from llmclf.engines.base import prediction_record
-from llmclf.errors import DataError
+from llmclf.errors import ConfigError, DataError
 from llmclf.loaders.tensors import atomic_write_json, write_error
 from llmclf.training.calibration import DecisionThreshold, decide
 from llmclf.training.state import fault_point
@@ -192,18 +192,28 @@ def _append(f, data: bytes, path: Path) -> None:
 
 def predict_texts(clf: Any, texts: list[str], batch_size: int = 32, mc_dropout: int | None = None,
                   threshold: float | None = None, dropout_rate: float | None = None,
-                  seed: int | None = None) -> list[dict[str, Any]]:
+                  seed: int | None = None, explain: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One prediction record per text (`engines.base.prediction_record`: label, probabilities and, with
-    `mc_dropout` passes, std; `confident` when a threshold is given), in input order."""
+    `mc_dropout` passes, std; `confident` when a threshold is given), in input order. With `explain`
+    (options of `llmclf.explain.explain`: method, steps), each record gets the text's `explanation`."""
     if mc_dropout is not None:
+        if explain is not None:
+            raise ConfigError("explanations are of one deterministic pass's label; leave out --mc-dropout")
         return clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold, batch_size=batch_size,
                                       dropout_rate=dropout_rate, seed=seed).records()
     records = []
-    for row in clf.predict_proba(texts, batch_size):
+    probabilities = clf.predict_proba(texts, batch_size)
+    for row in probabilities:
         record = prediction_record(clf.classes_, row, threshold=threshold, decision=clf.decision)
         if "confident" in record:  # one pass: --json output has always put `confident` last
             record["confident"] = record.pop("confident")
         records.append(record)
+    if explain is not None:
+        from llmclf.explain import explain as explain_texts
+
+        for record, explanation in zip(records, explain_texts(clf, texts, batch_size=batch_size,
+                                                              probabilities=probabilities, **explain), strict=True):
+            record["explanation"] = explanation.to_dict()
     return records
 
 

@@ -31,6 +31,7 @@ from llmclf.data.classification import (
     template_suffix_tokens,
 )
 from llmclf.errors import ConfigError, DataError, LlmclfError
+from llmclf.explain import DEFAULT_STEPS, Explanation, ModelAccess, explain
 from llmclf.loaders.spec import chat_template_for
 from llmclf.loaders.tensors import WriteError
 from llmclf.ngrams import NgramModel, fit_blend_weights, ngram_counts
@@ -230,6 +231,10 @@ class BaseClassifier:
         raise NotImplementedError
 
     def _torch_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _explain_access(self) -> ModelAccess:
+        """How `llmclf.explain` runs this engine's model: forward pass, token embeddings, padding."""
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------
@@ -472,6 +477,12 @@ class BaseClassifier:
     def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[str]:
         """Predicted label names, in input order (by the decision threshold of a binary model that has one)."""
         return [self.classes_[i] for i in decide(self.predict_proba(texts, batch_size), self.decision)]
+
+    def explain(self, texts: Sequence[str] | str, method: str = "auto", steps: int = DEFAULT_STEPS,
+                batch_size: int = 32) -> list[Explanation]:
+        """Per-token attributions of each text for its predicted label (`llmclf.explain.explain`):
+        integrated gradients on the token embeddings, or occlusion (`method`; auto: occlusion for ONNX)."""
+        return explain(self, texts, method=method, steps=steps, batch_size=batch_size)
 
     @property
     def decision(self) -> DecisionThreshold | None:

@@ -565,6 +565,14 @@ class HFClassifier(BaseClassifier):
     def _torch_module(self) -> torch.nn.Module:
         return self.model_
 
+    def _explain_access(self):
+        from llmclf.explain import ModelAccess
+
+        self.model_.eval()
+        pad_id = self.tokenizer_.pad_token_id if self.tokenizer_.pad_token_id is not None else 0
+        return ModelAccess(lambda ids, mask: self.model_(input_ids=ids, attention_mask=mask).logits,
+                           self.model_.get_input_embeddings(), next(self.model_.parameters()).device, pad_id)
+
     @torch.no_grad()
     def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
         if not dropout:

@@ -160,6 +160,16 @@ class ONNXClassifier(BaseClassifier):
         raise ConfigError("MC-dropout needs dropout layers, which the ONNX graph does not have; use --backend torch "
                           "with the directory `llmclf train` wrote")
 
+    def _explain_access(self):
+        from llmclf.explain import ModelAccess
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            return torch.from_numpy(self.session_.run(self.output_names_, feed)[0])
+
+        return ModelAccess(forward, None, torch.device("cpu"), self.pad_id_, self.fixed_length_,
+                           outputs_probabilities=True)
+
     def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
         ids = self.token_ids(texts)
         out = np.empty((len(ids), len(self.classes_)), dtype=np.float32)

@@ -218,6 +218,14 @@ class TextClassifier(BaseClassifier):
     def _torch_module(self) -> torch.nn.Module:
         return self.model_
 
+    def _explain_access(self):
+        from llmclf.explain import ModelAccess
+
+        self.model_.eval()
+        fixed = self.max_length_ if self.model_.pooling == "last-position" else None
+        return ModelAccess(self.model_, self.model_.backbone.tok_emb, next(self.model_.parameters()).device,
+                           self.tokenizer_.pad_id, fixed)
+
     def _batches(self, enc: EncodedTexts, batch_size: int) -> Batches:
         device = next(self.model_.parameters()).device
         fixed = self.max_length_ if self.model_.pooling == "last-position" else None

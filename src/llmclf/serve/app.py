@@ -29,19 +29,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_swagger import patch_fastapi
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmclf.engines.base import prediction_record
 from llmclf.errors import ConfigError, LlmclfError
+from llmclf.explain import explain
 from llmclf.serve import defaults
 from llmclf.serve.batching import BatcherClosedError, MicroBatcher, ServerBusyError
 
 log = logging.getLogger("llmclf.serve")
 
 PROTECTED_PREFIX = "/v1/"
+EXPLAIN = ("explain",)  # the batcher's key for requests with "explain": true
 MARKDOWN_SPECIAL = set("&<>\"'`*_[]()#!|\\~{}")
 STATIC_FILES = {"index.js": "text/javascript", "index.css": "text/css"}  # the page's script and style
 SWAGGER_UI_PARAMETERS = {"tryItOutEnabled": True, "persistAuthorization": True, "filter": True,
@@ -61,11 +63,37 @@ class ClassifyRequest(BaseModel):
         None, gt=0.0, le=1.0, description="A result is `confident` when its label's probability reaches this.")
     dropout_rate: Optional[float] = Field(
         None, ge=0.0, lt=1.0, description="With mc_dropout: override the model's dropout probability.")
+    explain: Optional[StrictBool] = Field(
+        None, description="Add per-token attributions for each text's label (`explanation`); costs about "
+                          f"{defaults.EXPLAIN_STEPS} forward+backward passes per text, so at most the server's "
+                          "max_explain_texts texts per request.")
 
 
 class DecisionInfo(BaseModel):
     label: str = Field(description="The positive class: the label when its probability reaches the threshold.")
     threshold: float
+
+
+class TokenAttributionResult(BaseModel):
+    start: int = Field(description="The piece of the text: characters [start, end) (Unicode code points).")
+    end: int
+    text: str
+    attribution: float
+
+
+class ExplanationResult(BaseModel):
+    """`llmclf.explain.Explanation`: what `explains` says, for the label of this result."""
+
+    label: str
+    method: str
+    explains: str
+    score: float
+    baseline_score: float
+    tokens: list[TokenAttributionResult]
+    steps: Optional[int] = None
+    blended: bool
+    truncated: bool
+    delta: Optional[float] = None
 
 
 class ClassifyResult(BaseModel):
@@ -75,6 +103,7 @@ class ClassifyResult(BaseModel):
     confident: Optional[bool] = None
     decision_threshold: Optional[DecisionInfo] = Field(
         None, description="The model's binary decision threshold (tuned on validation), when it has one.")
+    explanation: Optional[ExplanationResult] = None
 
 
 class ClassifyResponse(BaseModel):
@@ -216,7 +245,7 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         if err.get("type") == "missing" and where:
             msg = "field required"
         elif err.get("type") == "extra_forbidden":
-            msg = "unknown field (allowed: texts, mc_dropout, threshold, dropout_rate)"
+            msg = "unknown field (allowed: texts, mc_dropout, threshold, dropout_rate, explain)"
         elif err.get("type") == "model_attributes_type":
             msg = 'the body must be a JSON object such as {"texts": ["..."]} (Content-Type: application/json)'
         parts.append(f"{where}: {msg}" if where else msg)
@@ -273,6 +302,10 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = default
     def run(key: Any, texts: list[str]) -> list[Any]:
         if key is None:
             return list(clf.predict_proba(texts, batch_size=max_batch))
+        if key == EXPLAIN:
+            probs = clf.predict_proba(texts, batch_size=max_batch)
+            explained = explain(clf, texts, steps=defaults.EXPLAIN_STEPS, batch_size=max_batch, probabilities=probs)
+            return [(p, e.to_dict()) for p, e in zip(probs, explained, strict=True)]
         _, passes, rate = key
         result = clf.predict_mc_dropout(texts, passes=passes, batch_size=max_batch, dropout_rate=rate)
         return list(zip(result.mean, result.std, strict=True))
@@ -349,7 +382,8 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = default
     async def model_info() -> dict[str, Any]:
         return {**info, "serving": {"max_texts": max_texts, "max_batch": max_batch, "max_mc_passes": max_mc_passes,
                                     "max_body_bytes": max_body_bytes, "max_chars": max_chars,
-                                    "auth": bool(api_key)}}
+                                    "max_explain_texts": defaults.MAX_EXPLAIN_TEXTS,
+                                    "explain_steps": defaults.EXPLAIN_STEPS, "auth": bool(api_key)}}
 
     @app.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
               summary="Classify texts (results in input order)",
@@ -373,8 +407,16 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = default
         if request.mc_dropout is not None and request.mc_dropout > max_mc_passes:
             raise HTTPException(422, f"mc_dropout: {request.mc_dropout} passes asked; the limit is "
                                      f"{max_mc_passes} (--max-mc-passes)")
+        if request.explain and request.mc_dropout is not None:
+            raise HTTPException(422, "explain: explanations are of one deterministic pass's label; leave out "
+                                     "mc_dropout")
+        if request.explain and n > defaults.MAX_EXPLAIN_TEXTS:
+            raise HTTPException(413, f"explain: {n} texts in one request; the limit with explanations is "
+                                     f"{defaults.MAX_EXPLAIN_TEXTS} (each costs {defaults.EXPLAIN_STEPS} forward and "
+                                     "backward passes): split them over several requests")
         rate = request.dropout_rate if request.dropout_rate is not None else dropout_rate
         key = None if request.mc_dropout is None else ("mc", request.mc_dropout, rate)
+        key = EXPLAIN if request.explain else key
         try:
             rows = await batcher.submit(request.texts, key)
         except ServerBusyError as exc:
@@ -390,10 +432,15 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = default
                                 ) from None
         results = []
         for row in rows:
-            mean, std = row if key is not None else (row, None)
+            explanation = None
+            if key == EXPLAIN:
+                row, explanation = row
+            mean, std = row if key not in (None, EXPLAIN) else (row, None)
             # ClassifyResult fixes the JSON field order: label, probabilities, std, confident.
             results.append(prediction_record(classes, mean, std, threshold=request.threshold,
                                              decision=getattr(clf, "decision", None)))
+            if explanation is not None:
+                results[-1]["explanation"] = _json_safe(explanation)
         return {"results": results}
 
     return app

@@ -5,6 +5,7 @@
   var config = JSON.parse(document.getElementById("llmclf-config").textContent);
   var $ = function (id) { return document.getElementById(id); };
   var form = $("form"), textsEl = $("texts"), keyEl = $("api-key"), mcEl = $("mc"), thrEl = $("threshold");
+  var explainEl = $("explain");
   var button = $("classify"), errorEl = $("error"), resultsEl = $("results"), statusEl = $("status");
 
   $("model-line").textContent = "Model " + (config.backbone || "(unnamed)") + " \u00b7 labels: " +
@@ -28,13 +29,36 @@
     errorEl.style.display = message ? "block" : "none";
   }
 
+  // The text with each attributed piece in a span coloured by its attribution (green: for the label, red:
+  // against; stronger = larger), gaps as plain text. Offsets count code points, as Python's do.
+  function highlighted(text, explanation) {
+    var chars = Array.from(text), node = el("p", "text explained"), at = 0;
+    var largest = Math.max.apply(null, explanation.tokens.map(function (t) { return Math.abs(t.attribution); })
+      .concat([1e-12]));
+    node.setAttribute("data-testid", "explained");
+    explanation.tokens.forEach(function (t) {
+      if (t.start > at) node.appendChild(document.createTextNode(chars.slice(at, t.start).join("")));
+      var span = el("span", "tok", chars.slice(t.start, t.end).join(""));
+      var strength = Math.min(1, Math.abs(t.attribution) / largest);
+      span.style.backgroundColor = (t.attribution >= 0 ? "rgba(30, 160, 70, " : "rgba(220, 50, 50, ") +
+        (0.08 + 0.6 * strength).toFixed(3) + ")";
+      span.setAttribute("data-testid", "token");
+      span.setAttribute("data-attribution", String(t.attribution));
+      span.title = (t.attribution >= 0 ? "+" : "") + t.attribution.toFixed(4);
+      node.appendChild(span);
+      at = Math.max(at, t.end);
+    });
+    if (at < chars.length) node.appendChild(document.createTextNode(chars.slice(at).join("")));
+    return node;
+  }
+
   function render(texts, results) {
     resultsEl.textContent = "";
     results.forEach(function (r, i) {
       var card = el("article", "result");
       card.setAttribute("data-testid", "result");
-      var text = el("p", "text", texts[i]);
-      text.title = texts[i];
+      var text = r.explanation ? highlighted(texts[i], r.explanation) : el("p", "text", texts[i]);
+      if (!r.explanation) text.title = texts[i];
       card.appendChild(text);
       var head = el("div", "head");
       var label = el("span", "label", r.label);
@@ -59,6 +83,14 @@
           bars.appendChild(el("span", "pct" + top, pct(p) + sd));
         });
       card.appendChild(bars);
+      if (r.explanation) {
+        var sum = r.explanation.tokens.reduce(function (a, t) { return a + t.attribution; }, 0);
+        var why = el("p", "why", "Highlights: " + r.explanation.method + " of " + r.explanation.explains +
+          ". Sum " + sum.toFixed(4) + (r.explanation.blended ? "; the n-gram model's part is not shown" : "") +
+          (r.explanation.truncated ? "; the text's end was cut off" : "") + ".");
+        why.setAttribute("data-testid", "why");
+        card.insertBefore(why, head);
+      }
       resultsEl.appendChild(card);
     });
   }
@@ -71,6 +103,7 @@
     var mc = parseInt(mcEl.value, 10);
     if (mc > 0) body.mc_dropout = mc;
     if (thrEl.value !== "") body.threshold = parseFloat(thrEl.value);
+    if (explainEl.checked) body.explain = true;
     var headers = { "Content-Type": "application/json" };
     if (config.auth) {
       var key = keyEl.value.trim();
