@@ -70,11 +70,16 @@ class DecisionInfo(BaseModel):
 
 class ClassifyResult(BaseModel):
     label: str
+    labels: Optional[list[str]] = Field(
+        None, description="Multi-label models: every label whose probability reaches its threshold, most probable "
+                          "first (`label` joins them).")
     probabilities: dict[str, float]
     std: Optional[dict[str, float]] = None
     confident: Optional[bool] = None
     decision_threshold: Optional[DecisionInfo] = Field(
         None, description="The model's binary decision threshold (tuned on validation), when it has one.")
+    thresholds: Optional[dict[str, float]] = Field(
+        None, description="Multi-label models: each label's threshold (tuned on validation).")
 
 
 class ClassifyResponse(BaseModel):
@@ -393,7 +398,8 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = default
             mean, std = row if key is not None else (row, None)
             # ClassifyResult fixes the JSON field order: label, probabilities, std, confident.
             results.append(prediction_record(classes, mean, std, threshold=request.threshold,
-                                             decision=getattr(clf, "decision", None)))
+                                             decision=getattr(clf, "decision", None),
+                                             multi_label=getattr(clf, "label_thresholds", None)))
         return {"results": results}
 
     return app
