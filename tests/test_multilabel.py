@@ -4,7 +4,6 @@ predict (texts and files), serving, evaluation and the ONNX export."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -17,22 +16,9 @@ from llmclf.cli import app
 from llmclf.data.classification import LabelledTexts, read_labelled, split_file, split_labelled, write_labelled
 from llmclf.errors import ConfigError, DataError
 from llmclf.multilabel import decide_sets, iterative_split, tune_thresholds
+from tiny_classifier import TOPICS, topic_texts
 
 runner = CliRunner()
-TOPICS = {"sport": "goal match team", "money": "bank stock price", "tech": "chip code robot"}
-
-
-def topic_texts(n: int, seed: int, sep: str = ",") -> LabelledTexts:
-    """Toy multi-label texts: each names the words of one or two topics, labelled with those topics."""
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for i in range(n):
-        topics = sorted(rng.sample(sorted(TOPICS), 1 if i % 3 else 2))
-        texts.append(f"note {i}: " + " and ".join(TOPICS[t] for t in topics))
-        labels.append(sep.join(topics))
-    return LabelledTexts(texts, labels, f"topics-{seed}", sep)
-
-
 # --- data ------------------------------------------------------------------------------------------
 
 def test_labels_split_by_a_separator_or_read_from_json_lists(tmp_path: Path):
@@ -224,41 +210,74 @@ def test_the_python_api_splits_labels_by_the_label_sep_option(tiny_checkpoint: P
 
 # --- the Transformers engine (tiny BERT) -------------------------------------------------------------
 
-def test_hf_engine_trains_one_sigmoid_per_label(tmp_path: Path):
-    from llmclf.classifier import load_classifier
-    from llmclf.engines.hf import HFClassifier
-    from test_hf_engine import WORDS, _tiny_bert_dir
+def _trigger_data(n: int, name: str, rng: random.Random) -> LabelledTexts:
+    """Texts of the tiny BERT's words: label x, y, z wherever its word (good, bad, plot) occurs."""
+    from test_hf_engine import WORDS
 
-    bert = _tiny_bert_dir(tmp_path / "bert", dropout=0.0)
-    rng = random.Random(0)
     triggers = {"x": "good", "y": "bad", "z": "plot"}
+    texts, labels = [], []
+    for i in range(n):
+        chosen = sorted(rng.sample(sorted(triggers), 1 if i % 2 else 2))
+        words = [triggers[c] for c in chosen] + rng.sample(WORDS[6:8], 2)
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(",".join(chosen))
+    return LabelledTexts(texts, labels, name, ",")
 
-    def data(n: int, name: str) -> LabelledTexts:
-        texts, labels = [], []
-        for i in range(n):
-            chosen = sorted(rng.sample(sorted(triggers), 1 if i % 2 else 2))
-            words = [triggers[c] for c in chosen] + rng.sample(WORDS[6:8], 2)
-            rng.shuffle(words)
-            texts.append(" ".join(words))
-            labels.append(chosen)
-        return LabelledTexts(texts, [",".join(x) for x in labels], name, ",")
 
-    clf = HFClassifier(str(bert), epochs=8, lr=2e-2, batch_size=16, precision="float32", log_every=1000,
+def _fit_tiny_bert(tmp_path: Path, epochs: int, n_train: int):
+    from llmclf.engines.hf import HFClassifier
+    from test_hf_engine import _tiny_bert_dir
+
+    rng = random.Random(0)
+    bert = _tiny_bert_dir(tmp_path / "bert", dropout=0.0)
+    clf = HFClassifier(str(bert), epochs=epochs, lr=2e-3, batch_size=8, precision="float32", log_every=1000,
                        lr_schedule="constant")
-    clf.fit(data(80, "train"), data(24, "val"), out_dir=tmp_path / "clf", progress=False)
-    metrics = clf.evaluate(data(30, "test"))
-    assert metrics["multi_label"] and metrics["micro_f1"] > 0.9, metrics
-    loaded = load_classifier(tmp_path / "clf")
+    clf.fit(_trigger_data(n_train, "train", rng), _trigger_data(24, "val", rng), out_dir=tmp_path / "clf",
+            progress=False)
+    return clf, _trigger_data(30, "test", rng)
+
+
+def test_hf_engine_trains_one_sigmoid_per_label_and_reloads(tmp_path: Path):
+    from llmclf.classifier import load_classifier
+
+    clf, test = _fit_tiny_bert(tmp_path, epochs=1, n_train=32)
+    losses = [e["loss"] for e in clf.history_["evaluations"]]
+    assert 0.5 < losses[0] < 0.9, losses  # binary cross-entropy per label: about ln 2 at the start
+    metrics = clf.evaluate(test)
+    assert metrics["multi_label"] and set(metrics["thresholds"]) == {"x", "y", "z"}, metrics
+    loaded = load_classifier(tmp_path / "clf", precision="float32")
     assert loaded.model_.config.problem_type == "multi_label_classification"
     assert loaded.label_thresholds == clf.label_thresholds
-    np.testing.assert_allclose(loaded.predict_proba(["good plot"]), clf.predict_proba(["good plot"]), atol=1e-5)
-    assert loaded.predict(["good plot the", "bad movie"]) == ["x,z", "y"]
+    probs = clf.predict_proba(test.texts)
+    assert not np.allclose(probs.sum(axis=1), 1.0)  # sigmoids, not a softmax
+    np.testing.assert_allclose(loaded.predict_proba(test.texts), probs, atol=1e-5)
+    assert loaded.predict(test.texts) == clf.predict(test.texts)
+    result = runner.invoke(app, ["export", "--model", str(tmp_path / "clf"), "--format", "hf", "--out",
+                                 str(tmp_path / "exported")])  # checks Transformers' sigmoids against llmclf's
+    assert result.exit_code == 0, result.output
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported["problem_type"] == "multi_label_classification"
+    assert exported["llmclf"]["multi_label"]["thresholds"] == metrics["thresholds"]
 
 
-def test_shipped_sample_is_multi_label(shared_dir: Path):
-    sample = Path(__file__).parent / "data" / "ag_news_multilabel_sample.jsonl"
-    if not sample.is_file():
-        pytest.skip("no shipped sample")
-    data = read_labelled(sample)
-    assert data.label_sep == "," and any("," in label for label in data.labels)
-    assert os.path.getsize(sample) < 200_000
+@pytest.mark.slow
+def test_hf_engine_learns_a_multi_label_task(tmp_path: Path):
+    clf, test = _fit_tiny_bert(tmp_path, epochs=10, n_train=64)
+    losses = [e["loss"] for e in clf.history_["evaluations"]]
+    assert losses[-1] < 0.5 < losses[0], losses
+    assert clf.evaluate(test)["macro_f1"] > 0.7
+
+
+def test_the_ag_news_multi_label_set(shared_dir: Path):
+    """The real set of bench/bench_multilabel.py, built from ../shared (AG News is not shipped: its licence)."""
+    from llmclf.multilabel import ag_news_multilabel
+
+    data = ag_news_multilabel(shared_dir / "data" / "ag_news" / "test.csv", n=200, pair_share=0.4, seed=1)
+    sets = [label.split(",") for label in data.labels]
+    assert len(data) == 200 and sum(len(s) == 2 for s in sets) == 80 and all(len(set(s)) == len(s) for s in sets)
+    assert {name for s in sets for name in s} == {"World", "Sports", "Business", "Sci/Tech"}
+    pair = data.texts[next(i for i, s in enumerate(sets) if len(s) == 2)]
+    assert " / " in pair
+    train, val, test = split_labelled(data, (0.6, 0.15, 0.25), stratify=True)
+    assert len(train) + len(val) + len(test) == 200 and set(train.labels) >= {"World", "Sports"}
