@@ -173,6 +173,21 @@ def test_server_returns_every_label(scratch_dir: Path):
         assert response.status_code == 422 and "single-label" in response.json()["detail"]
 
 
+def test_the_onnx_graph_computes_sigmoids_for_a_multi_label_model(scratch_dir: Path):
+    from llmclf.classifier import load_classifier
+    from llmclf.export.onnx import ProbabilitiesFromIds
+
+    clf = load_classifier(scratch_dir, precision="float32")
+    module = ProbabilitiesFromIds(clf.model_, transformers_model=False, multi_label=True).eval()
+    ids = torch.tensor(clf.token_ids(["note: bank stock price"]))
+    with torch.no_grad():
+        probs = module(ids, torch.ones_like(ids)).numpy()
+    np.testing.assert_allclose(probs, clf.predict_proba(["note: bank stock price"]), atol=1e-5)
+    assert clf.fitted_config()["multi_label"]["thresholds"] == dict(zip(clf.classes_, clf.label_thresholds.thresholds,
+                                                                       strict=True))  # (the sidecar's entry)
+
+
+@pytest.mark.slow  # the export itself takes 15-60 s here
 def test_onnx_export_keeps_sigmoids_and_thresholds(scratch_dir: Path, tmp_path: Path):
     pytest.importorskip("onnxruntime")
     from llmclf.classifier import load_classifier
