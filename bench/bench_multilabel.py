@@ -81,6 +81,7 @@ def main() -> None:
     metrics, seconds = tfidf_one_vs_rest(train, val, test, classes)
     results["tfidf-ovr-logreg"] = {**{k: metrics[k] for k in KEYS}, "seconds": round(seconds, 1),
                                    "per_class": metrics["per_class"]}
+    print("tfidf-ovr-logreg", json.dumps(results["tfidf-ovr-logreg"]), flush=True)
     runs = [("scratch " + (args.model or DEFAULT_BACKBONE), TextClassifier(args.model or DEFAULT_BACKBONE))]
     if args.hf:
         runs.append(("hf all-minilm-l6-v2", HFClassifier("all-minilm-l6-v2")))
@@ -92,6 +93,7 @@ def main() -> None:
         metrics = clf.evaluate(test)
         results[name] = {**{k: metrics[k] for k in KEYS}, "seconds": round(seconds, 1),
                          "thresholds": metrics["thresholds"], "per_class": metrics["per_class"]}
+        print(name, json.dumps(results[name]), flush=True)
 
     print(f"{'model':28s} {'micro-F1':>9s} {'macro-F1':>9s} {'samples-F1':>10s} {'subset acc':>10s} "
           f"{'Hamming':>8s} {'train s':>8s}")
