@@ -403,6 +403,9 @@ class BaseClassifier:
         if threshold is None:
             self.decision_ = None
             return
+        if self.label_thresholds is not None:
+            raise ConfigError("a decision threshold is for one binary decision; this multi-label model has a "
+                              "threshold per label (config.json, multi_label)")
         if len(self.classes_) != 2:
             raise ConfigError(f"a decision threshold is for two classes; this model has {len(self.classes_)} "
                               f"({', '.join(self.classes_)})")
