@@ -344,3 +344,49 @@ def test_cors_lets_only_the_given_origin_call_the_api(open_server, other_site):
             browser.close()
     assert outcome == {allowed: "200 1", other: "blocked: TypeError"}
     assert httpx.get(f"{url}/healthz").json()["texts"] == texts_before + 1  # the refused preflight ran nothing
+
+
+@pytest.fixture(scope="module")
+def multi_label_server(tmp_path_factory, shared_dir):
+    """`llmclf serve` of a tiny multi-label classifier (labels money, sport, tech)."""
+    _need_browser()
+    from tiny_classifier import multi_label_classifier_dir
+
+    model = multi_label_classifier_dir(tmp_path_factory, shared_dir)
+    for url in _serve(tmp_path_factory, model):
+        yield url, model
+
+
+def test_the_page_shows_a_chip_per_label_of_a_multi_label_model(multi_label_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    from llmclf.classifier import load_classifier
+
+    url, model = multi_label_server
+    texts = ["note: goal match team and chip code robot", "note: bank stock price"]
+    clf = load_classifier(model, precision="float32")
+    probs = clf.predict_proba(texts)  # the chips: the labels over their thresholds, most probable first
+    expected = [sorted(label.split(","), key=lambda name: -row[clf.classes_.index(name)])
+                for label, row in zip(clf.predict(texts), probs, strict=True)]
+    assert [sorted(e) for e in expected] == [["sport", "tech"], ["money"]]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            problems = _watch(page)
+            page.goto(url + "/")
+            page.fill("#texts", "\n".join(texts))
+            page.click("#classify")
+            results = page.locator("[data-testid=result]")
+            expect(results).to_have_count(2)
+            for i, names in enumerate(expected):
+                chips = results.nth(i).locator("[data-testid=chip]").all_inner_texts()
+                assert [chip.split(" ")[0] for chip in chips] == names
+                assert all(chip.endswith("%") for chip in chips)
+                assert results.nth(i).locator("[data-testid=label]").count() == 0
+                assert results.nth(i).locator("[data-testid=bar]").count() == 3
+            SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT_DIR / "serve_page_multi_label.png"), full_page=True)
+            assert problems == []
+        finally:
+            browser.close()

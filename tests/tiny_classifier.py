@@ -62,3 +62,46 @@ def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Pa
     clf.save(tmp)
     tmp.rename(out)  # complete or absent
     return out
+
+
+TOPICS = {"sport": "goal match team", "money": "bank stock price", "tech": "chip code robot"}
+
+
+def topic_texts(n: int, seed: int, sep: str = ","):
+    """Toy multi-label texts: each names the words of one or two topics, labelled with those topics."""
+    import random
+
+    from llmclf.data.classification import LabelledTexts
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        topics = sorted(rng.sample(sorted(TOPICS), 1 if i % 3 else 2))
+        texts.append(f"note {i}: " + " and ".join(TOPICS[t] for t in topics))
+        labels.append(sep.join(topics))
+    return LabelledTexts(texts, labels, f"topics-{seed}", sep)
+
+
+def multi_label_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """A tiny GPT-2 multi-label classifier (labels money, sport, tech; a head on cached features) saved by `fit`."""
+    out = tmp_path_factory.getbasetemp() / "llmclf-tiny-multi-label"
+    if (out / "config.json").is_file():
+        return out
+    from llmclf.config import GPTConfig
+    from llmclf.engines.scratch import TextClassifier
+    from llmclf.loaders.checkpoint import save_checkpoint
+    from llmclf.models.gpt2 import GPTModel
+    from llmclf.tokenizer import load_gpt2_tokenizer
+
+    tokenizer = load_gpt2_tokenizer(os.environ.get("LLMCLF_GPT2_TOKENIZER_DIR", shared_dir / "tokenizers" / "gpt2"))
+    torch.manual_seed(0)
+    lm = save_checkpoint(out.with_name(out.name + "-lm"),
+                         GPTModel(GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)),
+                         tokenizer)
+    clf = TextClassifier(str(lm), pooling="mean", template="{text}", epochs=6, lr=0.05, batch_size=8,
+                         class_weights="balanced", log_every=1000, precision="float32")
+    clf.fit(topic_texts(96, 1), topic_texts(30, 2), progress=False)
+    tmp = out.with_name(out.name + ".tmp")
+    clf.save(tmp)
+    tmp.rename(out)  # complete or absent
+    return out

@@ -114,9 +114,10 @@ def train_classifier(model: str, train_file: str | os.PathLike, val_file: str | 
         model_options["seed"] = train_args.get("seed", DEFAULT_SEED)
     clf = make_classifier(model, engine, recipe, **train_args, **({"model_options": model_options}
                                                                  if model_options else {}))
-    train_data = read_labelled(train_file, text_col, label_col)
-    val_data = read_labelled(val_file, text_col, label_col)
-    test_data = read_labelled(test_file, text_col, label_col) if test_file else None
+    sep = train_args.get("label_sep")  # multi-label (llmclf.multilabel)
+    train_data = read_labelled(train_file, text_col, label_col, sep)
+    val_data = read_labelled(val_file, text_col, label_col, sep)
+    test_data = read_labelled(test_file, text_col, label_col, sep) if test_file else None
     clf.fit(train_data, val_data, out_dir=out, progress=progress, resume=resume)
     if not distributed.is_main():
         return clf, None  # rank 0 reports

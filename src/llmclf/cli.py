@@ -309,6 +309,9 @@ def data_split(
     label_names: Annotated[Optional[str], typer.Option(
         "--label-names", help="Rename the labels in the written files, e.g. 0=negative,1=positive "
         "(predictions then print the names).")] = None,
+    label_sep: Annotated[Optional[str], typer.Option(
+        "--label-sep", help="Multi-label: each label is a set of labels joined by SEP (JSON lists are multi-label "
+        "anyway); --stratify then uses iterative stratification, every label kept in train.")] = None,
 ) -> None:
     """Split one labelled file into train/validation/test CSV files (columns text,label)."""
     from llmclf.data.classification import split_file
@@ -317,7 +320,7 @@ def data_split(
         shares = tuple(float(x) for x in ratios.split(","))
     except ValueError:
         raise typer.BadParameter(f"{ratios!r} is not three comma-separated numbers", param_hint="--ratios") from None
-    written = split_file(file, out, shares, stratify, seed, text_col, label_col, label_names)
+    written = split_file(file, out, shares, stratify, seed, text_col, label_col, label_names, label_sep)
     for name, (rows, stale) in written.items():
         typer.echo(f"{name:10s} {rows:6d} rows" + (
             "" if rows else f" (share 0: no file written{f'; the old {name}.csv removed' if stale else ''})"))
@@ -735,6 +738,11 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(metrics))
         return
+    if metrics.get("multi_label"):
+        from llmclf.multilabel import metrics_lines
+
+        typer.echo("\n".join(metrics_lines(metrics)))
+        return
     typer.echo(f"accuracy {metrics['accuracy'] * 100:.2f}%  macro-F1 {metrics['macro_f1']:.4f}  "
                f"n={metrics['n']}")
     typer.echo(f"log-loss {metrics['log_loss']:.4f}  Brier {metrics['brier']:.4f}  ECE {metrics['ece']:.4f} "
@@ -874,6 +882,10 @@ def predict(
     for text, record in zip(texts, records, strict=True):
         if as_json:
             typer.echo(json.dumps({"text": text, **record}, ensure_ascii=False))
+            continue
+        if "labels" in record:  # multi-label: every label over its threshold, with its probability
+            chosen = ", ".join(f"{name} {record['probabilities'][name]:.4f}" for name in record["labels"])
+            typer.echo(f"{chosen}\t{text}")
             continue
         p = record["probabilities"][record["label"]]
         extra = f"\t±{record['std'][record['label']]:.4f}" if "std" in record else ""

@@ -130,6 +130,8 @@ def inspect_data(data: LabelledTexts, out_dir: str | Path | None = None, model: 
         duplicate_threshold: cosine similarity from which two examples count as near-duplicates.
         out_dir: where `label_issues.csv` and `report.json` are written (None: not written).
     """
+    if data.label_sep:
+        raise DataError(f"{data.source} is multi-label (several labels per text); inspect takes one label per text")
     _require_cleanlab()
     from cleanlab.dataset import find_overlapping_classes
     from cleanlab.filter import find_label_issues

@@ -86,8 +86,8 @@ class _Writer:
     """Encodes prediction rows as CSV/TSV lines or JSON lines (bytes, so offsets are exact)."""
 
     def __init__(self, fmt: str, text_col: str, classes: list[str], with_std: bool, with_confident: bool,
-                 decision: DecisionThreshold | None = None) -> None:
-        self.fmt, self.text_col, self.classes = fmt, text_col, classes
+                 decision: DecisionThreshold | None = None, multi_label: Any = None) -> None:
+        self.fmt, self.text_col, self.classes, self.multi_label = fmt, text_col, classes, multi_label
         self.with_std, self.with_confident, self.decision = with_std, with_confident, decision
 
     def columns(self) -> list[str]:
@@ -110,7 +110,7 @@ class _Writer:
             for i, text in enumerate(texts):  # the label: prediction_record's argmax, equal to `labels`
                 record = prediction_record(self.classes, mean[i], None if std is None else std[i],
                                            confident=None if confident is None else confident[i],
-                                           decision=self.decision)
+                                           decision=self.decision, multi_label=self.multi_label)
                 lines.append(json.dumps({self.text_col: text, **record}, ensure_ascii=False) + "\n")
             return "".join(lines).encode("utf-8")
         rows = []
@@ -204,7 +204,8 @@ def predict_texts(clf: Any, texts: list[str], batch_size: int = 32, mc_dropout: 
     records = []
     probabilities = clf.predict_proba(texts, batch_size)
     for row in probabilities:
-        record = prediction_record(clf.classes_, row, threshold=threshold, decision=clf.decision)
+        record = prediction_record(clf.classes_, row, threshold=threshold, decision=clf.decision,
+                                   multi_label=getattr(clf, "label_thresholds", None))
         if "confident" in record:  # one pass: --json output has always put `confident` last
             record["confident"] = record.pop("confident")
         records.append(record)
@@ -261,9 +262,10 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
     main = distributed.is_main()
     partial, state_file = partial_paths(output_path)
     classes = list(clf.classes_)
-    decision = getattr(clf, "decision", None)
+    decision, multi = getattr(clf, "decision", None), getattr(clf, "label_thresholds", None)
     writer = _Writer(fmt, text_col, classes, with_std=mc_dropout is not None,
-                     with_confident=mc_dropout is not None or threshold is not None, decision=decision)
+                     with_confident=mc_dropout is not None or threshold is not None, decision=decision,
+                     multi_label=multi)
     settings = {"version": STATE_VERSION, **_fingerprint(input_path), "text_col": text_col, "format": fmt,
                 "columns": writer.columns(), "model": _model_fingerprint(clf), "mc_dropout": mc_dropout,
                 "threshold": threshold, "dropout_rate": dropout_rate, "seed": seed,
@@ -290,6 +292,10 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
                                             dropout_rate=dropout_rate, seed=None if seed is None else seed + first_row)
             return writer.encode(texts, result.labels, result.mean, result.std, result.confident)
         probs = np.asarray(clf.predict_proba(texts, batch_size))
+        if multi is not None:  # every label over its threshold, joined by the model's separator
+            confident = None if threshold is None else [
+                bool(all(probs[i, k] >= threshold for k in multi.chosen(probs[i]))) for i in range(len(probs))]
+            return writer.encode(texts, multi.names(probs, classes), probs, None, confident)
         best = decide(probs, decision)
         confident = None if threshold is None else [bool(probs[i, b] >= threshold) for i, b in enumerate(best)]
         return writer.encode(texts, [classes[int(b)] for b in best], probs, None, confident)

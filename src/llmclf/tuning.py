@@ -633,6 +633,9 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
     """
     from tqdm.auto import tqdm
 
+    if train.label_sep or val.label_sep:
+        raise ConfigError(f"{train.source} is multi-label (several labels per text); tune takes one label per text: "
+                          "train with llmclf train --label-sep instead")
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if folds < 2:

@@ -27,6 +27,7 @@ class LabelledTexts:
     texts: list[str]
     labels: list[str]
     source: str = ""
+    label_sep: str | None = None  # multi-label: each label is a text's labels joined by it (llmclf.multilabel)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -37,7 +38,8 @@ RECORD_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".ndjson")
 _CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) refuses long texts; a C long bounds it
 
 
-def read_records(path: str | os.PathLike, columns: list[str]) -> Iterator[tuple[str, list[str | None]]]:
+def read_records(path: str | os.PathLike, columns: list[str],
+                 list_column: str | None = None) -> Iterator[tuple[str, list[str | list | None]]]:
     """(where, values of `columns`) of each record of a CSV or TSV file with a header, a JSON-lines
     file or (`.json`) a JSON array of objects; all but `.json` streamed.
 
@@ -49,12 +51,13 @@ def read_records(path: str | os.PathLike, columns: list[str]) -> Iterator[tuple[
     clean data raises DataError naming the file and line: bytes that are not UTF-8, a quote that
     is not closed or is followed by more text, a row with more or fewer fields than the header, a
     line that is not a JSON object, a missing column or key, a JSON array or object as a value, and
-    a JSON string with half a surrogate pair (`"\\ud800"`, which is no Unicode text).
+    a JSON string with half a surrogate pair (`"\\ud800"`, which is no Unicode text). In JSON, the
+    `list_column` may hold a list (a multi-label text's labels), returned as a Python list.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return _json_records(path, columns, lines=suffix != ".json")
+        return _json_records(path, columns, lines=suffix != ".json", list_column=list_column)
     return _csv_records(path, columns, "\t" if suffix in (".tsv", ".tab") else ",")
 
 
@@ -109,7 +112,8 @@ def _column_index(path: Path, header: list[str], columns: list[str]) -> list[int
     return [header.index(column) for column in columns]
 
 
-def _json_records(path: Path, columns: list[str], lines: bool) -> Iterator[tuple[str, list[str | None]]]:
+def _json_records(path: Path, columns: list[str], lines: bool,
+                  list_column: str | None = None) -> Iterator[tuple[str, list[str | list | None]]]:
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not JSON")
 
@@ -123,7 +127,7 @@ def _json_records(path: Path, columns: list[str], lines: bool) -> Iterator[tuple
                         record = json.loads(line, parse_constant=refuse)
                     except ValueError as exc:
                         raise DataError(f"{path}, line {n}: not a JSON object: {exc}") from None
-                    yield f"line {n}", _json_values(path, f"line {n}", record, columns)
+                    yield f"line {n}", _json_values(path, f"line {n}", record, columns, list_column)
         else:
             try:
                 records = json.loads(path.read_text(encoding="utf-8-sig"), parse_constant=refuse)
@@ -135,12 +139,13 @@ def _json_records(path: Path, columns: list[str], lines: bool) -> Iterator[tuple
                 raise DataError(f"{path}: a .json file holds an array of objects [{{...}}, ...], "
                                 f"this one a JSON {type(records).__name__}")
             for n, record in enumerate(records, 1):
-                yield f"record {n}", _json_values(path, f"record {n}", record, columns)
+                yield f"record {n}", _json_values(path, f"record {n}", record, columns, list_column)
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from None
 
 
-def _json_values(path: Path, where: str, record: Any, columns: list[str]) -> list[str | None]:
+def _json_values(path: Path, where: str, record: Any, columns: list[str],
+                 list_column: str | None = None) -> list[str | list | None]:
     if not isinstance(record, dict):
         raise DataError(f"{path}, {where}: a JSON {type(record).__name__} where an object {{...}} is expected")
     values: list[str | None] = []
@@ -149,6 +154,9 @@ def _json_values(path: Path, where: str, record: Any, columns: list[str]) -> lis
             raise DataError(f"{path}, {where}: no column {column!r} (keys: {', '.join(map(repr, record))}); "
                             "choose others with --text-col / --label-col")
         value = record[column]
+        if column == list_column and isinstance(value, list) and not any(isinstance(v, (dict, list)) for v in value):
+            values.append(value)
+            continue
         if isinstance(value, (dict, list)):
             raise DataError(f"{path}, {where}: {column!r} is a JSON {type(value).__name__}, not a text")
         if isinstance(value, str):
@@ -173,28 +181,42 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8")
 
 
-def read_labelled(path: str | os.PathLike, text_col: str = "text", label_col: str | None = "label") -> LabelledTexts:
+def read_labelled(path: str | os.PathLike, text_col: str = "text", label_col: str | None = "label",
+                  label_sep: str | None = None) -> LabelledTexts:
     """Texts and labels (as strings) from a CSV, TSV or JSONL file with a header (see `read_records`).
 
     Texts are kept as written; labels lose surrounding whitespace. `label_col=None` reads texts only
-    (for prediction). A blank or missing text or label is an error that names the row.
+    (for prediction). A blank or missing text or label is an error that names the row. Multi-label
+    (`llmclf.multilabel`): with `label_sep`, each label is a set of labels joined by it; a JSON list as
+    the label makes the data multi-label too (joined by `label_sep`, default ","). An empty label set
+    is an error that names the row.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    texts, labels = [], []
-    for where, values in read_records(path, [text_col] + ([label_col] if label_col else [])):
-        if values[0] is None or not values[0].strip():
+    from llmclf import multilabel
+
+    texts, labels, lists = [], [], False
+    for where, values in read_records(path, [text_col] + ([label_col] if label_col else []), list_column=label_col):
+        if not isinstance(values[0], str) or not values[0].strip():
             raise DataError(f"{path}, {where}: the text is empty")
         texts.append(values[0])
         if label_col:
+            if isinstance(values[1], list):
+                lists = True
+                labels.append(multilabel.join_labels(values[1], label_sep or multilabel.DEFAULT_SEP,
+                                                     f"{path}, {where}"))
+                continue
             label = (values[1] or "").strip()
             if not label:
                 raise DataError(f"{path}, {where}: the label is missing")
-            labels.append(label)
+            labels.append(multilabel.split_labels(label, label_sep, f"{path}, {where}") if label_sep else label)
     if not texts:
         raise DataError(f"{path} has no rows")
-    return LabelledTexts(texts, labels, str(path))
+    sep = label_sep or (multilabel.DEFAULT_SEP if lists else None)
+    if lists and label_sep is None:  # plain labels beside lists: split by the default separator
+        labels = [multilabel.split_labels(label, sep, str(path)) for label in labels]
+    return LabelledTexts(texts, labels, str(path), sep)
 
 
 def label_order(labels: list[str]) -> list[str]:
@@ -232,10 +254,16 @@ def parse_label_names(spec: str) -> dict[str, str]:
 
 def rename_labels(data: LabelledTexts, names: dict[str, str]) -> LabelledTexts:
     """The same texts with every label replaced by its name; a label without a name is an error."""
-    missing = sorted(set(data.labels) - set(names))
+    sep = data.label_sep
+    sets = [label.split(sep) for label in data.labels] if sep else [[label] for label in data.labels]
+    missing = sorted({name for names in sets for name in names} - set(names))
     if missing:
         raise DataError(f"{data.source} has label(s) {', '.join(map(repr, missing))} without a name; "
                         f"give every label one (given: {', '.join(names)})")
+    if sep:
+        from llmclf.multilabel import join_labels
+
+        return LabelledTexts(data.texts, [join_labels([names[n] for n in row], sep) for row in sets], data.source, sep)
     return LabelledTexts(data.texts, [names[label] for label in data.labels], data.source)
 
 
@@ -243,7 +271,9 @@ def split_labelled(data: LabelledTexts, ratios: tuple[float, float, float] = (0.
                    stratify: bool = False, seed: int = 123) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
     """Shuffle and split into train/validation/test by `ratios` (optionally stratified by label).
     A share of 0 gives an empty part: `(0.8, 0.2, 0)` is the usual 80/20 train/evaluation split,
-    identical to scikit-learn's `train_test_split(test_size=0.2, random_state=seed)`."""
+    identical to scikit-learn's `train_test_split(test_size=0.2, random_state=seed)`. Multi-label data
+    (`label_sep` set) is stratified by iterative stratification (`llmclf.multilabel.iterative_split`:
+    part sizes approximate, every label in train)."""
     from sklearn.model_selection import train_test_split  # slow to import: only when splitting
 
     if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
@@ -253,6 +283,14 @@ def split_labelled(data: LabelledTexts, ratios: tuple[float, float, float] = (0.
     n_val = round(len(index) * ratios[1])
     if (ratios[2] > 0 and n_test == 0) or (ratios[1] > 0 and n_val == 0) or len(index) - n_test - n_val <= 0:
         raise DataError(f"{len(index)} rows are too few for the split {ratios}")
+
+    if stratify and data.label_sep:
+        from llmclf.multilabel import iterative_split
+
+        train, val, test = iterative_split([label.split(data.label_sep) for label in data.labels],
+                                           (ratios[0], ratios[1], ratios[2]), seed)
+        return tuple(LabelledTexts([data.texts[i] for i in ids], [data.labels[i] for i in ids], data.source,
+                                   data.label_sep) for ids in (train, val, test))
 
     def split(ids: list[int], n: int) -> tuple[list[int], list[int]]:
         if n == 0:
@@ -267,7 +305,8 @@ def split_labelled(data: LabelledTexts, ratios: tuple[float, float, float] = (0.
         raise DataError(f"cannot split {data.source}: {exc}") from exc
 
     def subset(ids: list[int]) -> LabelledTexts:
-        return LabelledTexts([data.texts[i] for i in ids], [data.labels[i] for i in ids], data.source)
+        return LabelledTexts([data.texts[i] for i in ids], [data.labels[i] for i in ids], data.source,
+                             data.label_sep)
 
     return subset(train), subset(val), subset(test)
 
@@ -278,12 +317,15 @@ SPLITS = ("train", "validation", "test")
 def split_file(path: str | os.PathLike, out_dir: str | os.PathLike,
                ratios: tuple[float, float, float] = (0.7, 0.1, 0.2), stratify: bool = False, seed: int = 123,
                text_col: str = "text", label_col: str = "label",
-               label_names: str | dict[str, str] | None = None) -> dict[str, tuple[int, bool]]:
+               label_names: str | dict[str, str] | None = None,
+               label_sep: str | None = None) -> dict[str, tuple[int, bool]]:
     """Split the labelled file `path` into `out_dir`/train.csv, validation.csv, test.csv (columns
     text,label; `split_labelled`), written together: never a mix of two splits. A share of 0 writes no
     file and removes the one an earlier split left. `label_names` renames the labels ("0=negative,..."
-    or a dict). Returns, per split, its rows and whether an earlier split's file was removed."""
-    data = read_labelled(path, text_col, label_col)
+    or a dict). `label_sep` reads multi-label data (labels joined by it, written back the same way; JSON
+    lists are written joined by ","). Returns, per split, its rows and whether an earlier split's file was
+    removed."""
+    data = read_labelled(path, text_col, label_col, label_sep)
     if label_names:
         data = rename_labels(data, parse_label_names(label_names) if isinstance(label_names, str) else label_names)
     parts = split_labelled(data, ratios, stratify, seed)

@@ -34,6 +34,7 @@ from llmclf.errors import ConfigError, DataError, LlmclfError
 from llmclf.explain import DEFAULT_STEPS, Explanation, ModelAccess, explain
 from llmclf.loaders.spec import chat_template_for
 from llmclf.loaders.tensors import WriteError
+from llmclf.multilabel import LabelThresholds, multilabel_metrics, plot_per_label
 from llmclf.ngrams import NgramModel, fit_blend_weights, ngram_counts
 from llmclf.training.args import TrainArgs
 from llmclf.training.calibration import (
@@ -65,7 +66,8 @@ class NotFittedError(LlmclfError):
 
 def prediction_record(classes: Sequence[str], probabilities: Sequence[float], std: Sequence[float] | None = None,
                       *, threshold: float | None = None, confident: bool | None = None,
-                      decision: DecisionThreshold | None = None) -> dict[str, Any]:
+                      decision: DecisionThreshold | None = None,
+                      multi_label: LabelThresholds | None = None) -> dict[str, Any]:
     """The JSON-ready prediction for one text, as `predict --json`, `.jsonl` output and `serve` give it.
 
     Keys in this order: `label` (the class of highest probability, with MC-dropout of highest
@@ -74,7 +76,21 @@ def prediction_record(classes: Sequence[str], probabilities: Sequence[float], st
     `confident` is there when given, or with `std` (MC-dropout) or a `threshold`: whether the
     label's probability reached `threshold` (always true without one). `std` is there when given;
     `decision_threshold` ({"label": positive class, "threshold": t}) with a `decision`.
+
+    A multi-label model (`multi_label`, its per-label thresholds) gives `label` (the chosen labels joined
+    by its separator, in the model's order), `labels` (every label whose probability reaches its threshold,
+    the most probable first; at least one), `confident` (with a `threshold`: every chosen label's
+    probability reached it), `probabilities` and `thresholds` (label -> its threshold).
     """
+    if multi_label is not None:
+        chosen = multi_label.chosen(probabilities)
+        names = [classes[k] for k in chosen]
+        out: dict[str, Any] = {"label": multi_label.sep.join(c for c in classes if c in names), "labels": names}
+        if threshold is not None:
+            out["confident"] = all(probabilities[k] >= threshold for k in chosen)
+        out["probabilities"] = dict(zip(classes, map(float, probabilities), strict=True))
+        out["thresholds"] = dict(zip(classes, map(float, multi_label.thresholds), strict=True))
+        return out
     best = int(decide(np.asarray(probabilities, dtype=np.float64)[None], decision)[0])
     record: dict[str, Any] = {"label": classes[best]}
     if confident is None and (std is not None or threshold is not None):
@@ -187,12 +203,18 @@ class BaseClassifier:
     # --- what fit shares ------------------------------------------------------------------
 
     def _learn_classes(self, train: LabelledTexts, val: LabelledTexts) -> None:
-        self.classes_ = label_order(train.labels)
+        sep = train.label_sep or getattr(self, "label_sep", None)
+        self.label_thresholds_ = None if sep is None else LabelThresholds([], sep)
+        names = self._label_names(train)
+        self.classes_ = label_order(names)
         if len(self.classes_) < 2:
             raise DataError(f"{train.source}: training data has a single label {self.classes_}; need 2 or more")
-        unseen = sorted(set(val.labels) - set(self.classes_))
+        unseen = sorted(set(self._label_names(val)) - set(self.classes_), key=str)
         if unseen:
             raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
+        if self.label_thresholds_ is not None:
+            self.label_thresholds_.thresholds = [0.5] * len(self.classes_)
+            self._check_multi_label_options()
         for name in ("tune_threshold", "positive_label"):
             if getattr(self, name) is not None and len(self.classes_) != 2:
                 raise ConfigError(f"{TrainArgs.flag(name)} {getattr(self, name)}: decision thresholds are for two "
@@ -261,8 +283,12 @@ class BaseClassifier:
         state_dict file none."""
         self.template_ = config["input_template"] if "input_template" in config else \
             (config.get("training") or {}).get("template")
+        multi = config.get("multi_label")
+        self.label_thresholds_ = None if not multi else LabelThresholds.from_config(
+            multi, self.classes_, f"{model_dir}/config.json")
         trained_with = (config.get("training") or {}).get("ensemble", "none")
-        self.ngrams_ = NgramModel.load(model_dir, len(self.classes_)) if trained_with == "tfidf" else None
+        self.ngrams_ = NgramModel.load(model_dir, len(self.classes_)) \
+            if trained_with == "tfidf" and not multi else None
         self.temperature_, self.decision_ = 1.0, None  # older directories: uncalibrated, arg-max
         calibration = config.get("calibration")
         if isinstance(calibration, dict) and calibration.get("temperature") is not None:
@@ -282,7 +308,9 @@ class BaseClassifier:
         """What config.json holds of the fitting after training: the calibration temperature and the
         decision threshold (ONNX exports copy it into their sidecar)."""
         decision, metric = getattr(self, "decision_", None), getattr(self, "decision_metric_", None)
-        return {"calibration": {"method": "temperature", "temperature": getattr(self, "temperature_", 1.0)},
+        multi = self.label_thresholds
+        return {**({} if multi is None else {"multi_label": multi.to_config(self.classes_)}),
+                "calibration": {"method": "temperature", "temperature": getattr(self, "temperature_", 1.0)},
                 "decision_threshold": None if decision is None else {
                     "label": self.classes_[decision.positive], "threshold": decision.threshold,
                     **({"metric": metric} if metric is not None else {})}}
@@ -322,6 +350,8 @@ class BaseClassifier:
         the language model's probabilities of training texts `held` from a head trained on `fit`.
         Returns the validation metrics of the whole classifier."""
         y_val = np.asarray(self._label_ids(val))
+        if self.label_thresholds is not None:
+            return self._finish_multi_label_fit(y_val, val_probs)
         probs = self._fit_ensemble(train, val, val_probs, refit_head)
         self.temperature_, self.calibration_report_ = 1.0, None
         if self.calibration == "temperature":
@@ -348,6 +378,22 @@ class BaseClassifier:
                          report["recall"], report["f1"])
         return self._metrics(y_val.tolist(), probs)
 
+    def _finish_multi_label_fit(self, y_val: np.ndarray, val_probs: np.ndarray) -> dict:
+        """Multi-label: no blend, calibration nor binary threshold; a threshold per label tuned on validation."""
+        from llmclf.multilabel import tune_thresholds
+
+        self.ngrams_, self.ensemble_report_, self.temperature_, self.calibration_report_ = None, None, 1.0, None
+        self.decision_, self.decision_metric_, self.threshold_report_ = None, None, None
+        before = multilabel_metrics(y_val, val_probs, self.classes_, None)
+        self.label_thresholds_.thresholds = tune_thresholds(val_probs, y_val)
+        after = self._metrics(y_val.tolist(), val_probs)
+        self.threshold_report_ = {"per_label": after["thresholds"], "metric": "f1",
+                                  "validation_macro_f1": {"at_0.5": before["macro_f1"], "tuned": after["macro_f1"]}}
+        log.info("per-label thresholds tuned on the validation set (F1): %s; validation macro-F1 %.4f -> %.4f",
+                 ", ".join(f"{c} {t:.2f}" for c, t in after["thresholds"].items()), before["macro_f1"],
+                 after["macro_f1"])
+        return after
+
     def _positive_index(self) -> int:
         """The positive class of a binary decision threshold: `positive_label`, else the second label."""
         label = getattr(self, "positive_label", None)
@@ -362,6 +408,9 @@ class BaseClassifier:
         if threshold is None:
             self.decision_ = None
             return
+        if self.label_thresholds is not None:
+            raise ConfigError("a decision threshold is for one binary decision; this multi-label model has a "
+                              "threshold per label (config.json, multi_label)")
         if len(self.classes_) != 2:
             raise ConfigError(f"a decision threshold is for two classes; this model has {len(self.classes_)} "
                               f"({', '.join(self.classes_)})")
@@ -454,12 +503,53 @@ class BaseClassifier:
                 raise DataError(f"text {i} is a {type(text).__name__}, not a string")
         return texts
 
-    def _label_ids(self, data: LabelledTexts) -> list[int]:
+    @property
+    def label_thresholds(self) -> LabelThresholds | None:
+        """A multi-label model's per-label thresholds and separator (`llmclf.multilabel`); None: one label per text."""
+        return getattr(self, "label_thresholds_", None)
+
+    def _label_sets(self, data: LabelledTexts) -> list[list[str]]:
+        """Each text's label names: split by the data's separator, else by the multi-label model's."""
+        from llmclf.multilabel import split_labels
+
+        sep = data.label_sep or (self.label_thresholds.sep if self.label_thresholds is not None else None)
+        if sep is None:
+            return [[label] for label in data.labels]
+        return [split_labels(label, sep, data.source).split(sep) for label in data.labels]
+
+    def _label_names(self, data: LabelledTexts) -> list[str]:
+        return [name for names in self._label_sets(data) for name in names]
+
+    def _check_multi_label_options(self) -> None:
+        """Multi-label training: refuse the options that have no per-label meaning; say what is off."""
+        for name in ("tune_threshold", "positive_label"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{TrainArgs.flag(name)} is for one binary decision; a multi-label model tunes a "
+                                  "threshold per label on the validation set: leave it out")
+        off = [f"{TrainArgs.flag(n)} {getattr(self, n)}" for n in ("ensemble", "calibration")
+               if getattr(self, n, "none") != "none"]
+        if off:
+            log.info("multi-label: %s off (one sigmoid per label; per-label thresholds instead)", ", ".join(off))
+
+    def _label_ids(self, data: LabelledTexts) -> list[int] | list[list[int]]:
+        """Class ids of `data`'s labels; for a multi-label model, a 0/1 row per text (one column per label)."""
         index = {label: i for i, label in enumerate(self.classes_)}
+        if self.label_thresholds is not None:
+            from llmclf.multilabel import multi_hot
+
+            sets = self._label_sets(data)
+            unknown = sorted({name for names in sets for name in names} - set(index), key=str)
+            if unknown:
+                raise DataError(f"{data.source}: labels {unknown} are not among the model's {self.classes_}")
+            return multi_hot(sets, self.classes_).tolist()
         unknown = sorted(set(data.labels) - set(index))
         if unknown:
             raise DataError(f"{data.source}: labels {unknown} are not among the model's {self.classes_}")
         return [index[label] for label in data.labels]
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities from the head's logits: softmax over classes, or one sigmoid per label (multi-label)."""
+        return torch.sigmoid(logits.float()) if self.label_thresholds is not None else torch.softmax(logits, dim=-1)
 
     def _calibrated(self, probs: np.ndarray) -> np.ndarray:
         """The whole classifier's probabilities rescaled by its temperature (1 when not calibrated)."""
@@ -475,7 +565,10 @@ class BaseClassifier:
         return self._calibrated(self._with_ngrams(self._probabilities(texts, batch_size, dropout=False), texts))
 
     def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[str]:
-        """Predicted label names, in input order (by the decision threshold of a binary model that has one)."""
+        """Predicted label names, in input order (by the decision threshold of a binary model that has one;
+        a multi-label model's: each text's labels joined by its separator)."""
+        if self.label_thresholds is not None:
+            return self.label_thresholds.names(self.predict_proba(texts, batch_size), self.classes_)
         return [self.classes_[i] for i in decide(self.predict_proba(texts, batch_size), self.decision)]
 
     def explain(self, texts: Sequence[str] | str, method: str = "auto", steps: int = DEFAULT_STEPS,
@@ -501,6 +594,9 @@ class BaseClassifier:
         models whose dropout is 0, e.g. SmolLM2 or GPT-2 fine-tuned without dropout).
         """
         self._check_fitted()
+        if self.label_thresholds is not None:
+            raise ConfigError("MC-dropout is for single-label models; this one is multi-label (one probability "
+                              "per label, each against its threshold)")
         if passes < 1:
             raise ConfigError(f"MC-dropout needs at least 1 pass, got {passes}")
         if threshold is not None and not 0.0 < threshold <= 1.0:
@@ -547,7 +643,11 @@ class BaseClassifier:
     def _metrics(self, y_true: list[int], probs: np.ndarray) -> dict:
         """`classification_metrics` of the decided labels, plus `log_loss`, `brier` (mean over texts of
         the sum over classes of the squared error), `ece` (top-label, 15 equal-width confidence bins) and
-        `reliability` (per bin: texts, mean confidence, accuracy; what calibration.png shows)."""
+        `reliability` (per bin: texts, mean confidence, accuracy; what calibration.png shows). A multi-label
+        model's: `llmclf.multilabel.multilabel_metrics`."""
+        if self.label_thresholds is not None:
+            return multilabel_metrics(np.asarray(y_true, dtype=np.int64).reshape(len(y_true), len(self.classes_)),
+                                      probs, self.classes_, self.label_thresholds.thresholds)
         y_pred = decide(probs, self.decision).tolist()
         scores = calibration_scores(probs, y_true)
         metrics = classification_metrics(y_true, y_pred, self.classes_, scores["log_loss"] if y_true else float("nan"))
@@ -576,7 +676,12 @@ def evaluation_report(clf: BaseClassifier, data: LabelledTexts, plots_dir: str |
     """`clf.evaluate(data)`, plus the confusion matrix and the reliability diagram as PNG in `plots_dir`
     (confusion_matrix.png, calibration.png)."""
     metrics = clf.evaluate(data)
-    if plots_dir is not None:
+    if plots_dir is not None and metrics.get("multi_label"):  # no confusion matrix: a bar chart per label
+        plot_per_label(metrics, Path(plots_dir) / "per_label.png")
+        plot_calibration(metrics["reliability"], Path(plots_dir) / "calibration.png",
+                         title=f"ECE {metrics['ece']:.4f} (each label's decision, "
+                               f"{metrics['reliability']['bins']} bins)")
+    elif plots_dir is not None:
         plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], Path(plots_dir) / "confusion_matrix.png")
         plot_calibration(metrics["reliability"], Path(plots_dir) / "calibration.png",
                          title=f"ECE {metrics['ece']:.4f} (top label, {metrics['reliability']['bins']} bins)")

@@ -461,6 +461,8 @@ class HFClassifier(BaseClassifier):
         source = resolve_hf_model(self.model)
         set_seed(args.seed)  # the new head's initialisation
         model, self.tokenizer_ = load_sequence_classifier(source, self.classes_)
+        if self.label_thresholds is not None:  # one sigmoid per label, as Transformers' pipelines read it
+            model.config.problem_type = "multi_label_classification"
         hard_limit, trained_limit = _length_limits(source, model, self.tokenizer_)
         if args.max_length:
             self.max_length_ = min(args.max_length, hard_limit)
@@ -587,7 +589,7 @@ class HFClassifier(BaseClassifier):
                                     padding=True, return_tensors="pt").to(device)
             with inference_autocast(self.model_, device, dtype):
                 logits = self.model_(**batch).logits
-            out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            out[idx] = self._activate(logits.float()).cpu().numpy()
         return out
 
     # --- persistence ------------------------------------------------------------------------

@@ -154,9 +154,10 @@ class TextClassifier(BaseClassifier):
         self.n_trainable_ = n_trainable
         # From the validation batches already built (with their cached frozen states): the same
         # metrics as `self.evaluate(val)` without another pass through the frozen layers.
-        val_probs = torch.softmax(all_logits(classifier, val_batches), dim=-1).numpy()
+        val_probs = self._activate(all_logits(classifier, val_batches)).numpy()
         refit = None
-        if trainable.kind == "head" and train_batches.states is not None and world == 1:
+        if trainable.kind == "head" and train_batches.states is not None and world == 1 \
+                and self.label_thresholds is None:  # (multi-label has no blend to refit for)
             pooled = functools.cache(lambda: (train_batches.pooled(classifier), val_batches.pooled(classifier)))
             refit = functools.partial(self._refit_head, classifier, pooled, args, class_weights)
         self.val_metrics_ = self._finish_fit(train, val, val_probs, refit)
@@ -239,7 +240,7 @@ class TextClassifier(BaseClassifier):
         out = np.empty((len(texts), len(self.classes_)), dtype=np.float32)
         for idx, (logits, _) in zip(order, iter_logits(self.model_, batches, dropout=dropout, order=order),
                                     strict=True):
-            out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
+            out[idx] = self._activate(logits).cpu().numpy()
         return out
 
     # --- persistence ------------------------------------------------------------------------

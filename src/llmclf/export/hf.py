@@ -62,6 +62,7 @@ def export_hf(clf: Any, out_dir: Path, model_path: str | os.PathLike | None = No
         _write_tokenizer(clf.tokenizer_, out_dir, clf.max_length_)
     _amend_json(out_dir / "config.json", {
         "id2label": dict(enumerate(clf.classes_)), "label2id": {label: i for i, label in enumerate(clf.classes_)},
+        **({"problem_type": "multi_label_classification"} if clf.label_thresholds is not None else {}),
         "llmclf": {"template": clf.template_, "max_length": clf.max_length_, "backbone": _backbone(clf),
                    "labels": list(clf.classes_), "keep_last_tokens": keep_last, **clf.fitted_config()}})
     if clf.decision is not None:
@@ -286,7 +287,8 @@ def check_export(clf: Any, out_dir: Path, keep_last: int) -> float:
     worst = 0.0
     for rows in [[i] for i in range(len(texts))] + [list(range(len(texts)))]:
         batch = tokenizer([inputs[i] for i in rows], truncation=True, padding=True, return_tensors="pt")
-        probs = model(**batch).logits.float().softmax(-1).numpy()
+        logits = model(**batch).logits.float()
+        probs = (logits.sigmoid() if clf.label_thresholds is not None else logits.softmax(-1)).numpy()
         worst = max(worst, float(abs(probs - expected[rows]).max()))
     if not worst <= MAX_ABS_DIFF:
         raise ConfigError(f"Transformers' probabilities from the export differ from llmclf's by {worst:.2e} (more "

@@ -45,18 +45,20 @@ CHECK_TEXTS = ("ok", "Free entry! Win a prize now, text WIN to 80082.", "See you
 
 
 class ProbabilitiesFromIds(nn.Module):
-    """What the ONNX graph computes: (input_ids, attention_mask) -> softmax of the class logits, float32."""
+    """What the ONNX graph computes: (input_ids, attention_mask) -> softmax of the class logits, float32
+    (a multi-label model's: one sigmoid per label)."""
 
-    def __init__(self, classifier: nn.Module, transformers_model: bool) -> None:
+    def __init__(self, classifier: nn.Module, transformers_model: bool, multi_label: bool = False) -> None:
         super().__init__()
         self.classifier, self.transformers_model = classifier, transformers_model
+        self.multi_label = multi_label
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.transformers_model:
             logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits
         else:
             logits = self.classifier(input_ids, attention_mask)
-        return torch.softmax(logits.float(), dim=-1)
+        return torch.sigmoid(logits.float()) if self.multi_label else torch.softmax(logits.float(), dim=-1)
 
 
 def export_onnx(clf: Any, out_dir: Path, quantize: str | None = None) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def export_onnx(clf: Any, out_dir: Path, quantize: str | None = None) -> dict[st
     from llmclf.engines.onnx import tokenizer_files
 
     transformers_model = clf.engine == "hf"
-    module = ProbabilitiesFromIds(clf.model_, transformers_model).eval()
+    module = ProbabilitiesFromIds(clf.model_, transformers_model, clf.label_thresholds is not None).eval()
     fixed_length = clf.max_length_ if getattr(clf.model_, "pooling", None) == "last-position" else None
     tokenizer_info = tokenizer_files(clf, out_dir)
     pad_id = tokenizer_info["pad_id"]

@@ -98,11 +98,16 @@ class ExplanationResult(BaseModel):
 
 class ClassifyResult(BaseModel):
     label: str
+    labels: Optional[list[str]] = Field(
+        None, description="Multi-label models: every label whose probability reaches its threshold, most probable "
+                          "first (`label` joins them).")
     probabilities: dict[str, float]
     std: Optional[dict[str, float]] = None
     confident: Optional[bool] = None
     decision_threshold: Optional[DecisionInfo] = Field(
         None, description="The model's binary decision threshold (tuned on validation), when it has one.")
+    thresholds: Optional[dict[str, float]] = Field(
+        None, description="Multi-label models: each label's threshold (tuned on validation).")
     explanation: Optional[ExplanationResult] = None
 
 
@@ -438,7 +443,8 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = default
             mean, std = row if key not in (None, EXPLAIN) else (row, None)
             # ClassifyResult fixes the JSON field order: label, probabilities, std, confident.
             results.append(prediction_record(classes, mean, std, threshold=request.threshold,
-                                             decision=getattr(clf, "decision", None)))
+                                             decision=getattr(clf, "decision", None),
+                                             multi_label=getattr(clf, "label_thresholds", None)))
             if explanation is not None:
                 results[-1]["explanation"] = _json_safe(explanation)
         return {"results": results}

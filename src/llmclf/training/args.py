@@ -132,6 +132,13 @@ class TrainArgs:
         "newline on the command line. auto: 'Classify the following text as one of: {labels}.' in the "
         "backbone's chat format (README). Saved with the model.", hf=None, check=_template,
         from_cli=lambda text: text.replace("\\n", "\n"))
+    label_sep: str | None = option(
+        None, "Multi-label: each label-column value is a text's labels joined by SEP (e.g. ','); a JSON-lines label "
+        "that is a list is multi-label without it. One sigmoid per label (binary cross-entropy; --class-weights gives "
+        "each label's pos_weight) and a threshold per label tuned on the validation set (F1), saved with the model; "
+        "--ensemble, --calibration and --tune-threshold are then off (README, Multi-label).",
+        check=lambda v: None if v is None or v.strip() else "must be a non-blank separator such as ','",
+        metavar="SEP")
     # --- optimizer and schedule
     lr: float = option(1e-3, "Peak AdamW learning rate (1e-3 suits the default head-only training; the course "
                        "fine-tunes a block at 5e-5).", hf=5e-5, check=_at_least(0.0))

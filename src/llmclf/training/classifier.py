@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -187,8 +186,9 @@ def calc_loss_and_accuracy(model: SequenceClassifier, batches: Batches,
     total_loss, correct, count = 0.0, 0, 0
     for logits, labels in iter_logits(model, batches, num_batches):
         labels = labels.to(logits.device)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
+        total_loss += classification_loss(logits, labels, reduction="sum").item()
+        hits = ((logits >= 0) == labels.bool()).all(-1) if labels.ndim == 2 else logits.argmax(-1) == labels
+        correct += hits.sum().item()
         count += len(labels)
     if count == 0:
         return float("nan"), float("nan")
@@ -217,7 +217,7 @@ def evaluate_batches(model: SequenceClassifier, batches: Batches) -> dict[str, f
     if not batches.data.ids:
         return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
     logits, y_true = all_logits(model, batches), torch.tensor(batches.data.labels)
-    loss = F.cross_entropy(logits, y_true, reduction="sum").item()
+    loss = classification_loss(logits, y_true, reduction="sum").item()
     return {"loss": loss / len(y_true), **classification_scores(logits.numpy(), y_true.numpy())}
 
 
@@ -413,7 +413,8 @@ class ClassifierTraining:
         class-weighted loss of its texts over the global batch's total weight, times the world size
         (DDP averages over ranks). One process: the batch's (weighted) mean loss."""
         labels = torch.tensor([self.train.data.labels[i] for i in indices])
-        total = float(len(indices)) if self.class_weights is None else float(self.class_weights[labels].sum())
+        weighted = self.class_weights is not None and labels.ndim == 1  # (multi-label: pos_weight, a mean per text)
+        total = float(self.class_weights[labels].sum()) if weighted else float(len(indices))
         start, stop = (len(indices) * r // self.world for r in (distributed.rank(), distributed.rank() + 1))
         mine = indices[start:stop]
         # A rank with no text in a short last batch still joins the step (DDP's all-reduce) with zero loss.

@@ -36,6 +36,10 @@ def classification_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, f
     from sklearn.metrics import accuracy_score, f1_score  # slow import, not needed before training
 
     logits = np.asarray(logits)
+    if np.ndim(labels) == 2:  # multi-label: 0/1 rows, one sigmoid per label
+        from llmclf.multilabel import selection_scores
+
+        return selection_scores(logits, labels)
     preds = logits.argmax(axis=-1)
     classes = list(range(logits.shape[-1]))
     return {"accuracy": float(accuracy_score(labels, preds)),

@@ -75,10 +75,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: f
 
 def class_weight_tensor(spec: str, label_ids: Iterable[int], n_classes: int) -> torch.Tensor | None:
     """Cross-entropy class weights for `--class-weights`: None for `none`; `balanced` is
-    n_samples / (n_classes * count) per class (scikit-learn's `compute_class_weight`)."""
+    n_samples / (n_classes * count) per class (scikit-learn's `compute_class_weight`). Multi-label
+    (`label_ids` are 0/1 rows): each label's BCE `pos_weight` (`llmclf.multilabel.pos_weights`)."""
     weights = parse_class_weights(spec, n_classes)
     if weights is None:
         return None
+    label_ids = list(label_ids)
+    if label_ids and isinstance(label_ids[0], list):
+        import numpy as np
+
+        from llmclf.multilabel import pos_weights
+
+        return pos_weights(weights, np.asarray(label_ids))
     if weights == "balanced":
         counts = torch.bincount(torch.as_tensor(list(label_ids), dtype=torch.long), minlength=n_classes).double()
         weights = (counts.sum() / (n_classes * counts.clamp(min=1))).tolist()
@@ -88,7 +96,12 @@ def class_weight_tensor(spec: str, label_ids: Iterable[int], n_classes: int) -> 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None,
                         reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy in float32, weighted per class when `class_weights` is given (then the mean is
-    over the weights, as in `F.cross_entropy`)."""
+    over the weights, as in `F.cross_entropy`). Labels given as 0/1 rows (multi-label): binary
+    cross-entropy per label, `class_weights` as its `pos_weight` (`llmclf.multilabel.bce_loss`)."""
+    if labels.ndim == 2:
+        from llmclf.multilabel import bce_loss
+
+        return bce_loss(logits, labels, class_weights, reduction)
     weight = class_weights.to(logits.device) if class_weights is not None else None
     return F.cross_entropy(logits.float(), labels.to(logits.device), weight=weight, reduction=reduction)
 

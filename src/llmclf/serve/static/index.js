@@ -61,17 +61,26 @@
       if (!r.explanation) text.title = texts[i];
       card.appendChild(text);
       var head = el("div", "head");
-      var label = el("span", "label", r.label);
-      label.setAttribute("data-testid", "label");
-      head.appendChild(label);
-      head.appendChild(el("span", "", pct(r.probabilities[r.label])));
+      if (r.labels) {  // multi-label: a chip per label that reached its threshold
+        r.labels.forEach(function (name) {
+          var chip = el("span", "label chip", name + " " + pct(r.probabilities[name]));
+          chip.setAttribute("data-testid", "chip");
+          head.appendChild(chip);
+        });
+      } else {
+        var label = el("span", "label", r.label);
+        label.setAttribute("data-testid", "label");
+        head.appendChild(label);
+        head.appendChild(el("span", "", pct(r.probabilities[r.label])));
+      }
       if (r.confident === false) head.appendChild(el("span", "badge unsure", "below threshold"));
       else if (r.confident === true) head.appendChild(el("span", "badge", "confident"));
       card.appendChild(head);
       var bars = el("div", "bars");
       Object.keys(r.probabilities).sort(function (a, b) { return r.probabilities[b] - r.probabilities[a]; })
         .forEach(function (name) {
-          var p = r.probabilities[name], top = name === r.label ? " top" : "";
+          var chosen = r.labels ? r.labels.indexOf(name) >= 0 : name === r.label;
+          var p = r.probabilities[name], top = chosen ? " top" : "";
           bars.appendChild(el("span", "name" + top, name));
           var track = el("div", "track" + top), fill = el("div", "fill");
           fill.style.width = Math.max(0, Math.min(100, 100 * p)).toFixed(2) + "%";
