@@ -89,7 +89,7 @@ def test_bad_specs_are_clear_errors():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("long-docs")
-    for name, n, seed in (("train", 32, 1), ("validation", 16, 2), ("test", 12, 3)):
+    for name, n, seed in (("train", 16, 1), ("validation", 8, 2), ("test", 6, 3)):
         write_labelled(_docs(n, seed), out / f"{name}.csv")
     return out
 
@@ -113,7 +113,7 @@ def chunk_dir(tmp_path_factory, lm_dir: Path, data_dir: Path) -> Path:
     result = runner.invoke(app, [
         "train", "--model", str(lm_dir), "--train", str(data_dir / "train.csv"), "--val",
         str(data_dir / "validation.csv"), "--out", str(out), "--long-text", "chunk:24:4", "--aggregate", "max",
-        "--epochs", "2", "--lr", "3e-3", "--ensemble-folds", "2", "--precision", "float32", "--json"])
+        "--epochs", "1", "--lr", "3e-3", "--ensemble-folds", "2", "--precision", "float32", "--json"])
     assert result.exit_code == 0, result.output
     return out
 
