@@ -211,6 +211,8 @@ def test_labels_only_in_validation_and_refused_options_are_clear(tokenizer, tiny
         TextClassifier(str(tiny_checkpoint), epochs=1).fit(train, val, progress=False)
     with pytest.raises(ConfigError, match="--tune-threshold is for one binary decision"):
         TextClassifier(str(tiny_checkpoint), tune_threshold="f1").fit(train, topic_texts(6, 2), progress=False)
+    with pytest.raises(ConfigError, match="--long-text chunk:64 aggregates windows' softmax"):
+        TextClassifier(str(tiny_checkpoint), long_text="chunk:64").fit(train, topic_texts(6, 2), progress=False)
 
 
 def test_the_python_api_splits_labels_by_the_label_sep_option(tiny_checkpoint: Path):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from llmclf import distributed
+from llmclf import distributed, long_text
 from llmclf.data.classification import (
     AUTO_TEMPLATE,
     LabelledTexts,
@@ -225,6 +225,7 @@ class BaseClassifier:
                             f"({', '.join(self.classes_)})")
         chat = chat_template_for(str(self.model)) if self.template == AUTO_TEMPLATE else None
         self.template_ = resolve_template(self.template, chat, self.classes_)
+        self.long_text_, self.aggregate_ = self.long_text, self.aggregate  # (the ONNX backend reads them saved)
 
     def _prepare_run(self, args: TrainArgs, train: LabelledTexts, val: LabelledTexts,
                      out_dir: str | os.PathLike | None, resume: bool) -> bool | None:
@@ -258,6 +259,10 @@ class BaseClassifier:
     def _explain_access(self) -> ModelAccess:
         """How `llmclf.explain` runs this engine's model: forward pass, token embeddings, padding."""
         raise NotImplementedError
+
+    def _text_probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
+        """`_probabilities` of whole texts: with `--long-text chunk`, their windows' aggregated (`llmclf.long_text`)."""
+        return long_text.probabilities(self, texts, batch_size, dropout)
 
     # --- shared -----------------------------------------------------------------------------
 
@@ -303,6 +308,7 @@ class BaseClassifier:
                                   f"{self.classes_} (it needs two, one of them its label)")
             self.decision_ = DecisionThreshold(self.classes_.index(decision["label"]), float(decision["threshold"]))
             self.decision_metric_ = decision.get("metric")
+        long_text.restore(self, config, str(model_dir))
 
     def fitted_config(self) -> dict[str, Any]:
         """What config.json holds of the fitting after training: the calibration temperature and the
@@ -526,6 +532,10 @@ class BaseClassifier:
             if getattr(self, name) is not None:
                 raise ConfigError(f"{TrainArgs.flag(name)} is for one binary decision; a multi-label model tunes a "
                                   "threshold per label on the validation set: leave it out")
+        if getattr(self, "long_text", "truncate") != "truncate":
+            raise ConfigError(f"{TrainArgs.flag('long_text')} {self.long_text} aggregates windows' softmax "
+                              "log-probabilities, which a multi-label model (one sigmoid per label) does not have: "
+                              "leave --long-text out (texts are cut to --max-length) or train one label per text")
         off = [f"{TrainArgs.flag(n)} {getattr(self, n)}" for n in ("ensemble", "calibration")
                if getattr(self, n, "none") != "none"]
         if off:
@@ -562,7 +572,7 @@ class BaseClassifier:
         texts = self._as_texts(texts)
         if not texts:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        return self._calibrated(self._with_ngrams(self._probabilities(texts, batch_size, dropout=False), texts))
+        return self._calibrated(self._with_ngrams(self._text_probabilities(texts, batch_size, dropout=False), texts))
 
     def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[str]:
         """Predicted label names, in input order (by the decision threshold of a binary model that has one;
@@ -612,9 +622,8 @@ class BaseClassifier:
             torch.manual_seed(seed)
         scores = self.ngrams_.scores(texts) if getattr(self, "ngrams_", None) is not None else None
         with dropout_active(self._torch_module(), dropout_rate):
-            runs = np.stack([self._calibrated(self._with_ngrams(self._probabilities(texts, batch_size, dropout=True),
-                                                                texts, scores))
-                             for _ in range(passes)])
+            runs = np.stack([self._calibrated(self._with_ngrams(
+                self._text_probabilities(texts, batch_size, dropout=True), texts, scores)) for _ in range(passes)])
         mean, std = runs.mean(axis=0), runs.std(axis=0)
         best = decide(mean, self.decision)
         confident = [threshold is None or bool(mean[i, best[i]] >= threshold) for i in range(len(texts))]
@@ -669,7 +678,9 @@ class BaseClassifier:
             metrics = {"validation": self.val_metrics_, "train_seconds": getattr(self, "train_seconds_", None)}
         return {"labels": list(self.classes_), "backbone": str(config.get("backbone", getattr(self, "model", ""))),
                 "engine": self.engine, "max_length": self.max_length_, "metrics": metrics,
-                "test_metrics": config.get("test_metrics"), **self.fitted_config()}
+                "test_metrics": config.get("test_metrics"), **self.fitted_config(),
+                "long_text": getattr(self, "long_text_", long_text.TRUNCATE),
+                "aggregate": getattr(self, "aggregate_", None)}
 
 
 def evaluation_report(clf: BaseClassifier, data: LabelledTexts, plots_dir: str | os.PathLike | None = None) -> dict:

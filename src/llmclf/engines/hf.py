@@ -30,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from llmclf import distributed
+from llmclf import distributed, long_text
 from llmclf.data.classification import LabelledTexts, inference_batches
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError
@@ -469,8 +469,13 @@ class HFClassifier(BaseClassifier):
         else:
             train_enc = self.tokenizer_(self._model_inputs(train.texts), truncation=False, verbose=False)
             self.max_length_ = min(max(len(ids) for ids in train_enc["input_ids"]), trained_limit)
-        train_set = self._dataset(train, "training")
-        val_set = self._dataset(val, "validation")
+        train_w, val_w, window = train, val, long_text.fit_length(args.long_text, args.max_length, trained_limit)
+        if window is not None:  # --long-text chunk: every window a training example with its text's label
+            self.max_length_ = window
+            w = long_text.resolve(self, args.long_text, args.aggregate, window, hard_limit)
+            train_w, val_w = (long_text.expand(self, data, w)[0] for data in (train, val))
+        train_set = self._dataset(train_w, "training")
+        val_set = self._dataset(val_w, "validation")
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("%s: %s parameters, all trainable; max_length %d", source, f"{n_trainable:,}", self.max_length_)
         class_weights = class_weight_tensor(args.class_weights, train_set.labels, len(self.classes_))
@@ -532,7 +537,7 @@ class HFClassifier(BaseClassifier):
         self.train_seconds_ = time.perf_counter() - start
         self.n_trainable_ = n_trainable
         self.config_ = {"backbone": str(self.model)}
-        val_probs = self._probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
+        val_probs = self._text_probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
         self.val_metrics_ = self._finish_fit(train, val, val_probs)
         self.last_step_ = self.history_["global_step"]
         track_final(selector.tracker, {"validation": self.val_metrics_}, self.last_step_)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmclf import distributed
+from llmclf import distributed, long_text
 from llmclf.config import DEFAULT_BACKBONE
 from llmclf.data.classification import (
     EncodedTexts,
@@ -97,7 +97,12 @@ class TextClassifier(BaseClassifier):
         train_ids = self.tokenizer_.encode_batch(self._model_inputs(train.texts))
         longest = max(len(ids) for ids in train_ids)
         self.max_length_ = min(args.max_length or longest, backbone.context_length)
-        train_enc, val_enc = self._encode(train, token_ids=train_ids), self._encode(val)
+        windows = self._windows(args, backbone.context_length, train, val)  # --long-text chunk, else None
+        if windows is not None:
+            (train_w, train_doc), (val_w, val_doc) = windows
+            train_enc, val_enc = self._encode(train_w), self._encode(val_w)
+        else:
+            train_enc, val_enc = self._encode(train, token_ids=train_ids), self._encode(val)
         for name, enc in (("training", train_enc), ("validation", val_enc)):
             if enc.truncated:
                 log.info("%d %s text(s) truncated to %d tokens", enc.truncated, name, self.max_length_)
@@ -160,6 +165,9 @@ class TextClassifier(BaseClassifier):
                 and self.label_thresholds is None:  # (multi-label has no blend to refit for)
             pooled = functools.cache(lambda: (train_batches.pooled(classifier), val_batches.pooled(classifier)))
             refit = functools.partial(self._refit_head, classifier, pooled, args, class_weights)
+        if windows is not None:  # the windows' probabilities, aggregated per text
+            val_probs = long_text.to_documents(val_probs, val_doc, len(val), args.aggregate)
+            refit = None if refit is None else long_text.refit_by_document(refit, train_doc, args.aggregate)
         self.val_metrics_ = self._finish_fit(train, val, val_probs, refit)
         self.last_step_ = self.history_.global_step
         track_final(tracker, {"validation": self.val_metrics_}, self.last_step_)
@@ -167,6 +175,19 @@ class TextClassifier(BaseClassifier):
             self._save_finished_run(out_dir, state_dir)
         distributed.barrier()  # the model is saved before any rank returns
         return self
+
+    def _windows(self, args: TrainArgs, context: int, train: LabelledTexts, val: LabelledTexts):
+        """With --long-text chunk: `max_length_` set to the window, and (windows, text of each window) of
+        `train` and of `val`; else None."""
+        length = long_text.fit_length(args.long_text, args.max_length, context)
+        if length is None:
+            return None
+        self.max_length_ = length
+        w = long_text.resolve(self, args.long_text, args.aggregate, length, context)
+        parts = long_text.expand(self, train, w), long_text.expand(self, val, w)
+        log.info("--long-text %s: windows of %d tokens (%d of text, overlap %d): %d training, %d validation",
+                 args.long_text, w.length, w.text_tokens, w.stride, len(parts[0][1]), len(parts[1][1]))
+        return parts
 
     def _refit_head(self, classifier: SequenceClassifier, pooled: Callable[[], tuple[Batches, Batches]],
                     args: TrainArgs, class_weights: torch.Tensor | None, fold: int, fit: list[int],

@@ -115,7 +115,9 @@ def export_onnx(clf: Any, out_dir: Path, quantize: str | None = None) -> dict[st
         "exported_from": {"engine": clf.engine, "backbone": config.get("backbone", str(clf.model))},
         "backbone": config.get("backbone", str(clf.model)), "labels": list(clf.classes_),
         "input_template": clf.template_, "max_length": clf.max_length_, "fixed_length": fixed_length,
-        "tokenizer": tokenizer_info, "training": {"ensemble": "tfidf" if getattr(clf, "ngrams_", None) else "none"},
+        "tokenizer": tokenizer_info, "training": {"ensemble": "tfidf" if getattr(clf, "ngrams_", None) else "none",
+                                               # the graph classifies one window; ONNXClassifier windows texts
+                                               "long_text": clf.long_text_, "aggregate": clf.aggregate_},
         "onnx": {"files": files, "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES),
                  "opset": _opset(out_dir / ONNX_FILE), **report},
         **clf.fitted_config(),  # the temperature and decision threshold, applied by ONNXClassifier as by torch

@@ -338,7 +338,8 @@ def create_app(clf: Any, *, api_key: str | None = None, max_batch: int = default
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
     app.add_middleware(_SecurityHeaders, csp=content_security_policy(app.openapi_url or "/openapi.json"))
     page = _page({"auth": bool(api_key), "labels": classes, "backbone": info.get("backbone", ""),
-                  "max_texts": max_texts, "max_mc_passes": max_mc_passes})
+                  "max_texts": max_texts, "max_mc_passes": max_mc_passes, "max_chars": max_chars,
+                  "long_text": info.get("long_text") or "truncate", "aggregate": info.get("aggregate")})
     static = {name: resources.files("llmclf.serve").joinpath("static", name).read_bytes() for name in STATIC_FILES}
 
     @app.exception_handler(RequestValidationError)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmclf.errors import ConfigError
+from llmclf.long_text import AGGREGATES
+from llmclf.long_text import spec_problem as long_text_problem
 from llmclf.models.heads import POOLINGS, Trainable
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.tracking import REPORT_TO
@@ -139,6 +141,15 @@ class TrainArgs:
         "--ensemble, --calibration and --tune-threshold are then off (README, Multi-label).",
         check=lambda v: None if v is None or v.strip() else "must be a non-blank separator such as ','",
         metavar="SEP")
+    long_text: str = option(
+        "truncate", "Texts longer than the model reads: truncate (cut to --max-length) | chunk[:LEN[:STRIDE]]: "
+        "classify every window of LEN tokens (template included; default --max-length, else 512) overlapping by "
+        "STRIDE tokens (default a quarter of a window's text) and aggregate them (--aggregate); in training every "
+        "window is an example labelled with its text's label. Saved with the model (docs/training.md).",
+        check=long_text_problem, metavar="MODE")
+    aggregate: str = option(
+        "mean", "With --long-text chunk, how a text's window scores (log-probabilities) combine: mean | max | "
+        "logsumexp (= the mean of the windows' probabilities). Saved with the model.", check=_one_of(AGGREGATES))
     # --- optimizer and schedule
     lr: float = option(1e-3, "Peak AdamW learning rate (1e-3 suits the default head-only training; the course "
                        "fine-tunes a block at 5e-5).", hf=5e-5, check=_at_least(0.0))

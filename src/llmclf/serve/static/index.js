@@ -10,6 +10,10 @@
 
   $("model-line").textContent = "Model " + (config.backbone || "(unnamed)") + " \u00b7 labels: " +
     config.labels.join(", ") + " \u00b7 up to " + config.max_texts + " texts per request";
+  if (config.long_text && config.long_text !== "truncate") {  // --long-text chunk: say how long texts are read
+    $("model-line").textContent += " \u00b7 long texts: every window classified (" + config.long_text + ", " +
+      config.aggregate + "), up to " + config.max_chars + " characters per text";
+  }
   if (config.auth) {  // without a key on the server, the page neither shows nor mentions one
     $("key-field").hidden = false;
     keyEl.placeholder = "required by this server";
