@@ -7,7 +7,7 @@ split's training part (K per class, one seeded draw shared by every text). Label
 (wall time of `predict_proba` over the texts, the shared prompt's one pass excluded and printed apart).
 
     python bench/bench_zero_shot.py [--model smollm2-135m] [--datasets sms,ag_news,imdb] [--shots 0,4,16]
-        [--limit 200] [--score both] [--json F]
+        [--limit 200] [--score both] [--json F] [--words 'sms:ham=not spam']
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bench_backbones import DATASETS, SHARED  # noqa: E402
 from bench_robustness import cpu_name  # noqa: E402
 
 from llmclf.data.classification import LabelledTexts, label_order  # noqa: E402
-from llmclf.zero_shot import ZeroShotClassifier  # noqa: E402
+from llmclf.zero_shot import ZeroShotClassifier, label_words  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--score", default="both", help="mean, sum, or both (both from one pass)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--words", action="append", default=[], metavar="DATASET:NAME=WORDS,...",
+                        help="what the model reads for a data set's labels, e.g. 'sms:ham=not spam' (repeatable)")
     args = parser.parse_args()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; model {args.model}, "
           f"precision {args.precision}", flush=True)
@@ -46,9 +48,13 @@ def main() -> None:
         data = DATASETS[name](SHARED, 123)
         test = LabelledTexts(data["test"].texts[: args.limit], data["test"].labels[: args.limit], f"{name} test")
         labels = label_order(data["train"].labels)
+        words = dict(label_words(x) for spec in args.words if spec.startswith(f"{name}:")
+                     for x in spec.split(":", 1)[1].split(","))
+        entries = [f"{label}={words[label]}" if label in words else label for label in labels]
+        print(f"{name}: labels {entries}", flush=True)
         for shots in (int(k) for k in args.shots.split(",")):
             scores = ["mean", "sum"] if args.score == "both" else [args.score]
-            clf = ZeroShotClassifier(args.model, labels, shots=shots, precision=args.precision)
+            clf = ZeroShotClassifier(args.model, entries, shots=shots, precision=args.precision)
             start = time.perf_counter()
             clf.fit(data["train"] if shots else None)
             prefill = time.perf_counter() - start

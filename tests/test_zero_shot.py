@@ -136,6 +136,20 @@ def test_few_shot_puts_k_examples_per_class_in_the_shared_prompt(tiny_lm):
     assert "Label:" in nearest.tokenizer_.decode(nearest._text_ids(["great fun"])[0])
 
 
+def test_name_equals_words_scores_the_words_under_the_name(tiny_lm):
+    """`ham=not spam`: the class (and the data's label) is "ham"; the model reads and scores "not spam",
+    in the prompt's label list, as the answer and in the few-shot examples."""
+    examples = LabelledTexts(EXAMPLES.texts, [x.replace("negative", "ham") for x in EXAMPLES.labels], "ex")
+    named = zs(tiny_lm, labels=["positive", "ham=very negative"], shots=1).fit(examples)
+    plain = zs(tiny_lm, labels=["positive", "very negative"], shots=1).fit(
+        LabelledTexts(EXAMPLES.texts, [x.replace("negative", "very negative") for x in EXAMPLES.labels], "ex"))
+    assert named.classes_ == ["positive", "ham"] and named.label_ids_ == plain.label_ids_
+    assert named.prefix_ids_ == plain.prefix_ids_  # the same prompt, examples included
+    np.testing.assert_allclose(named.predict_proba(TEXTS), plain.predict_proba(TEXTS), atol=1e-6)
+    assert set(named.predict(TEXTS)) <= {"positive", "ham"}
+    assert named.evaluate(LabelledTexts(["good", "bad"], ["positive", "ham"], "t"))["n"] == 2
+
+
 def test_long_texts_are_cut_to_the_context(tiny_lm):
     clf = zs(tiny_lm).fit()
     probs = clf.predict_proba(["word " * 1000])
@@ -146,6 +160,8 @@ def test_long_texts_are_cut_to_the_context(tiny_lm):
     ({"labels": []}, None, "label set is empty"),
     ({"labels": ["positive", "positive"]}, None, "duplicate label"),
     ({"labels": ["positive", ""]}, None, "tokenise to nothing"),
+    ({"labels": ["positive", "ham="]}, None, "NAME=WORDS needs both"),
+    ({"labels": ["a=good", "b=good"]}, None, "duplicate label wording"),
     ({"labels": ["positive"]}, None, "two or more"),
     ({"max_length": 12}, None, "more than the context"),
     ({"shots": 2}, None, "needs labelled examples"),

@@ -589,7 +589,8 @@ ZERO_SHOT_OPTIONS = {
         rich_help_panel="Zero-/few-shot")),
     "labels": (Optional[str], None, typer.Option(
         "--labels", help="With --zero-shot: the class names, comma-separated, in the order of the output columns "
-        "(e.g. \"positive,negative\").", rich_help_panel="Zero-/few-shot")),
+        "(e.g. \"positive,negative\"); NAME=WORDS has the model read and score WORDS for class NAME (e.g. "
+        "\"ham=not spam,spam\").", rich_help_panel="Zero-/few-shot")),
     "template": (Optional[str], None, typer.Option(
         "--template", help="With --zero-shot: the user's message, with {text}, optionally {labels} and {examples} "
         "(default: \"Classify the text as one of: {labels}. Answer with the label only.\\n\\n{examples}Text: "
@@ -699,9 +700,9 @@ def _decision_note(clf) -> str:
     "    --plots runs/spam",
     "llmclf evaluate --model runs/spam-onnx --data data/sms/test.csv \\",
     "    --precision int8",
-    "llmclf evaluate --zero-shot --model smollm2-135m --labels \"ham,spam\" \\",
+    "llmclf evaluate --zero-shot --model smollm2-135m --labels \"ham=not spam,spam\" \\",
     "    --data data/sms/test.csv",
-    "llmclf evaluate --zero-shot --model smollm2-135m --labels \"ham,spam\" \\",
+    "llmclf evaluate --zero-shot --model smollm2-135m --labels \"ham=not spam,spam\" \\",
     "    --shots 4 --train data/sms/train.csv --data data/sms/test.csv",
 ))
 @with_zero_shot_options
@@ -768,7 +769,7 @@ def evaluate(
     "llmclf predict --model runs/spam --explain \"You won a free cruise!\"",
     "llmclf predict --zero-shot --model smollm2-135m \\",
     "    --labels \"positive,negative\" \"What a wonderful film.\"",
-    "llmclf predict --zero-shot --model qwen2.5-0.5b --labels \"ham,spam\" \\",
+    "llmclf predict --zero-shot --model qwen2.5-0.5b --labels \"ham=not spam,spam\" \\",
     "    --shots 4 --train data/sms/train.csv \"You won a free cruise!\"",
 ))
 @with_zero_shot_options

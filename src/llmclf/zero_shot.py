@@ -140,6 +140,15 @@ def combine_scores(token_log_probs: torch.Tensor, lengths: Sequence[int], score:
     return total / torch.tensor(list(lengths), dtype=total.dtype, device=total.device)
 
 
+def label_words(label: str) -> tuple[str, str]:
+    """(class name, the words the model reads and scores for it) of a `--labels` entry: `NAME=WORDS`, or NAME."""
+    name, sep, words = label.partition("=")
+    name, words = name.strip(), words.strip() if sep else name.strip()
+    if sep and not (name and words):
+        raise ConfigError(f"label {label!r}: NAME=WORDS needs both, e.g. \"ham=not spam\"")
+    return name, words
+
+
 class ZeroShotClassifier(BaseClassifier):
     """A classifier from an instruction-tuned causal LM and label names alone (zero-shot), or with
     `shots` labelled examples per class in the prompt (few-shot); nothing is trained.
@@ -150,7 +159,9 @@ class ZeroShotClassifier(BaseClassifier):
         model: a from-scratch causal LM (`smollm2-135m`, `qwen2.5-0.5b`, `gemma3-270m`, a GGUF file or
             Hugging Face directory of a registered family); its chat format frames the prompt.
         labels: the class names, in the order of `classes_` and of the probability columns; each is
-            scored as the answer's text, so name them as a person would ("spam", "not spam").
+            scored as the answer's text, so name them as a person would ("spam", "not spam"). `NAME=WORDS`
+            keeps NAME as the class (the data's label) and gives the model WORDS to read and score
+            (`"ham=not spam"`: SMS data says "ham", a word the model does not read as "not spam").
         template: the user's message, with `{text}` and optionally `{labels}` (the names joined by
             ", ") and `{examples}` (the few-shot examples); default `DEFAULT_ZERO_SHOT_TEMPLATE`.
         score: `mean` (default) or `sum` of the label tokens' log-probabilities.
@@ -196,9 +207,13 @@ class ZeroShotClassifier(BaseClassifier):
         for i, label in enumerate(labels):
             if not isinstance(label, str):
                 raise ConfigError(f"label {i} is a {type(label).__name__}, not a string")
-        stripped = [label.strip() for label in labels]
-        if dupes := sorted({x for x in stripped if stripped.count(x) > 1 and x}):
-            raise ConfigError(f"duplicate label(s) {dupes}: each class needs its own name")
+        pairs = [label_words(label) for label in labels]
+        names, words = tuple(n for n, _ in pairs), tuple(w for _, w in pairs)
+        labels = list(names)
+        for kind, values in (("label", names), ("label wording", words)):
+            if dupes := sorted({x for x in values if values.count(x) > 1 and x}):
+                raise ConfigError(f"duplicate {kind}(s) {dupes}: each class needs its own name")
+        self.words_ = list(words)
         if len(labels) < 2:
             raise ConfigError(f"one label {labels}: zero-shot classification needs two or more")
         if self.score not in SCORES:
@@ -267,11 +282,11 @@ class ZeroShotClassifier(BaseClassifier):
             self._load()
             self.loaded_spec_ = str(self.model)
         self.classes_ = labels
-        self.label_ids_ = [self._encode(label) for label in labels]
+        self.label_ids_ = [self._encode(words) for words in self.words_]
         if empty := [label for label, ids in zip(labels, self.label_ids_, strict=True) if not ids]:
             raise ConfigError(f"label(s) {empty} tokenise to nothing: give every class a name made of text")
         self.max_length_ = min(self.max_length or self.model_.context_length, self.model_.context_length)
-        message = (self.template or DEFAULT_ZERO_SHOT_TEMPLATE).replace("{labels}", ", ".join(labels))
+        message = (self.template or DEFAULT_ZERO_SHOT_TEMPLATE).replace("{labels}", ", ".join(self.words_))
         prompt = self.chat_template_.replace("{prompt}", message) if self.chat_template_ else message
         head, self.tail_ = prompt.split("{text}")
         self.head_a_, _, self.head_b_ = head.partition("{examples}")
@@ -286,7 +301,7 @@ class ZeroShotClassifier(BaseClassifier):
         if self.shots:
             per_example = (self.max_length_ - fixed - min(TEXT_RESERVE, self.max_length_ // 4)) \
                 // (self.shots * len(labels))
-            overhead = len(self._encode(EXAMPLE_FORMAT.format(text="", label=max(labels, key=len))))
+            overhead = len(self._encode(EXAMPLE_FORMAT.format(text="", label=max(self.words_, key=len))))
             self.example_tokens_ = per_example - overhead
             if self.example_tokens_ < MIN_EXAMPLE_TOKENS:
                 raise ConfigError(f"{self.shots} examples per class ({self.shots * len(labels)} in all) do not fit "
@@ -335,7 +350,7 @@ class ZeroShotClassifier(BaseClassifier):
             ids = self._encode(text)
             if len(ids) > self.example_tokens_:
                 text = self.tokenizer_.decode(ids[: self.example_tokens_]) + " ..."
-            parts.append(EXAMPLE_FORMAT.format(text=text, label=label))
+            parts.append(EXAMPLE_FORMAT.format(text=text, label=self.words_[self.classes_.index(label)]))
         return "".join(parts)
 
     def _embeddings(self, texts: list[str]) -> torch.Tensor:
