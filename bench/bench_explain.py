@@ -13,24 +13,14 @@ written too (the README's picture: docs/explain_spam.png).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_robustness import cpu_name
 from bench_serve import build_classifier, sms_texts
 
 SPAM = "You are a winner you have been specially selected to receive $1000 cash or a $2000 award."
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def rate(fn, n: int) -> float:
