@@ -1,6 +1,6 @@
 """Multi-label classification on real text: AG News titles, alone or two of different topics joined.
 
-The set (`llmclf.multilabel.ag_news_multilabel`, from ../shared/data/ag_news/test.csv): N texts, each a
+The set (`llmclf.data.classification.ag_news_multilabel`, from ../shared/data/ag_news/test.csv): N texts, each a
 news title labelled with its topic (World, Sports, Business, Sci/Tech) or, for 40 % of them, two titles
 of different topics joined by " / " and labelled with both. Split by iterative stratification
 (`llmclf data split --stratify --label-sep ,`: 60 / 15 / 25 %), written as CSV files (labels joined by ",").
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llmclf.data.classification import read_labelled, split_labelled, write_labelled
-from llmclf.multilabel import ag_news_multilabel, multi_hot, multilabel_metrics, tune_thresholds
+from llmclf.data.classification import ag_news_multilabel, read_labelled, split_labelled, write_labelled
+from llmclf.multilabel import multi_hot, multilabel_metrics, tune_thresholds
 
 KEYS = ("micro_f1", "macro_f1", "samples_f1", "subset_accuracy", "hamming_loss")
 

@@ -288,7 +288,7 @@ def test_hf_engine_learns_a_multi_label_task(tmp_path: Path):
 
 def test_the_ag_news_multi_label_set(shared_dir: Path):
     """The real set of bench/bench_multilabel.py, built from ../shared (AG News is not shipped: its licence)."""
-    from llmclf.multilabel import ag_news_multilabel
+    from llmclf.data.classification import ag_news_multilabel
 
     data = ag_news_multilabel(shared_dir / "data" / "ag_news" / "test.csv", n=200, pair_share=0.4, seed=1)
     sets = [label.split(",") for label in data.labels]

@@ -700,10 +700,11 @@ def _decision_note(clf) -> str:
     "    --plots runs/spam",
     "llmclf evaluate --model runs/spam-onnx --data data/sms/test.csv \\",
     "    --precision int8",
-    "llmclf evaluate --zero-shot --model smollm2-135m --labels \"ham=not spam,spam\" \\",
+    "llmclf evaluate --zero-shot --model qwen2.5-1.5b \\",
+    "    --labels \"ham=not spam,spam\" --data data/sms/test.csv",
+    "llmclf evaluate --zero-shot --model qwen2.5-1.5b \\",
+    "    --labels \"ham=not spam,spam\" --shots 4 --train data/sms/train.csv \\",
     "    --data data/sms/test.csv",
-    "llmclf evaluate --zero-shot --model smollm2-135m --labels \"ham=not spam,spam\" \\",
-    "    --shots 4 --train data/sms/train.csv --data data/sms/test.csv",
 ))
 @with_zero_shot_options
 def evaluate(
@@ -769,8 +770,8 @@ def evaluate(
     "llmclf predict --model runs/spam --explain \"You won a free cruise!\"",
     "llmclf predict --zero-shot --model smollm2-135m \\",
     "    --labels \"positive,negative\" \"What a wonderful film.\"",
-    "llmclf predict --zero-shot --model qwen2.5-0.5b --labels \"ham=not spam,spam\" \\",
-    "    --shots 4 --train data/sms/train.csv \"You won a free cruise!\"",
+    "llmclf predict --zero-shot --model qwen2.5-1.5b \\",
+    "    --labels \"ham=not spam,spam\" \"You won a free cruise!\"",
 ))
 @with_zero_shot_options
 def predict(

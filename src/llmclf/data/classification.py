@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -603,3 +604,40 @@ def batch_order(lengths: list[int], batch_size: int, shuffle: bool, bucket: bool
     if bucket and shuffle:
         rng.shuffle(batches)
     return batches
+
+
+# --- a real multi-label set ---------------------------------------------------------------------
+
+AG_NEWS_CLASSES = {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"}
+
+
+def ag_news_multilabel(csv_path: str | os.PathLike, n: int = 1400, pair_share: float = 0.4,
+                       seed: int = 123) -> LabelledTexts:
+    """A multi-label set derived from AG News (`../shared/data/ag_news/test.csv`: class, title,
+    description; no header): `n` texts, each one news title labelled with its topic, or (a `pair_share` of
+    them) two titles of different topics joined by " / " and labelled with both. Every article is used
+    once; the labels are joined by ","."""
+    from llmclf.multilabel import DEFAULT_SEP, join_labels
+
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        rows = [(AG_NEWS_CLASSES[r[0]], " ".join(r[1].split())) for r in csv.reader(f) if len(r) == 3]
+    if len(rows) < 2 * n:
+        raise DataError(f"{csv_path}: {len(rows)} articles, fewer than the {2 * n} a set of {n} texts may need")
+    rng = np.random.default_rng(seed)
+    articles = [rows[i] for i in rng.permutation(len(rows))]
+    texts, labels, used = [], [], 0
+    n_pairs = round(n * pair_share)
+    for i in range(n):
+        first = articles[used]
+        used += 1
+        if i < n_pairs:  # the next article of another topic
+            j = next(k for k in range(used, len(articles)) if articles[k][0] != first[0])
+            second = articles.pop(j)
+            texts.append(f"{first[1]} / {second[1]}")
+            labels.append(join_labels([first[0], second[0]], DEFAULT_SEP))
+        else:
+            texts.append(first[1])
+            labels.append(first[0])
+    order = rng.permutation(n)
+    return LabelledTexts([texts[i] for i in order], [labels[i] for i in order], f"{csv_path} (multi-label)",
+                         DEFAULT_SEP)
