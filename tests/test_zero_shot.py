@@ -188,6 +188,8 @@ def test_evaluate_and_mc_dropout(tiny_lm):
     assert metrics["n"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
     with pytest.raises(DataError, match="not among"):
         clf.evaluate(LabelledTexts(["x"], ["neutral"], "t"))
+    with pytest.raises(ConfigError, match="zero-shot classifier scores label words"):
+        clf.explain(["good"])
     with pytest.raises(ConfigError, match="deterministic"):
         clf.predict_mc_dropout(["x"])
 

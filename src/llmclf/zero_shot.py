@@ -437,6 +437,10 @@ class ZeroShotClassifier(BaseClassifier):
     def predict_mc_dropout(self, *args: Any, **kwargs: Any):
         raise ConfigError("MC-dropout needs a trained classifier; zero-shot scoring is one deterministic pass")
 
+    def _explain_access(self):
+        raise ConfigError("explanations attribute a trained classifier's label; a zero-shot classifier scores label "
+                          "words with the language model: leave out --explain, or train a classifier")
+
     def save(self, *_: Any, **__: Any) -> None:
         raise ConfigError("a zero-shot classifier has nothing trained to save: rebuild it from its options "
                           "(model, labels, template, shots) or train a classifier with `llmclf train`")
