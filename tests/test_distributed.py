@@ -131,7 +131,9 @@ def test_devices_restarts_a_killed_worker_and_finishes_like_an_uninterrupted_run
     # (a bounded process-group timeout and a spare restart: a reconnect that fails costs a restart, not a hang)
     result = _run(["-m", "llmclf", *_train_args(setup, killed, 4, *args), "--devices", "2", "--max-restarts", "2"],
                   env=_env(LLMCLF_FAULT="step:5@1", LLMCLF_DIST_TIMEOUT="60"))
-    assert "exitcode: -9" in result.stderr and "resuming" in result.stderr, result.stderr[-3000:]
+    # the agent reports the first failed worker it sees: the killed one (-9) or its peer, whose collective the
+    # kill broke (a race, as in the torchrun test below); then the group restarts and resumes
+    assert re.search(r"\(exitcode: -?\d+\)", result.stderr) and "resuming" in result.stderr, result.stderr[-3000:]
     assert _max_diff(reference, killed) < 1e-6
     assert not (killed / "checkpoints").exists()
 
