@@ -35,24 +35,29 @@ def tiny_dropout_lm(out: Path, tokenizer) -> Path:
                                                    n_layers=2, drop_rate=0.1)), tokenizer)
 
 
-def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
-    """The directory of a tiny GPT-2 classifier (labels neg, pos; dropout 0.1; not calibrated: its validation
-    set is its training set) saved by `fit`."""
-    out = tmp_path_factory.getbasetemp() / "llmclf-tiny-classifier"
-    if (out / "config.json").is_file():
-        return out
+def _tiny_lm(path: Path, shared_dir: Path, drop_rate: float) -> Path:
+    """A random 2-layer, 32-dim GPT-2 (seed 0) with the GPT-2 tokenizer, saved as a checkpoint at `path`."""
     from llmclf.config import GPTConfig
-    from llmclf.data.classification import LabelledTexts
-    from llmclf.engines.scratch import TextClassifier
     from llmclf.loaders.checkpoint import save_checkpoint
     from llmclf.models.gpt2 import GPTModel
     from llmclf.tokenizer import load_gpt2_tokenizer
 
     tokenizer = load_gpt2_tokenizer(os.environ.get("LLMCLF_GPT2_TOKENIZER_DIR", shared_dir / "tokenizers" / "gpt2"))
     torch.manual_seed(0)
-    lm = save_checkpoint(out.with_name(out.name + "-lm"),
-                         GPTModel(GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)),
-                         tokenizer)
+    return save_checkpoint(path, GPTModel(GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2,
+                                                    drop_rate=drop_rate)), tokenizer)
+
+
+def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """The directory of a tiny GPT-2 classifier (labels neg, pos; dropout 0.1; not calibrated: its validation
+    set is its training set) saved by `fit`."""
+    out = tmp_path_factory.getbasetemp() / "llmclf-tiny-classifier"
+    if (out / "config.json").is_file():
+        return out
+    from llmclf.data.classification import LabelledTexts
+    from llmclf.engines.scratch import TextClassifier
+
+    lm = _tiny_lm(out.with_name(out.name + "-lm"), shared_dir, drop_rate=0.1)
     labels = ["pos" if i % 2 else "neg" for i in range(32)]
     data = LabelledTexts([f"item {i}: {WORDS[lab]}" for i, lab in enumerate(labels)], labels, "toy")
     clf = TextClassifier(str(lm), trainable="all", pooling="last", template=None, epochs=3, lr=3e-3, batch_size=8,
@@ -87,17 +92,9 @@ def multi_label_classifier_dir(tmp_path_factory: pytest.TempPathFactory, shared_
     out = tmp_path_factory.getbasetemp() / "llmclf-tiny-multi-label"
     if (out / "config.json").is_file():
         return out
-    from llmclf.config import GPTConfig
     from llmclf.engines.scratch import TextClassifier
-    from llmclf.loaders.checkpoint import save_checkpoint
-    from llmclf.models.gpt2 import GPTModel
-    from llmclf.tokenizer import load_gpt2_tokenizer
 
-    tokenizer = load_gpt2_tokenizer(os.environ.get("LLMCLF_GPT2_TOKENIZER_DIR", shared_dir / "tokenizers" / "gpt2"))
-    torch.manual_seed(0)
-    lm = save_checkpoint(out.with_name(out.name + "-lm"),
-                         GPTModel(GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)),
-                         tokenizer)
+    lm = _tiny_lm(out.with_name(out.name + "-lm"), shared_dir, drop_rate=0.0)
     clf = TextClassifier(str(lm), pooling="mean", template="{text}", epochs=6, lr=0.05, batch_size=8,
                          class_weights="balanced", log_every=1000, precision="float32")
     clf.fit(topic_texts(96, 1), topic_texts(30, 2), progress=False)

@@ -71,15 +71,6 @@ def parse(spec: str) -> Chunking | None:
     return Chunking(length, stride)
 
 
-def spec_problem(spec: str) -> str | None:
-    """What is wrong with a `--long-text` value, or None (TrainArgs' check)."""
-    try:
-        parse(spec)
-    except ConfigError as exc:
-        return str(exc)
-    return None
-
-
 def spans(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
     """[start, end) of the windows over `n_tokens` tokens: `size` tokens each (the last may be shorter),
     each starting `overlap` tokens before the previous one ends; together they cover every token (an
@@ -274,8 +265,9 @@ def restore(clf: Any, config: dict[str, Any], where: str) -> None:
     training = config.get("training") or {}
     clf.long_text_ = training.get("long_text") or TRUNCATE
     clf.aggregate_ = training.get("aggregate") or "mean"
-    problem = spec_problem(clf.long_text_)
-    if problem is None and clf.aggregate_ not in AGGREGATES:
-        problem = f"must be one of {', '.join(AGGREGATES)}, got {clf.aggregate_!r}"
-    if problem:
-        raise ConfigError(f"{where}/config.json: training long_text/aggregate {problem}")
+    try:
+        parse(clf.long_text_)
+        if clf.aggregate_ not in AGGREGATES:
+            raise ConfigError(f"must be one of {', '.join(AGGREGATES)}, got {clf.aggregate_!r}")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}/config.json: training long_text/aggregate {exc}") from None

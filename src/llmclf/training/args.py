@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmclf import long_text
 from llmclf.errors import ConfigError
 from llmclf.long_text import AGGREGATES
-from llmclf.long_text import spec_problem as long_text_problem
 from llmclf.models.heads import POOLINGS, Trainable
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.tracking import REPORT_TO
@@ -107,12 +108,15 @@ def parse_class_weights(spec: str, n_classes: int | None = None) -> str | list[f
     return weights
 
 
-def _class_weights(value: str) -> str | None:
-    try:
-        parse_class_weights(value)
-    except ConfigError as exc:
-        return str(exc)
-    return None
+def _parses(parse: Callable[[Any], Any]):
+    """A check that runs `parse` on the value: its ConfigError's message, or None."""
+    def check(value: Any) -> str | None:
+        try:
+            parse(value)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+    return check
 
 
 @dataclass
@@ -146,7 +150,7 @@ class TrainArgs:
         "classify every window of LEN tokens (template included; default --max-length, else 512) overlapping by "
         "STRIDE tokens (default a quarter of a window's text) and aggregate them (--aggregate); in training every "
         "window is an example labelled with its text's label. Saved with the model (docs/training.md).",
-        check=long_text_problem, metavar="MODE")
+        check=_parses(long_text.parse), metavar="MODE")
     aggregate: str = option(
         "mean", "With --long-text chunk, how a text's window scores (log-probabilities) combine: mean | max | "
         "logsumexp (= the mean of the windows' probabilities). Saved with the model.", check=_one_of(AGGREGATES))
@@ -168,7 +172,7 @@ class TrainArgs:
     grad_accum: int = option(1, "Batches per optimizer step (gradient accumulation).", check=_at_least(1))
     class_weights: str = option(
         "none", "Weighted cross-entropy for imbalanced data: none | balanced (n / (classes x count), "
-        "scikit-learn's) | W1,W2,... (one per label, labels in sorted order).", check=_class_weights)
+        "scikit-learn's) | W1,W2,... (one per label, labels in sorted order).", check=_parses(parse_class_weights))
     ensemble: str = option(
         "tfidf", "none | tfidf: combine the language model with a logistic regression on TF-IDF word 1-2-grams "
         "and character 2-5-grams, fitted on the training texts; the two are weighted by log-loss on the "
