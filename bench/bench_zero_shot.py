@@ -4,7 +4,8 @@ Data: the test splits of `bench_backbones.py` (seed 123: SMS course split, AG Ne
 balanced), the first `--limit` texts of each (default 200); few-shot examples come from the same
 split's training part (K per class, one seeded draw shared by every text). Label names: SMS
 "ham,spam", AG News its four topic names, IMDB "positive,negative". Prints accuracy and texts/s
-(wall time of `predict_proba` over the texts, the shared prompt's one pass excluded and printed apart).
+(wall time of `predict_proba` over the texts, the shared prompt's one pass excluded and printed apart),
+each without and with contextual calibration (`calibrate="content-free"`), from the same pass.
 
     python bench/bench_zero_shot.py [--model smollm2-135m] [--datasets sms,ag_news,imdb] [--shots 0,4,16]
         [--limit 200] [--score both] [--json F] [--words 'sms:ham=not spam']
@@ -62,14 +63,14 @@ def main() -> None:
             token_log_probs = clf.label_token_log_probs(test.texts, batch_size=16)
             seconds = time.perf_counter() - start
             gold = np.array([labels.index(x) for x in test.labels])
-            for score in scores:  # both scores from the one pass
-                probs = clf.probabilities_from(token_log_probs, score)
+            for score, calibrate in ((s, c) for s in scores for c in ("none", "content-free")):  # one pass
+                probs = clf.probabilities_from(token_log_probs, score, calibrate)
                 acc = float((probs.argmax(1) == gold).mean())
-                key = f"{name}/{shots}-shot/{score}"
+                key = f"{name}/{shots}-shot/{score}" + ("/calibrated" if calibrate != "none" else "")
                 results[key] = {"accuracy": acc, "texts_per_second": len(test) / seconds, "n": len(test),
                                 "prompt_tokens": len(clf.prefix_ids_) + 1, "prefix_seconds": prefill,
                                 "predicted": {lab: int((probs.argmax(1) == i).sum()) for i, lab in enumerate(labels)}}
-                print(f"{key:28s} accuracy {acc * 100:6.2f} %  {len(test) / seconds:6.2f} texts/s  "
+                print(f"{key:39s} accuracy {acc * 100:6.2f} %  {len(test) / seconds:6.2f} texts/s  "
                       f"(n={len(test)}, shared prompt {len(clf.prefix_ids_) + 1} tokens, {prefill:.1f} s to load "
                       f"and run once; predicted {results[key]['predicted']})", flush=True)
     if args.json:

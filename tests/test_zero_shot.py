@@ -126,14 +126,54 @@ def test_classifier_probabilities_equal_full_sequence_scoring(tiny_lm):
 def test_few_shot_puts_k_examples_per_class_in_the_shared_prompt(tiny_lm):
     clf = zs(tiny_lm, shots=2, seed=5).fit(EXAMPLES)
     prompt = clf.tokenizer_.decode(clf.prefix_ids_)
-    assert sum(prompt.count(f"Label: {lab}") for lab in ("positive", "negative")) == 4
+    # each example is an earlier turn: the text as the template writes it, then its label as the answer
+    assert [t for t in EXAMPLES.texts if f"Text: {t}\n{EXAMPLES.labels[EXAMPLES.texts.index(t)]}\n" in prompt] \
+        and sum(prompt.count(f"\n{lab}\n") for lab in ("positive", "negative")) == 4
     assert clf.info()["zero_shot"]["shots"] == 2 and clf.info()["engine"] == "zero-shot"
     again = zs(tiny_lm, shots=2, seed=5).fit(EXAMPLES)
     assert again.prefix_ids_ == clf.prefix_ids_  # the seed fixes the draw
     nearest = zs(tiny_lm, shots=1, shot_selection="nearest").fit(EXAMPLES)
     probs = nearest.predict_proba(TEXTS)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert "Label:" in nearest.tokenizer_.decode(nearest._text_ids(["great fun"])[0])
+    own = nearest.tokenizer_.decode(nearest._text_ids(["great fun"])[0])
+    assert own.count("Text: ") == 3 and own.startswith("\n\nText: ") and "Text: great fun\npositive\n" in own
+
+
+@pytest.mark.parametrize(("template", "want"), [
+    ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+     "<|im_start|>user\nQ: a<|im_end|>\n<|im_start|>assistant\nx<|im_end|>\n<|im_start|>user\nQ: b<|im_end|>\n"
+     "<|im_start|>assistant\n"),
+    ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+     "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nQ: a<|im_end|>\n<|im_start|>assistant\nx<|im_end|>\n"
+     "<|im_start|>user\nQ: b<|im_end|>\n<|im_start|>assistant\n"),
+    ("<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n",
+     "<start_of_turn>user\nQ: a<end_of_turn>\n<start_of_turn>model\nx<end_of_turn>\n<start_of_turn>user\nQ: b"
+     "<end_of_turn>\n<start_of_turn>model\n"),
+    (None, "Q: a\nx\nQ: b\n"),
+])
+def test_examples_are_earlier_turns_of_the_chat_format(template, want):
+    """An example turn then the question, in the families' chat formats (and plain text without one)."""
+    from llmclf.zero_shot import conversation_parts
+
+    first, answer, end, next_turn = conversation_parts(template)
+    assert first + "Q: a" + answer + "x" + end + next_turn + "Q: b" + answer == want
+
+
+def test_content_free_calibration_divides_out_the_prompt_bias(tiny_lm, monkeypatch):
+    """Calibrated on one content-free text, that text comes out uniform; others are the plain
+    probabilities divided by its probabilities, renormalised."""
+    import llmclf.zero_shot as zero_shot
+
+    monkeypatch.setattr(zero_shot, "CONTENT_FREE_TEXTS", ("N/A",))
+    plain = zs(tiny_lm, shots=1).fit(EXAMPLES)
+    calibrated = zs(tiny_lm, shots=1, calibrate="content-free").fit(EXAMPLES)
+    np.testing.assert_allclose(calibrated.predict_proba(["N/A"]), [[0.5, 0.5]], atol=1e-6)
+    bias = plain.predict_proba(["N/A"])[0]
+    want = plain.predict_proba(TEXTS) / bias
+    np.testing.assert_allclose(calibrated.predict_proba(TEXTS), want / want.sum(1, keepdims=True), atol=1e-6)
+    info = calibrated.info()["zero_shot"]
+    assert info["calibrate"] == "content-free"
+    np.testing.assert_allclose(list(info["content_free_probabilities"].values()), bias, atol=1e-6)
 
 
 def test_name_equals_words_scores_the_words_under_the_name(tiny_lm):
@@ -170,6 +210,7 @@ def test_long_texts_are_cut_to_the_context(tiny_lm):
                                                                         "big"), "do not fit the context"),
     ({"shots": 1, "labels": ["good", "bad"]}, EXAMPLES, "not among the zero-shot labels"),
     ({"score": "max"}, None, "score must be"),
+    ({"calibrate": "yes"}, None, "calibrate must be"),
     ({"template": "no place for the text"}, None, "{text}"),
 ])
 def test_bad_input_gets_a_clear_error(tiny_lm, kw, examples, message):

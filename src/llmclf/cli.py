@@ -609,6 +609,10 @@ ZERO_SHOT_OPTIONS = {
         "the examples nearest by the model's embeddings; slower).", rich_help_panel="Zero-/few-shot")),
     "shot_seed": (int, DEFAULT_SEED, typer.Option(
         "--shot-seed", help="With --shots random: the seed of the draw.", rich_help_panel="Zero-/few-shot")),
+    "calibrate": (str, "none", typer.Option(
+        "--calibrate", help="With --zero-shot: none, or content-free (contextual calibration: each label's "
+        "probability divided by its probability for texts with no content, \"N/A\", \"\" and \"[MASK]\"; "
+        "removes the prompt's bias toward some labels).", rich_help_panel="Zero-/few-shot")),
 }
 
 
@@ -655,7 +659,8 @@ def _zero_shot_classifier(model: str, options: dict, max_length, precision: str,
     examples = read_labelled(options["train"]) if options["train"] is not None else None
     clf = ZeroShotClassifier(model, labels, template=options["template"], score=options["score"],
                              shots=options["shots"], shot_selection=options["shot_selection"],
-                             seed=options["shot_seed"], max_length=max_length, precision=precision, device=device)
+                             seed=options["shot_seed"], calibrate=options["calibrate"], max_length=max_length,
+                             precision=precision, device=device)
     return clf.fit(examples)
 
 

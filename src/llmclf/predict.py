@@ -37,7 +37,7 @@ from llmclf.data.classification import RECORD_SUFFIXES, read_lines, read_records
 from llmclf.engines.base import prediction_record
 from llmclf.errors import ConfigError, DataError
 from llmclf.loaders.tensors import atomic_write_json, write_error
-from llmclf.training.calibration import DecisionThreshold, decide
+from llmclf.training.calibration import DecisionThreshold
 from llmclf.training.state import fault_point
 
 log = logging.getLogger(__name__)
@@ -103,21 +103,22 @@ class _Writer:
         csv.writer(buf, delimiter="\t" if self.fmt == "tsv" else ",", lineterminator="\r\n").writerows(rows)
         return buf.getvalue().encode("utf-8")
 
-    def encode(self, texts: list[str], labels: list[str], mean: np.ndarray, std: np.ndarray | None,
-               confident: list[bool] | None) -> bytes:
+    def encode(self, texts: list[str], mean: np.ndarray, std: np.ndarray | None = None, *,
+               confident: list[bool] | None = None, threshold: float | None = None) -> bytes:
+        """Rows for `texts` from their probabilities; each row's label and `confident` come from
+        `prediction_record`, the one place a prediction is decided."""
+        records = [prediction_record(self.classes, mean[i], None if std is None else std[i], threshold=threshold,
+                                     confident=None if confident is None else confident[i],
+                                     decision=self.decision, multi_label=self.multi_label)
+                   for i in range(len(texts))]
         if self.fmt == "jsonl":
-            lines = []
-            for i, text in enumerate(texts):  # the label: prediction_record's argmax, equal to `labels`
-                record = prediction_record(self.classes, mean[i], None if std is None else std[i],
-                                           confident=None if confident is None else confident[i],
-                                           decision=self.decision, multi_label=self.multi_label)
-                lines.append(json.dumps({self.text_col: text, **record}, ensure_ascii=False) + "\n")
-            return "".join(lines).encode("utf-8")
+            return "".join(json.dumps({self.text_col: text, **record}, ensure_ascii=False) + "\n"
+                           for text, record in zip(texts, records, strict=True)).encode("utf-8")
         rows = []
-        for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
-            row: list[Any] = [text, label]
-            if confident is not None:
-                row.append(str(confident[i]).lower())
+        for i, (text, record) in enumerate(zip(texts, records, strict=True)):
+            row: list[Any] = [text, record["label"]]
+            if self.with_confident:
+                row.append(str(record["confident"]).lower())
             row += [f"{p:.6f}" for p in mean[i]]
             if std is not None:
                 row += [f"{s:.6f}" for s in std[i]]
@@ -290,15 +291,8 @@ def _predict_file(clf: Any, input_path: Path, output_path: Path, fmt: str, text_
         if mc_dropout is not None:
             result = clf.predict_mc_dropout(texts, passes=mc_dropout, threshold=threshold, batch_size=batch_size,
                                             dropout_rate=dropout_rate, seed=None if seed is None else seed + first_row)
-            return writer.encode(texts, result.labels, result.mean, result.std, result.confident)
-        probs = np.asarray(clf.predict_proba(texts, batch_size))
-        if multi is not None:  # every label over its threshold, joined by the model's separator
-            confident = None if threshold is None else [
-                bool(all(probs[i, k] >= threshold for k in multi.chosen(probs[i]))) for i in range(len(probs))]
-            return writer.encode(texts, multi.names(probs, classes), probs, None, confident)
-        best = decide(probs, decision)
-        confident = None if threshold is None else [bool(probs[i, b] >= threshold) for i, b in enumerate(best)]
-        return writer.encode(texts, [classes[int(b)] for b in best], probs, None, confident)
+            return writer.encode(texts, result.mean, result.std, confident=result.confident)
+        return writer.encode(texts, np.asarray(clf.predict_proba(texts, batch_size)), threshold=threshold)
 
     world, rank = distributed.world_size(), distributed.rank()
     try:

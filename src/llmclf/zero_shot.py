@@ -4,6 +4,13 @@ Each text is put into a prompt in the backbone's chat format ("Classify the text
 each label's verbalisation is scored by the log-probability of its tokens as the assistant's answer
 (summed or averaged over its tokens), and a softmax over the labels gives the probabilities.
 
+Few-shot examples are earlier turns of the same conversation: each is written as the text is (the
+template's part before `{text}`) and answered by the assistant with its label, so the model sees the
+answer in the very place it is asked for one. `calibrate="content-free"` divides each label's
+probability by its probability for texts with no content ("N/A", "", "[MASK]"), as contextual
+calibration does (Zhao et al., 2021, "Calibrate Before Use"): it removes the prompt's own bias toward
+some labels, which examples in the prompt (their order, the last one's label) add to.
+
 The prompt's shared head (instruction and, with `shots`, the labelled examples) is run once; its
 keys/values (`SharedPrefixCache`) serve every text, expanded over the batch without copying the
 prefix per row. Each batch of texts is run once after it; the label continuations of every text
@@ -35,7 +42,9 @@ DEFAULT_SCORE = "mean"
 # The user's message (inside the backbone's chat format); {examples} holds the few-shot examples.
 DEFAULT_ZERO_SHOT_TEMPLATE = ("Classify the text as one of: {labels}. Answer with the label only.\n\n"
                               "{examples}Text: {text}")
-EXAMPLE_FORMAT = "Text: {text}\nLabel: {label}\n\n"
+PLAIN_TURN = "{prompt}\n"  # models without a chat format: the answer on the next line
+CALIBRATIONS = ("none", "content-free")
+CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")  # Zhao et al. (2021)
 TEXT_RESERVE = 512  # tokens of the context kept for the text itself when examples are cut to fit
 MIN_EXAMPLE_TOKENS = 8  # examples cut shorter than this are refused rather than sent
 ROW_TOKEN_BUDGET = 1 << 18  # rows x context tokens per forward pass (bounds the keys/values gathered per layer)
@@ -140,6 +149,18 @@ def combine_scores(token_log_probs: torch.Tensor, lengths: Sequence[int], score:
     return total / torch.tensor(list(lengths), dtype=total.dtype, device=total.device)
 
 
+def conversation_parts(chat_template: str | None) -> tuple[str, str, str, str]:
+    """(before the first message, after a message up to the answer, end of an answer, a next user
+    turn's start) of a one-turn chat format such as "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n".
+
+    A turn ends where the text after the message has its first line break ("<|im_end|>\n",
+    "<end_of_turn>\n"); the next user turn starts as the first one does, after the last such end in
+    the text before the message (which may hold a system turn)."""
+    before, after = (chat_template or PLAIN_TURN).split("{prompt}")
+    end = after[: after.index("\n") + 1] if "\n" in after else after
+    return before, after, end, before.rsplit(end, 1)[-1] if end else before
+
+
 def label_words(label: str) -> tuple[str, str]:
     """(class name, the words the model reads and scores for it) of a `--labels` entry: `NAME=WORDS`, or NAME."""
     name, sep, words = label.partition("=")
@@ -169,18 +190,22 @@ class ZeroShotClassifier(BaseClassifier):
         shot_selection: `random` (one draw by `seed`, shared by every text, so its keys/values are
             computed once) or `nearest` (per text, the examples closest by the model's mean hidden
             state: a prompt per text, slower).
+        calibrate: `none` (default) or `content-free`: contextual calibration, each label's probability
+            divided by its mean probability for content-free texts ("N/A", "", "[MASK]"), then normalised.
         max_length: most tokens of a whole prompt (default: the model's context length).
     """
 
     engine = ENGINE
-    extra_params = ("labels", "template", "score", "shots", "shot_selection", "seed", "max_length", "precision",
-                    "device")
+    extra_params = ("labels", "template", "score", "shots", "shot_selection", "seed", "calibrate", "max_length",
+                    "precision", "device")
 
     def __init__(self, model: str = "smollm2-135m", labels: Sequence[str] = (), template: str | None = None,
                  score: str = DEFAULT_SCORE, shots: int = 0, shot_selection: str = "random", seed: int = 123,
-                 max_length: int | None = None, precision: str = "auto", device: str | None = None) -> None:
+                 calibrate: str = "none", max_length: int | None = None, precision: str = "auto",
+                 device: str | None = None) -> None:
         self.model, self.labels, self.template, self.score = model, labels, template, score
         self.shots, self.shot_selection, self.seed, self.max_length = shots, shot_selection, seed, max_length
+        self.calibrate = calibrate
         self.precision, self.device = precision, device
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -218,6 +243,8 @@ class ZeroShotClassifier(BaseClassifier):
             raise ConfigError(f"one label {labels}: zero-shot classification needs two or more")
         if self.score not in SCORES:
             raise ConfigError(f"score must be {' or '.join(SCORES)}, got {self.score!r}")
+        if self.calibrate not in CALIBRATIONS:
+            raise ConfigError(f"calibrate must be {' or '.join(CALIBRATIONS)}, got {self.calibrate!r}")
         if self.shot_selection not in SHOT_SELECTIONS:
             raise ConfigError(f"shot selection must be {' or '.join(SHOT_SELECTIONS)}, got {self.shot_selection!r}")
         if not isinstance(self.shots, int) or self.shots < 0:
@@ -287,8 +314,8 @@ class ZeroShotClassifier(BaseClassifier):
             raise ConfigError(f"label(s) {empty} tokenise to nothing: give every class a name made of text")
         self.max_length_ = min(self.max_length or self.model_.context_length, self.model_.context_length)
         message = (self.template or DEFAULT_ZERO_SHOT_TEMPLATE).replace("{labels}", ", ".join(self.words_))
-        prompt = self.chat_template_.replace("{prompt}", message) if self.chat_template_ else message
-        head, self.tail_ = prompt.split("{text}")
+        first, self.answer_, self.end_of_answer_, self.next_turn_ = conversation_parts(self.chat_template_)
+        head, self.tail_ = (first + message + self.answer_).split("{text}")
         self.head_a_, _, self.head_b_ = head.partition("{examples}")
         head_ids = self.tokenizer_.encode(self.head_a_)  # the whole prompt's start: with BOS
         self.tail_ids_ = self._encode(self.tail_)
@@ -301,7 +328,7 @@ class ZeroShotClassifier(BaseClassifier):
         if self.shots:
             per_example = (self.max_length_ - fixed - min(TEXT_RESERVE, self.max_length_ // 4)) \
                 // (self.shots * len(labels))
-            overhead = len(self._encode(EXAMPLE_FORMAT.format(text="", label=max(self.words_, key=len))))
+            overhead = len(self._encode(self._example("", max(self.words_, key=len))))
             self.example_tokens_ = per_example - overhead
             if self.example_tokens_ < MIN_EXAMPLE_TOKENS:
                 raise ConfigError(f"{self.shots} examples per class ({self.shots * len(labels)} in all) do not fit "
@@ -321,14 +348,18 @@ class ZeroShotClassifier(BaseClassifier):
         # The head's last token is run with each text, so that no text's part is empty.
         self.prefix_ids_, self.first_ids_ = shared_ids[:-1], shared_ids[-1:]
         self.prefix_cache_ = self._prefill(self.prefix_ids_)
-        self.config_ = {"backbone": str(self.model), "engine": ENGINE, "zero_shot": self._description()}
         self.temperature_, self.decision_ = 1.0, None
+        # cheap (three short texts), so kept whether used or not: `info()` shows the prompt's bias
+        self.content_free_ = self.label_token_log_probs(list(CONTENT_FREE_TEXTS))
+        self.config_ = {"backbone": str(self.model), "engine": ENGINE, "zero_shot": self._description()}
         return self
 
     def _description(self) -> dict[str, Any]:
         return {"score": self.score, "shots": self.shots,
                 "shot_selection": self.shot_selection if self.shots else None,
                 "seed": self.seed if self.shots else None, "prompt_tokens": len(self.prefix_ids_) + 1,
+                "calibrate": self.calibrate, "content_free_probabilities": dict(zip(
+                    self.classes_, map(float, self._content_free_probabilities(self.score)), strict=True)),
                 "template": self.head_a_ + ("{examples}" if self.shots else "") + self.head_b_ + "{text}" + self.tail_}
 
     def info(self) -> dict[str, Any]:
@@ -344,13 +375,17 @@ class ZeroShotClassifier(BaseClassifier):
         rng.shuffle(chosen)
         return chosen
 
+    def _example(self, text: str, words: str) -> str:
+        """One example as an earlier turn: the text as the template writes it, the label's words as the answer."""
+        return self.head_b_ + text + self.answer_ + words + self.end_of_answer_ + self.next_turn_
+
     def _examples_text(self, examples: list[tuple[str, str]]) -> str:
         parts = []
         for text, label in examples:
             ids = self._encode(text)
             if len(ids) > self.example_tokens_:
                 text = self.tokenizer_.decode(ids[: self.example_tokens_]) + " ..."
-            parts.append(EXAMPLE_FORMAT.format(text=text, label=self.words_[self.classes_.index(label)]))
+            parts.append(self._example(text, self.words_[self.classes_.index(label)]))
         return "".join(parts)
 
     def _embeddings(self, texts: list[str]) -> torch.Tensor:
@@ -422,11 +457,23 @@ class ZeroShotClassifier(BaseClassifier):
             out[idx] = logp.cpu().numpy()
         return out
 
-    def probabilities_from(self, token_log_probs: np.ndarray, score: str | None = None) -> np.ndarray:
-        """Softmax over the labels of their scores (`score`, default this classifier's) from `label_token_log_probs`."""
+    def _softmax(self, token_log_probs: np.ndarray, score: str) -> np.ndarray:
         lengths = [len(ids) for ids in self.label_ids_]
-        scores = combine_scores(torch.from_numpy(token_log_probs), lengths, score or self.score)
-        return torch.softmax(scores, dim=-1).numpy()
+        return torch.softmax(combine_scores(torch.from_numpy(token_log_probs), lengths, score), dim=-1).numpy()
+
+    def _content_free_probabilities(self, score: str) -> np.ndarray:
+        return self._softmax(self.content_free_, score).mean(axis=0)
+
+    def probabilities_from(self, token_log_probs: np.ndarray, score: str | None = None,
+                           calibrate: str | None = None) -> np.ndarray:
+        """Softmax over the labels of their scores (`score`, default this classifier's) from
+        `label_token_log_probs`, calibrated as `calibrate` says (default this classifier's)."""
+        score = score or self.score
+        probs = self._softmax(token_log_probs, score)
+        if (calibrate or self.calibrate) == "content-free":
+            probs = probs / self._content_free_probabilities(score)
+            probs /= probs.sum(axis=1, keepdims=True)
+        return probs
 
     def _probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
         return self.probabilities_from(self.label_token_log_probs(texts, batch_size))
