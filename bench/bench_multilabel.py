@@ -11,7 +11,7 @@ Compared, each scored once on the test part with thresholds tuned per label on t
   cached features);
 - with --hf, the hf engine's default (all-MiniLM-L6-v2, fully fine-tuned, 3 epochs).
 
-    python bench/bench_multilabel.py [--n 1400] [--hf] [--out runs/multilabel] [--json F]
+    python bench/bench_multilabel.py [--n 1400] [--hf] [--no-scratch] [--out runs/multilabel] [--json F]
 
 Timings are wall seconds on this machine (print the CPU with `lscpu`; a shared machine's are noisy).
 """
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1400)
     parser.add_argument("--model", default=None, help="scratch backbone (default: llmclf's default)")
     parser.add_argument("--hf", action="store_true", help="also the hf engine's default (all-MiniLM-L6-v2)")
+    parser.add_argument("--no-scratch", action="store_true", help="leave out the scratch engine's default (with "
+                        "--hf: TF-IDF and MiniLM only)")
     parser.add_argument("--out", default="runs/multilabel")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -82,7 +84,8 @@ def main() -> None:
     results["tfidf-ovr-logreg"] = {**{k: metrics[k] for k in KEYS}, "seconds": round(seconds, 1),
                                    "per_class": metrics["per_class"]}
     print("tfidf-ovr-logreg", json.dumps(results["tfidf-ovr-logreg"]), flush=True)
-    runs = [("scratch " + (args.model or DEFAULT_BACKBONE), TextClassifier(args.model or DEFAULT_BACKBONE))]
+    runs = [] if args.no_scratch else [("scratch " + (args.model or DEFAULT_BACKBONE),
+                                        TextClassifier(args.model or DEFAULT_BACKBONE))]
     if args.hf:
         runs.append(("hf all-minilm-l6-v2", HFClassifier("all-minilm-l6-v2")))
     for name, clf in runs:

@@ -8,7 +8,7 @@ split's training part (K per class, one seeded draw shared by every text). Label
 each without and with contextual calibration (`calibrate="content-free"`), from the same pass.
 
     python bench/bench_zero_shot.py [--model smollm2-135m] [--datasets sms,ag_news,imdb] [--shots 0,4,16]
-        [--limit 200] [--score both] [--json F] [--words 'sms:ham=not spam']
+        [--limit 200] [--score both] [--shot-selection random] [--json F] [--words 'sms:ham=not spam']
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--shots", default="0,4,16")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--score", default="both", help="mean, sum, or both (both from one pass)")
+    parser.add_argument("--shot-selection", default="random", help="random (one draw) or nearest (per text)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--words", action="append", default=[], metavar="DATASET:NAME=WORDS,...",
@@ -55,7 +56,8 @@ def main() -> None:
         print(f"{name}: labels {entries}", flush=True)
         for shots in (int(k) for k in args.shots.split(",")):
             scores = ["mean", "sum"] if args.score == "both" else [args.score]
-            clf = ZeroShotClassifier(args.model, entries, shots=shots, precision=args.precision)
+            clf = ZeroShotClassifier(args.model, entries, shots=shots, shot_selection=args.shot_selection,
+                                     precision=args.precision)
             start = time.perf_counter()
             clf.fit(data["train"] if shots else None)
             prefill = time.perf_counter() - start
@@ -66,7 +68,8 @@ def main() -> None:
             for score, calibrate in ((s, c) for s in scores for c in ("none", "content-free")):  # one pass
                 probs = clf.probabilities_from(token_log_probs, score, calibrate)
                 acc = float((probs.argmax(1) == gold).mean())
-                key = f"{name}/{shots}-shot/{score}" + ("/calibrated" if calibrate != "none" else "")
+                key = (f"{name}/{shots}-shot" + ("/nearest" if shots and args.shot_selection == "nearest" else "")
+                       + f"/{score}" + ("/calibrated" if calibrate != "none" else ""))
                 results[key] = {"accuracy": acc, "texts_per_second": len(test) / seconds, "n": len(test),
                                 "prompt_tokens": len(clf.prefix_ids_) + 1, "prefix_seconds": prefill,
                                 "predicted": {lab: int((probs.argmax(1) == i).sum()) for i, lab in enumerate(labels)}}

@@ -236,10 +236,12 @@ def test_a_template_wraps_every_text_in_training_and_after_reloading(tmp_path, t
 
 
 def test_same_seed_same_result(tiny_lm):
+    """The head's training; the n-gram blend and the temperature: test_calibration's same-seed test."""
     data = _toy_data(24)
 
     def run() -> np.ndarray:
-        clf = TextClassifier(str(tiny_lm), epochs=1, lr=1e-3, precision="float32", log_every=100)
+        clf = TextClassifier(str(tiny_lm), epochs=1, lr=1e-3, precision="float32", log_every=100, ensemble="none",
+                             calibration="none")
         return clf.fit(data, data, progress=False).predict_proba(data.texts)
 
     np.testing.assert_array_equal(run(), run())
@@ -341,7 +343,8 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_lm):
 
 def test_patience_stops_early_and_keeps_the_best_epoch(tiny_lm):
     data = _toy_data(16)
-    clf = TextClassifier(str(tiny_lm), epochs=10, lr=0.0, patience=2, precision="float32", log_every=1000)
+    clf = TextClassifier(str(tiny_lm), epochs=10, lr=0.0, patience=2, precision="float32", log_every=1000,
+                         ensemble="none")
     history = clf.fit(data, data, progress=False).history_
     assert history.stopped_early and len(history.val_accuracy_full) == 3 and history.best_epoch == 1
 
@@ -372,7 +375,7 @@ def test_tsv_input_and_jsonl_output(tmp_path, tiny_lm):
     from llmclf.predict import predict_file
 
     data = _toy_data(16)
-    clf = TextClassifier(str(tiny_lm), epochs=1, precision="float32").fit(data, data, progress=False)
+    clf = TextClassifier(str(tiny_lm), epochs=1, precision="float32", ensemble="none").fit(data, data, progress=False)
     (tmp_path / "in.tsv").write_text("id\tmessage\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(data.texts)))
     stats = predict_file(clf, tmp_path / "in.tsv", tmp_path / "out.jsonl", text_col="message", chunk_size=5)
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

@@ -42,7 +42,7 @@ def test_generate_with_and_without_kv_cache(tiny_checkpoint):
 def test_lm_eval_json(tiny_checkpoint, shared_dir):
     result = runner.invoke(app, ["lm-eval", "--model", str(tiny_checkpoint), "--text",
                                  str(shared_dir / "data/the_verdict/the-verdict.txt"), "--json",
-                                 "--precision", "float32", "--stride", "16", "--batch-size", "4"])
+                                 "--precision", "float32", "--stride", "32", "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert set(metrics) == {"train_loss", "val_loss", "train_perplexity", "val_perplexity",

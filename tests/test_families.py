@@ -123,7 +123,7 @@ def test_the_server_classifies_with_every_family(family_lm, tmp_path):
     _, directory = family_lm
     data = _toy(16)
     clf = TextClassifier(str(directory), trainable="head", epochs=1, batch_size=8, log_every=1000,
-                         precision="float32").fit(data, data, progress=False)
+                         precision="float32", ensemble="none").fit(data, data, progress=False)
     with TestClient(create_app(clf)) as client:
         response = client.post("/v1/classify", json={"texts": data.texts[:2]})
     assert response.status_code == 200, response.text
@@ -134,7 +134,7 @@ def test_auto_template_is_the_instruction_in_the_backbones_chat_format(family_lm
     name, directory = family_lm
     data = _toy(8)
     clf = TextClassifier(str(directory), template="auto", trainable="head", epochs=1, log_every=1000,
-                         precision="float32").fit(data, data, progress=False)
+                         precision="float32", ensemble="none").fit(data, data, progress=False)
     turn = FAMILIES[name].chat_template
     assert "neg, pos" in clf.template_ and "{text}" in clf.template_
     assert clf.template_.startswith(turn.split("{prompt}")[0] if turn else "Classify")
