@@ -236,7 +236,7 @@ def test_a_template_wraps_every_text_in_training_and_after_reloading(tmp_path, t
 
 
 def test_same_seed_same_result(tiny_lm):
-    """The head's training; the n-gram blend and the temperature: test_calibration's same-seed test."""
+    """Same seed, same trained head (the blend and the temperature: test_calibration.py's same-seed test)."""
     data = _toy_data(24)
 
     def run() -> np.ndarray:
