@@ -18,16 +18,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llmclf.errors import DataError
-
-if TYPE_CHECKING:
-    pass
 
 DEFAULT_SEP = ","  # joins the labels of a JSON list when no --label-sep is given
 THRESHOLD_GRID = np.round(np.linspace(0.05, 0.95, 19), 2)

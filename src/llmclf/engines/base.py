@@ -260,6 +260,20 @@ class BaseClassifier:
         """How `llmclf.explain` runs this engine's model: forward pass, token embeddings, padding."""
         raise NotImplementedError
 
+    def _long_text_windows(self, args: TrainArgs, train: LabelledTexts, val: LabelledTexts, limit: int,
+                           hard_limit: int) -> tuple[tuple[LabelledTexts, list[int]], ...] | None:
+        """With --long-text chunk: `max_length_` set to the window (its default capped at `limit`, any
+        window at `hard_limit`), and (windows, text of each window) of `train` and of `val`; else None."""
+        length = long_text.fit_length(args.long_text, args.max_length, limit)
+        if length is None:
+            return None
+        self.max_length_ = length
+        w = long_text.resolve(self, args.long_text, args.aggregate, length, hard_limit)
+        parts = long_text.expand(self, train, w), long_text.expand(self, val, w)
+        log.info("--long-text %s: windows of %d tokens (%d of text, overlap %d): %d training, %d validation",
+                 args.long_text, w.length, w.text_tokens, w.stride, len(parts[0][1]), len(parts[1][1]))
+        return parts
+
     def _text_probabilities(self, texts: list[str], batch_size: int, dropout: bool) -> np.ndarray:
         """`_probabilities` of whole texts: with `--long-text chunk`, their windows' aggregated (`llmclf.long_text`)."""
         return long_text.probabilities(self, texts, batch_size, dropout)
@@ -532,7 +546,7 @@ class BaseClassifier:
             if getattr(self, name) is not None:
                 raise ConfigError(f"{TrainArgs.flag(name)} is for one binary decision; a multi-label model tunes a "
                                   "threshold per label on the validation set: leave it out")
-        if getattr(self, "long_text", "truncate") != "truncate":
+        if getattr(self, "long_text", long_text.TRUNCATE) != long_text.TRUNCATE:
             raise ConfigError(f"{TrainArgs.flag('long_text')} {self.long_text} aggregates windows' softmax "
                               "log-probabilities, which a multi-label model (one sigmoid per label) does not have: "
                               "leave --long-text out (texts are cut to --max-length) or train one label per text")

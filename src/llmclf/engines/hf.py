@@ -30,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from llmclf import distributed, long_text
+from llmclf import distributed
 from llmclf.data.classification import LabelledTexts, inference_batches
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError
@@ -469,11 +469,9 @@ class HFClassifier(BaseClassifier):
         else:
             train_enc = self.tokenizer_(self._model_inputs(train.texts), truncation=False, verbose=False)
             self.max_length_ = min(max(len(ids) for ids in train_enc["input_ids"]), trained_limit)
-        train_w, val_w, window = train, val, long_text.fit_length(args.long_text, args.max_length, trained_limit)
-        if window is not None:  # --long-text chunk: every window a training example with its text's label
-            self.max_length_ = window
-            w = long_text.resolve(self, args.long_text, args.aggregate, window, hard_limit)
-            train_w, val_w = (long_text.expand(self, data, w)[0] for data in (train, val))
+        # --long-text chunk: every window a training example with its text's label
+        windows = self._long_text_windows(args, train, val, trained_limit, hard_limit)
+        (train_w, _), (val_w, _) = windows or ((train, None), (val, None))
         train_set = self._dataset(train_w, "training")
         val_set = self._dataset(val_w, "validation")
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

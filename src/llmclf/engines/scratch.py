@@ -97,7 +97,7 @@ class TextClassifier(BaseClassifier):
         train_ids = self.tokenizer_.encode_batch(self._model_inputs(train.texts))
         longest = max(len(ids) for ids in train_ids)
         self.max_length_ = min(args.max_length or longest, backbone.context_length)
-        windows = self._windows(args, backbone.context_length, train, val)  # --long-text chunk, else None
+        windows = self._long_text_windows(args, train, val, backbone.context_length, backbone.context_length)
         if windows is not None:
             (train_w, train_doc), (val_w, val_doc) = windows
             train_enc, val_enc = self._encode(train_w), self._encode(val_w)
@@ -175,19 +175,6 @@ class TextClassifier(BaseClassifier):
             self._save_finished_run(out_dir, state_dir)
         distributed.barrier()  # the model is saved before any rank returns
         return self
-
-    def _windows(self, args: TrainArgs, context: int, train: LabelledTexts, val: LabelledTexts):
-        """With --long-text chunk: `max_length_` set to the window, and (windows, text of each window) of
-        `train` and of `val`; else None."""
-        length = long_text.fit_length(args.long_text, args.max_length, context)
-        if length is None:
-            return None
-        self.max_length_ = length
-        w = long_text.resolve(self, args.long_text, args.aggregate, length, context)
-        parts = long_text.expand(self, train, w), long_text.expand(self, val, w)
-        log.info("--long-text %s: windows of %d tokens (%d of text, overlap %d): %d training, %d validation",
-                 args.long_text, w.length, w.text_tokens, w.stride, len(parts[0][1]), len(parts[1][1]))
-        return parts
 
     def _refit_head(self, classifier: SequenceClassifier, pooled: Callable[[], tuple[Batches, Batches]],
                     args: TrainArgs, class_weights: torch.Tensor | None, fold: int, fit: list[int],
