@@ -14,12 +14,17 @@ from llmclf.errors import ConfigError, DataError
 from llmclf.training.state import TrainingInterruptedError
 from llmclf.tuning import (
     DEFAULT_RECIPES,
+    HEAD_COST,
     LEADERBOARD_CSV,
     LEADERBOARD_PNG,
     MODEL_DIR,
     STATE_FILE,
+    TRAIN_COST,
+    Candidate,
     FrozenFeatures,
     Recipe,
+    _Budget,
+    _winner_seconds,
     parse_budget,
     plan,
     tune,
@@ -135,6 +140,23 @@ def test_budget_skips_what_does_not_fit_and_says_so(tmp_path, tiny_checkpoint):
     assert table[0]["candidate"] == "tfidf" and table[0]["status"] == "scored"
     assert len(table) == 1 + len(RECIPES)
     assert all(r["status"].startswith("skipped: its frozen pass") for r in table[1:])
+
+
+def test_budget_keeps_room_for_the_winners_training_and_test_pass():
+    head, blend, block = (Candidate("b", "scratch", Recipe.parse(r))
+                          for r in ("head:mean:1e-3:8", "head:mean:1e-3:8+tfidf", "last-block:last:1e-4:4"))
+    frozen, layers = 100.0, 12  # the cached frozen pass runs blocks :10, 10 s a block; a head needs all 12
+    assert _winner_seconds(head, frozen, layers, 0.0) == pytest.approx(100 + 20 + 8 * HEAD_COST * 100)
+    # the blend's weights come from 5 out-of-fold refits of the head: 6 trainings
+    assert _winner_seconds(blend, frozen, layers, 0.0) == pytest.approx(100 + 20 + 6 * 8 * HEAD_COST * 100)
+    # the test set, a quarter of train + validation's length, costs a quarter of the frozen pass more
+    assert _winner_seconds(blend, frozen, layers, 0.25) == pytest.approx(_winner_seconds(blend, frozen, layers, 0) + 25)
+    # the last block: continued once, then trained forward and backward each epoch (no refits)
+    assert _winner_seconds(block, frozen, layers, 0.0) == pytest.approx(100 + 10 + 4 * (10 * TRAIN_COST + 0.5))
+    budget = _Budget(100.0)
+    assert budget.fits(40.0, 50.0)
+    budget.reserve["scored earlier"] = 70.0  # it may still win: its training stays reserved
+    assert not budget.fits(40.0, 50.0) and budget.fits(20.0, 50.0)
 
 
 def test_interrupted_search_keeps_its_leaderboard_and_resumes(tmp_path, tiny_checkpoint, monkeypatch):

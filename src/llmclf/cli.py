@@ -461,8 +461,8 @@ def tune_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: leaderboard.csv, leaderboard.png, "
                                       "tune.json (the search, for --resume) and model/ (the winner).")],
     budget: Annotated[str, typer.Option("--budget", help="Wall time for the whole search, the winner's training "
-                                        "included: 30m, 1h, 90s, 1h30m. Candidates that would not fit are skipped "
-                                        "and listed.")] = "30m",
+                                        "(and --test score) included: 30m, 1h, 90s, 1h30m. Candidates that "
+                                        "would not fit are skipped and listed.")] = "30m",
     test_file: Annotated[Optional[Path], typer.Option("--test", help="Test data, scored once by the winner.")] = None,
     backbones: Annotated[Optional[str], typer.Option(
         "--backbones", help="Comma-separated model specs to search. Default: every installed packaged backbone, "

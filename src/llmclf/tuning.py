@@ -538,38 +538,55 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str, folds:
 class _Budget:
     """Wall time left, and the estimates that decide whether a candidate still fits."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, test_share: float = 0.0) -> None:
         self.start, self.seconds = time.perf_counter(), seconds
-        # backbone -> seconds its winner's training would need: a scratch backbone's frozen pass over train +
-        # validation (as `fit` caches them), an encoder's one fold
+        self.test_share = test_share  # the test set's length against train + validation's (the winner scores it)
+        # scored candidate -> seconds training it as the winner would take (`_winner_seconds`)
         self.reserve: dict[str, float] = {}
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
 
-    def fits(self, seconds: float, backbone: str) -> bool:
-        """Whether `seconds` of work on `backbone` fit, keeping enough for the winner's training (the
-        largest reserve of the backbones that could win)."""
-        reserve = max([self.reserve.get(backbone, 0.0), *self.reserve.values()])
-        return seconds + reserve <= self.left()
+    def fits(self, seconds: float, winner_seconds: float) -> bool:
+        """Whether `seconds` of work on a candidate fit, keeping enough for the winner's training: the
+        longest of this candidate's (`winner_seconds`) and those of the candidates already scored."""
+        return seconds + max([winner_seconds, *self.reserve.values()]) <= self.left()
 
     def why_not(self, seconds: float) -> str:
         return f"needs about {seconds:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
 
 
-def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds: int) -> float:
-    """Seconds a scratch candidate's cross-validation needs once its backbone's states exist: its
-    trainable blocks forward and backward over each fold's training part every epoch, the head
-    (`HEAD_COST` of a frozen pass per epoch and fold), and once, the states continued from the cached
-    block to the first trainable one."""
+def _recipe_seconds(recipe: Recipe, frozen_seconds: float, n_layers: int) -> tuple[float, float]:
+    """(Seconds to continue the cached states to the recipe's first trainable block; seconds of one
+    epoch over all the texts: the trainable blocks forward and backward, and the head, `HEAD_COST` of
+    a frozen pass), from the frozen pass's `frozen_seconds` (blocks :n_layers - 2)."""
     from llmclf.models.heads import Trainable
 
-    assert candidate.recipe is not None
-    first = Trainable.parse(candidate.recipe.trainable).first_trainable_block(n_layers)
-    per_block = frozen_seconds / max(n_layers - 2, 1)  # the frozen pass runs blocks :n_layers - 2
-    trained = (n_layers - first) * per_block * TRAIN_COST * (folds - 1) / folds
+    first = Trainable.parse(recipe.trainable).first_trainable_block(n_layers)
+    per_block = frozen_seconds / max(n_layers - 2, 1)
     continued = max(first - (n_layers - 2), 0) * per_block
-    return continued + folds * candidate.recipe.epochs * (trained + HEAD_COST * frozen_seconds)
+    return continued, (n_layers - first) * per_block * TRAIN_COST + HEAD_COST * frozen_seconds
+
+
+def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds: int) -> float:
+    """Seconds a scratch candidate's cross-validation needs once its backbone's states exist: every
+    epoch of every fold over the fold's training part, after continuing the states once."""
+    assert candidate.recipe is not None
+    continued, epoch = _recipe_seconds(candidate.recipe, frozen_seconds, n_layers)
+    return continued + (folds - 1) * candidate.recipe.epochs * epoch
+
+
+def _winner_seconds(candidate: Candidate, frozen_seconds: float, n_layers: int, test_share: float) -> float:
+    """Seconds training a scratch candidate as the winner takes (`_train_winner`): `fit`'s own frozen
+    pass over train + validation, the recipe's epochs, once more per out-of-fold refit of the blend
+    (`ensemble_folds`, for a head trained alone), and the test set's pass."""
+    from llmclf.training.args import TrainArgs
+
+    assert candidate.recipe is not None
+    continued, epoch = _recipe_seconds(candidate.recipe, frozen_seconds, n_layers)
+    refits = TrainArgs.defaults(candidate.engine)["ensemble_folds"] \
+        if candidate.recipe.ensemble and candidate.recipe.trainable == "head" else 0
+    return frozen_seconds * (1 + test_share) + continued + (1 + refits) * candidate.recipe.epochs * epoch
 
 
 def _train_winner(winner: dict[str, Any], search: Search, train: LabelledTexts, val: LabelledTexts,
@@ -617,7 +634,8 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
     train the winner as `llmclf train` does (on `train`, best epoch by `val`) into `out_dir/model`.
 
     Args:
-        budget: wall time for the whole search, the winner's training included ("30m", "1h", seconds).
+        budget: wall time for the whole search, the winner's training (and `test` score) included ("30m", "1h",
+            seconds).
         backbones: model specs; default: every installed packaged backbone (`installed_backbones()`).
         recipes: the scratch engine's, TRAINABLE:POOLING:LR:EPOCHS[+tfidf]; default `DEFAULT_RECIPES`.
         hf_recipes: the Transformers engine's, LR:EPOCHS[+tfidf] (the whole encoder is trained);
@@ -640,7 +658,6 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if folds < 2:
         raise ConfigError(f"folds must be at least 2, got {folds}")
-    budget_left = _Budget(parse_budget(budget))
     classes = label_order(train.labels)
     if len(classes) < 2:
         raise DataError(f"{train.source}: training data has a single label {classes}; need 2 or more")
@@ -648,6 +665,8 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
     if unseen:
         raise DataError(f"{val.source}: labels {unseen} do not occur in the training data")
     pool = LabelledTexts(train.texts + val.texts, train.labels + val.labels, f"{train.source} + {val.source}")
+    test_share = sum(map(len, test.texts)) / max(sum(map(len, pool.texts)), 1) if test is not None else 0.0
+    budget_left = _Budget(parse_budget(budget), test_share)
     label_ids = [classes.index(label) for label in pool.labels]
     rarest = min(range(len(classes)), key=label_ids.count)
     if label_ids.count(rarest) < folds:
@@ -684,8 +703,10 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
                 scores = None
                 if features is not None:
                     estimate = _estimate(candidate, features.seconds, features.n_layers, folds)
-                    if budget_left.fits(estimate, candidate.backbone):
+                    winner = _winner_seconds(candidate, features.seconds, features.n_layers, test_share)
+                    if budget_left.fits(estimate, winner):
                         scores = cross_validate_cached(features, candidate.recipe, fold_index, seed)
+                        budget_left.reserve[candidate.key] = winner
                     else:
                         search.skip(candidate, budget_left.why_not(estimate))
             if scores is not None:
@@ -724,15 +745,12 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
                               progress=progress, precision=precision, defer=True)
     frozen = features.estimate_seconds()
     needed = frozen + _estimate(candidate, frozen, features.n_layers, folds)
-    budget_left.reserve.setdefault(candidate.backbone, frozen)
-    if not budget_left.fits(needed, candidate.backbone):
-        del budget_left.reserve[candidate.backbone]
+    if not budget_left.fits(needed, _winner_seconds(candidate, frozen, features.n_layers, budget_left.test_share)):
         for other in candidates:
             if other.backbone == candidate.backbone and other.key not in search.results:
                 search.skip(other, f"its frozen pass and first recipe {budget_left.why_not(needed)}")
         return None
     features.compute()
-    budget_left.reserve[candidate.backbone] = features.seconds
     return features
 
 
@@ -760,16 +778,17 @@ def _hf_candidate(candidate: Candidate, pool: LabelledTexts, fold_index: list[tu
     del model
     per_fold = tokens * per_token * (
         TRAIN_COST * candidate.recipe.epochs * (len(fold_index) - 1) / len(fold_index) + 1.0 / len(fold_index))
-    budget_left.reserve.setdefault(candidate.backbone, per_fold)  # its final training: about one fold's
-    if not budget_left.fits(per_fold * len(fold_index), candidate.backbone):
+    test_pass = tokens * per_token * budget_left.test_share
+    # trained as the winner: about one fold's training, and the test set's pass
+    if not budget_left.fits(per_fold * len(fold_index), per_fold + test_pass):
         search.skip(candidate, f"{len(fold_index)} folds {budget_left.why_not(per_fold * len(fold_index))}")
         return None
     first = cross_validate_fit(candidate, pool, fold_index[:1], seed, precision)
-    budget_left.reserve[candidate.backbone] = first.seconds
     estimate = first.seconds * (len(fold_index) - 1)
-    if not budget_left.fits(estimate, candidate.backbone):
+    if not budget_left.fits(estimate, first.seconds + test_pass):
         search.skip(candidate, f"its first fold took {first.seconds:.0f} s; the other {len(fold_index) - 1} "
                                f"{budget_left.why_not(estimate)}")
         return None
     rest = cross_validate_fit(candidate, pool, fold_index[1:], seed, precision)
+    budget_left.reserve[candidate.key] = first.seconds + test_pass
     return Scores(first.accuracy + rest.accuracy, first.macro_f1 + rest.macro_f1, first.seconds + rest.seconds)
