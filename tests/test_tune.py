@@ -159,6 +159,16 @@ def test_budget_keeps_room_for_the_winners_training_and_test_pass():
     assert not budget.fits(40.0, 50.0) and budget.fits(20.0, 50.0)
 
 
+def test_frozen_pass_estimate_counts_padding_as_the_pass_pads():
+    from llmclf.training.classifier import padded_tokens
+
+    # longest first, 2 texts a pass, each padded to its longest: [10, 3] and [2, 1], 2 x 10 + 2 x 2
+    assert padded_tokens([1, 10, 3, 2], 2) == 24
+    # one long text among short ones pads the probe's single chunk far more than a sorted whole pass
+    probe, whole = [100, 10, 10, 10], [100, 100, 10, 10, 10, 10, 10, 10]
+    assert padded_tokens(probe, 4) == 400 and padded_tokens(whole, 4) == 400 + 40
+
+
 def test_interrupted_search_keeps_its_leaderboard_and_resumes(tmp_path, tiny_checkpoint, monkeypatch):
     import llmclf.tuning as tuning
 

@@ -260,14 +260,19 @@ class FrozenFeatures:
 
     def estimate_seconds(self, sample: int = PROBE_TEXTS) -> float:
         """Seconds `compute()` will take, from the same pass over `sample` texts (evenly spread), after a
-        warm-up, scaled by the token count."""
+        warm-up, scaled by the padded token count (texts of mixed lengths pad the probe's one chunk far
+        more than the whole pass's, which groups the longest together)."""
+        from llmclf.training.classifier import padded_tokens, state_chunk
+
         ids = self.encoded.ids
         picked = [ids[i] for i in np.linspace(0, len(ids) - 1, min(sample, len(ids))).round().astype(int)]
         self._batches(EncodedTexts(picked[:2], None, 0), progress=False)  # warm-up: weight copies, allocations
         start = time.perf_counter()
         self._batches(EncodedTexts(picked, None, 0), progress=False)
         seconds = time.perf_counter() - start
-        return seconds * sum(len(i) for i in ids) / max(sum(len(i) for i in picked), 1)
+        chunk = state_chunk(self.batch_size)
+        return seconds * padded_tokens([len(i) for i in ids], chunk) / max(
+            padded_tokens([len(i) for i in picked], chunk), 1)
 
     def compute(self) -> None:
         """The states of every text up to block `n_layers - 2` (once)."""

@@ -37,6 +37,21 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs (ids or cached states), mask, labels
 
 
+STATE_CHUNK = 32  # texts per forward pass when caching frozen states (at least a batch)
+
+
+def state_chunk(batch_size: int) -> int:
+    """Texts per forward pass of `Batches`' frozen-state cache."""
+    return max(batch_size, STATE_CHUNK)
+
+
+def padded_tokens(lengths: list[int], chunk: int) -> int:
+    """Token positions a frozen-state pass computes for texts of `lengths`: longest first, `chunk` texts
+    a pass, each padded to its longest (what its time scales with)."""
+    ordered = sorted(lengths, reverse=True)
+    return sum(len(ordered[i:i + chunk]) * ordered[i] for i in range(0, len(ordered), chunk))
+
+
 class Batches:
     """Batches of one data set, either token ids or cached frozen-layer states.
 
@@ -94,7 +109,7 @@ class Batches:
         model.eval()
         # Longest first in big chunks: little padding, and memory peaks at once.
         order = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])
-        chunk = max(self.batch_size, 32)
+        chunk = state_chunk(self.batch_size)
         mine = distributed.shard(order)  # several processes: each computes a share, then all get all
         by_index: dict[int, torch.Tensor] = {}
         for start in tqdm(range(0, len(mine), chunk), desc=f"caching frozen layers {name}".strip(),
