@@ -23,7 +23,10 @@ from llmclf.tuning import (
     Candidate,
     FrozenFeatures,
     Recipe,
+    Search,
     _Budget,
+    _PassSpeed,
+    _scratch_features,
     _winner_seconds,
     parse_budget,
     plan,
@@ -167,6 +170,47 @@ def test_frozen_pass_estimate_counts_padding_as_the_pass_pads():
     # one long text among short ones pads the probe's single chunk far more than a sorted whole pass
     probe, whole = [100, 10, 10, 10], [100, 100, 10, 10, 10, 10, 10, 10]
     assert padded_tokens(probe, 4) == 400 and padded_tokens(whole, 4) == 400 + 40
+
+
+def test_backbone_that_cannot_fit_is_skipped_before_it_is_loaded_or_timed(tmp_path, tiny_checkpoint, monkeypatch):
+    from llmclf import families, tuning
+    from llmclf.data.classification import LabelledTexts
+    from llmclf.loaders.packaged import PackagedModel
+
+    train, val, _ = _data()
+    pool = LabelledTexts(train.texts + val.texts, train.labels + val.labels, "pool")
+    ids, classes = [["neg", "pos"].index(label) for label in pool.labels], ["neg", "pos"]
+    search = Search(tmp_path, {"metric": "accuracy", "folds": 3}, resume=False)
+
+    def features(candidate, budget):
+        return _scratch_features(candidate, [candidate], pool, ids, classes, None, 3, 5, False, search, budget,
+                                 "float32")
+
+    # a packaged backbone of 10^12 block parameters, at the last backbone's speed: about 10^6 s
+    huge = Candidate("huge-packaged", "scratch", Recipe.parse(RECIPES[0]))
+    monkeypatch.setattr(families, "packaged", lambda spec: (None, PackagedModel("d", "1", "f", block_params=10**12))
+                        if spec == huge.backbone else None)
+    real = FrozenFeatures
+    monkeypatch.setattr(tuning, "FrozenFeatures", lambda *a, **k: pytest.fail("loaded a backbone that cannot fit"))
+    budget = _Budget(600.0)
+    budget.speed = _PassSpeed("small", 1e-9, 1000)
+    assert features(huge, budget) is None
+    assert "sized from small's speed without loading it, needs about 1000000 s" in search.skipped[huge.key]["reason"]
+
+    # not packaged: loaded (its size is its own), then sized again before it is timed
+    tiny = Candidate(str(tiny_checkpoint), "scratch", Recipe.parse(RECIPES[0]))
+    monkeypatch.setattr(tuning, "FrozenFeatures", real)
+    monkeypatch.setattr(real, "estimate_seconds", lambda self: pytest.fail("timed a backbone that cannot fit"))
+    budget.speed = _PassSpeed("small", 1.0, 1000)
+    assert features(tiny, budget) is None
+    assert "before timing it" in search.skipped[tiny.key]["reason"]
+
+    # with time for it: timed, computed, and its own speed kept for the next backbone
+    monkeypatch.undo()
+    budget = _Budget(600.0)
+    found = features(tiny, budget)
+    assert found is not None and found.seconds > 0 and budget.speed.spec == tiny.backbone
+    assert budget.speed.seconds(found.block_params, found.padded_tokens) == pytest.approx(found.seconds)
 
 
 def test_interrupted_search_keeps_its_leaderboard_and_resumes(tmp_path, tiny_checkpoint, monkeypatch):

