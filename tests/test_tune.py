@@ -15,6 +15,7 @@ from llmclf.training.state import TrainingInterruptedError
 from llmclf.tuning import (
     DEFAULT_RECIPES,
     HEAD_COST,
+    HF_RECIPES,
     LEADERBOARD_CSV,
     LEADERBOARD_PNG,
     MODEL_DIR,
@@ -73,6 +74,12 @@ def test_recipes_parse_and_refuse_clearly():
 def test_plan_runs_cheap_candidates_first(tiny_checkpoint):
     keys = [c.key for c in plan([str(tiny_checkpoint)], ["last-block:last:1e-4:2", "head:mean:1e-3:2"])]
     assert keys == ["tfidf", f"{tiny_checkpoint}|head:mean:1e-3:2", f"{tiny_checkpoint}|last-block:last:1e-4:2"]
+    # every backbone's head recipes before any that trains blocks (fewest first); whole encoders last
+    keys = [c.key for c in plan(["a.gguf", "all-minilm-l6-v2", "b.gguf"],
+                                ["last-n:2:last:1e-4:2", "head:mean:1e-3:2", "last-block:last:1e-4:2"])]
+    assert keys == ["tfidf", "a.gguf|head:mean:1e-3:2", "b.gguf|head:mean:1e-3:2", "a.gguf|last-block:last:1e-4:2",
+                    "b.gguf|last-block:last:1e-4:2", "a.gguf|last-n:2:last:1e-4:2", "b.gguf|last-n:2:last:1e-4:2",
+                    f"all-minilm-l6-v2|{HF_RECIPES[0]}"]
 
 
 def test_tune_writes_leaderboard_and_a_normal_model_that_wins_it(tmp_path, tiny_checkpoint):
@@ -211,6 +218,11 @@ def test_backbone_that_cannot_fit_is_skipped_before_it_is_loaded_or_timed(tmp_pa
     found = features(tiny, budget)
     assert found is not None and found.seconds > 0 and budget.speed.spec == tiny.backbone
     assert budget.speed.seconds(found.block_params, found.padded_tokens) == pytest.approx(found.seconds)
+    # back for its trainable-block recipes: its pass as measured, not timed again
+    monkeypatch.setattr(real, "estimate_seconds", lambda self: pytest.fail("timed a backbone measured before"))
+    assert features(tiny, budget) is not None
+    budget.passes[tiny.backbone] = 10**6
+    assert features(tiny, budget) is None and "as measured before" in search.skipped[tiny.key]["reason"]
 
 
 def test_interrupted_search_keeps_its_leaderboard_and_resumes(tmp_path, tiny_checkpoint, monkeypatch):

@@ -169,20 +169,24 @@ def installed_backbones() -> list[str]:
 
 def plan(backbones: Sequence[str], recipes: Sequence[str] | None = None,
          hf_recipes: Sequence[str] | None = None) -> list[Candidate]:
-    """The candidates in the order they run: the n-gram reference, then each backbone's recipes,
-    cheapest first (head-only before trainable blocks)."""
+    """The candidates in the order they run, cheapest first: the n-gram reference, then every
+    backbone's head-only recipes (seconds once its frozen states exist), then its recipes that train
+    blocks (the fewest first), then the encoders fine-tuned whole (hf engine); backbones in the given order."""
     from llmclf.engines import choose_engine
     from llmclf.models.heads import Trainable
 
-    candidates = [Candidate("", "ngrams", None)]
+    def cost_class(candidate: Candidate) -> tuple[int, int]:
+        if candidate.engine == "hf":
+            return 2, 0
+        first = Trainable.parse(candidate.recipe.trainable).first_trainable_block(10**6)
+        return (0, 0) if first == 10**6 else (1, -first)
+
+    candidates = []
     for backbone in backbones:
         engine = choose_engine(backbone)
         texts = (hf_recipes or HF_RECIPES) if engine == "hf" else (recipes or DEFAULT_RECIPES)
-        parsed = [Recipe.parse(r, engine) for r in texts]
-        # head-only recipes reuse the cached states; each trainable block costs training passes
-        parsed.sort(key=lambda r: -Trainable.parse(r.trainable).first_trainable_block(10**6))
-        candidates += [Candidate(backbone, engine, r) for r in parsed]
-    return candidates
+        candidates += [Candidate(backbone, engine, Recipe.parse(r, engine)) for r in texts]
+    return [Candidate("", "ngrams", None), *sorted(candidates, key=cost_class)]  # stable: backbone order kept
 
 
 # --- scores --------------------------------------------------------------------------------------
@@ -575,6 +579,7 @@ class _Budget:
         # scored candidate -> seconds training it as the winner would take (`_winner_seconds`)
         self.reserve: dict[str, float] = {}
         self.speed: _PassSpeed | None = None  # of the last backbone timed
+        self.passes: dict[str, float] = {}  # backbone -> seconds its frozen pass took (when it comes back)
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
@@ -779,7 +784,8 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
     budget; else None, with every recipe of that backbone skipped. The pass is sized three times, each
     before spending more on it: from the last backbone timed (`budget_left.speed`) scaled by block
     parameters, before loading it (packaged backbones, whose size is known); the same, with its own
-    token count, before timing it; then from its own timing (`FrozenFeatures.estimate_seconds`)."""
+    token count, before timing it; then from its own timing (`FrozenFeatures.estimate_seconds`). A
+    backbone back for its trainable-block recipes is sized by its pass as measured the first time."""
     from llmclf.families import packaged
 
     def skipped(how: str, frozen: float, features: FrozenFeatures | None) -> bool:
@@ -799,20 +805,27 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
         return True
 
     speed, known = budget_left.speed, packaged(candidate.backbone)
-    if speed is not None and known and known[1].block_params and skipped(
+    measured = budget_left.passes.get(candidate.backbone)  # back for its trainable-block recipes
+    if measured is not None and skipped("as measured before", measured, None):
+        return None
+    if measured is None and speed is not None and known and known[1].block_params and skipped(
             f"sized from {speed.spec}'s speed without loading it", speed.seconds(known[1].block_params), None):
         return None
     features = FrozenFeatures(candidate.backbone, pool.texts, label_ids, classes, max_length, seed=seed,
                               progress=progress, precision=precision, defer=True)
-    if speed is not None and skipped(f"sized from {speed.spec}'s speed before timing it",
-                                     speed.seconds(features.block_params, features.padded_tokens), features):
-        return None
-    frozen = features.estimate_seconds()
-    budget_left.speed = _PassSpeed.of(features, frozen)
-    if skipped(f"timed on {min(PROBE_TEXTS, len(pool))} texts", frozen, features):
+    if measured is None:
+        if speed is not None and skipped(f"sized from {speed.spec}'s speed before timing it",
+                                         speed.seconds(features.block_params, features.padded_tokens), features):
+            return None
+        frozen = features.estimate_seconds()
+        budget_left.speed = _PassSpeed.of(features, frozen)
+        if skipped(f"timed on {min(PROBE_TEXTS, len(pool))} texts", frozen, features):
+            return None
+    elif skipped("as measured before", measured, features):
         return None
     features.compute()
     budget_left.speed = _PassSpeed.of(features, features.seconds)
+    budget_left.passes[candidate.backbone] = features.seconds
     return features
 
 
