@@ -189,9 +189,9 @@ def test_backbone_that_cannot_fit_is_skipped_before_it_is_loaded_or_timed(tmp_pa
     ids, classes = [["neg", "pos"].index(label) for label in pool.labels], ["neg", "pos"]
     search = Search(tmp_path, {"metric": "accuracy", "folds": 3}, resume=False)
 
-    def features(candidate, budget):
-        return _scratch_features(candidate, [candidate], pool, ids, classes, None, 3, 5, False, search, budget,
-                                 "float32")
+    def features(candidate, budget, candidates=None):
+        return _scratch_features(candidate, candidates or [candidate], pool, ids, classes, None, 3, 5, False, search,
+                                 budget, "float32")
 
     # a packaged backbone of 10^12 block parameters, at the last backbone's speed: about 10^6 s
     huge = Candidate("huge-packaged", "scratch", Recipe.parse(RECIPES[0]))
@@ -218,11 +218,15 @@ def test_backbone_that_cannot_fit_is_skipped_before_it_is_loaded_or_timed(tmp_pa
     found = features(tiny, budget)
     assert found is not None and found.seconds > 0 and budget.speed.spec == tiny.backbone
     assert budget.speed.seconds(found.block_params, found.padded_tokens) == pytest.approx(found.seconds)
-    # back for its trainable-block recipes: its pass as measured, not timed again
+    # back for its trainable-block recipes: its pass as measured, not timed again; a recipe skipped
+    # earlier keeps its own reason
+    block = Candidate(tiny.backbone, "scratch", Recipe.parse(RECIPES[2]))
     monkeypatch.setattr(real, "estimate_seconds", lambda self: pytest.fail("timed a backbone measured before"))
-    assert features(tiny, budget) is not None
+    assert features(block, budget) is not None
     budget.passes[tiny.backbone] = 10**6
-    assert features(tiny, budget) is None and "as measured before" in search.skipped[tiny.key]["reason"]
+    assert features(block, budget, [tiny, block]) is None
+    assert "as measured before" in search.skipped[block.key]["reason"]
+    assert "before timing it" in search.skipped[tiny.key]["reason"]
 
 
 def test_interrupted_search_keeps_its_leaderboard_and_resumes(tmp_path, tiny_checkpoint, monkeypatch):

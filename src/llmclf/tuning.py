@@ -799,8 +799,8 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
                                      features.load_seconds)
         if budget_left.fits(needed, winner):
             return False
-        for other in candidates:
-            if other.backbone == candidate.backbone and other.key not in search.results:
+        for other in candidates:  # its recipes not yet scored or skipped (for their own reasons)
+            if other.backbone == candidate.backbone and other.key not in (*search.results, *search.skipped):
                 search.skip(other, f"{what}, {how}, {budget_left.why_not(needed, winner)}")
         return True
 
