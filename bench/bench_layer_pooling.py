@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from llmclf.config import DEFAULT_BACKBONE
-from llmclf.data.classification import label_order
+from llmclf.data.classification import collate, label_order
 from llmclf.models.heads import pool
 from llmclf.runtime import autocast
 from llmclf.tuning import FrozenFeatures
@@ -41,11 +41,7 @@ def pooled_per_block(features: FrozenFeatures, batch_size: int = 16) -> np.ndarr
     out = None
     for begin in range(0, len(order), batch_size):
         idx = order[begin:begin + batch_size]
-        length = max(len(ids[i]) for i in idx)
-        x = torch.full((len(idx), length), features.tokenizer.pad_id)
-        mask = torch.zeros((len(idx), length), dtype=torch.long)
-        for row, i in enumerate(idx):
-            x[row, :len(ids[i])], mask[row, :len(ids[i])] = torch.tensor(ids[i]), 1
+        x, mask = collate([ids[i] for i in idx], features.tokenizer.pad_id)
         with autocast(features.device, features.dtype):
             hidden, inputs = model.embed(x, mask)
             pooled = []

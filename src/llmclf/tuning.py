@@ -178,8 +178,8 @@ def plan(backbones: Sequence[str], recipes: Sequence[str] | None = None,
     def cost_class(candidate: Candidate) -> tuple[int, int]:
         if candidate.engine == "hf":
             return 2, 0
-        first = Trainable.parse(candidate.recipe.trainable).first_trainable_block(10**6)
-        return (0, 0) if first == 10**6 else (1, -first)
+        trainable = Trainable.parse(candidate.recipe.trainable)
+        return (0, 0) if trainable.kind == "head" else (1, -trainable.first_trainable_block(10**6))
 
     candidates = []
     for backbone in backbones:
