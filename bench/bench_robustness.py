@@ -112,7 +112,8 @@ def run_llmclf(spec: str, name: str, data: dict, tests: dict) -> dict[str, dict]
 
     A model with the n-gram blend also gives the row `SPEC (old)`: the same fit, scored as the defaults
     before out-of-fold blend weights and temperature scaling would score it (blend weights fitted on the
-    validation set alone, no temperature; the head is trained before either, so it is the same head).
+    validation set alone, no temperature; the head is trained before either, so it is the same head),
+    and the rows `SPEC [language model]` and `SPEC [n-grams]`: each half of the blend alone.
     """
     from llmclf.classifier import load_classifier, make_classifier
     from llmclf.training.calibration import decide
@@ -135,15 +136,22 @@ def run_llmclf(spec: str, name: str, data: dict, tests: dict) -> dict[str, dict]
     if getattr(clf, "ngrams_", None) is not None and "weights_validation_only" in report:
         old_blend = copy.copy(clf.ngrams_)
         old_blend.weights = np.asarray(report["weights_validation_only"], dtype=np.float32)
-    rows = {spec: {"seconds": seconds}, **({f"{spec} (old)": {"seconds": seconds}} if old_blend else {})}
+    blend = getattr(clf, "ngrams_", None)
+    extra = [f"{spec} (old)"] if old_blend else []
+    extra += [f"{spec} [language model]", f"{spec} [n-grams]"] if blend is not None else []
+    rows = {name: {"seconds": seconds} for name in (spec, *extra)}
+    labelled = lambda probs: [clf.classes_[i] for i in probs.argmax(1)]  # noqa: E731
     for test, texts in tests.items():
-        # predict_proba's own steps, the language model's pass computed once for both rows
+        # predict_proba's own steps, the language model's pass computed once for every row
         lm_probs = clf._text_probabilities(texts.texts, 32, dropout=False)
         probs = clf._calibrated(clf._with_ngrams(lm_probs, texts.texts))
         rows[spec][test] = accuracy([clf.classes_[i] for i in decide(probs, clf.decision)], texts)
         if old_blend:
             rows[f"{spec} (old)"][test] = accuracy(
-                [clf.classes_[i] for i in old_blend.combine(lm_probs, old_blend.scores(texts.texts)).argmax(1)], texts)
+                labelled(old_blend.combine(lm_probs, old_blend.scores(texts.texts))), texts)
+        if blend is not None:
+            rows[f"{spec} [language model]"][test] = accuracy(labelled(lm_probs), texts)
+            rows[f"{spec} [n-grams]"][test] = accuracy(labelled(blend.scores(texts.texts)), texts)
     return rows
 
 

@@ -264,25 +264,3 @@ def test_predicts_label_follows_the_decision_threshold(trained: Path):
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()[-2:]] == ["pos", "neg"]
     assert f"decision: pos when p(pos) >= {between:.4f}" in result.output
-
-
-@pytest.mark.parametrize("pooling", ["mean", "last", "last-position"])
-def test_pooled_batches_give_the_heads_logits(tiny_lm: Path, pooling: str):
-    """Folds refit the head on one vector per text (final norm and pooling done once): the same logits."""
-    from llmclf.data.classification import encode_texts
-    from llmclf.loaders.spec import load_model
-    from llmclf.models.heads import SequenceClassifier, replace_head
-    from llmclf.training.classifier import Batches, all_logits
-
-    backbone, tokenizer = load_model(str(tiny_lm))
-    torch.manual_seed(0)
-    replace_head(backbone, 2)
-    model = SequenceClassifier(backbone, pooling).eval()
-    data = toy_data(10)
-    enc = encode_texts(data.texts, tokenizer, 16, [int(lab == "pos") for lab in data.labels])
-    batches = Batches(model, enc, 4, tokenizer.pad_id, 16 if pooling == "last-position" else None,
-                      torch.device("cpu"), torch.float32, cache_from=2)
-    expected = all_logits(model, batches)
-    pooled = batches.pooled(model)
-    backbone.final_norm = torch.nn.Identity()
-    torch.testing.assert_close(all_logits(model, pooled), expected, atol=1e-5, rtol=1e-5)

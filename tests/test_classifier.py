@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -159,6 +160,69 @@ def test_cached_frozen_layers_give_the_uncached_logits_and_loss(tiny_model, pool
         torch.testing.assert_close(calc_loss_batch(clf, plain, a), calc_loss_batch(clf, cached, b),
                                    atol=1e-5, rtol=1e-5)
     assert calc_loss_and_accuracy(clf, plain) == pytest.approx(calc_loss_and_accuracy(clf, cached), abs=1e-5)
+
+
+def _six_block_classifier(tiny_cfg: GPTConfig, pooling: str) -> SequenceClassifier:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_cfg, n_layers=6)
+    return SequenceClassifier(replace_head(GPTModel(cfg).eval(), 2), pooling)
+
+
+def test_mean_blocks_pooling_averages_the_normed_mean_of_blocks_from_a_third_of_the_depth(tiny_cfg):
+    clf = _six_block_classifier(tiny_cfg, "mean-blocks")
+    ids = torch.randint(0, 50000, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0  # padding is not averaged
+    backbone = clf.backbone
+    x, inputs = backbone.embed(ids, mask)
+    per_block = []
+    for layer, block in enumerate(backbone.trf_blocks):
+        x = block(x, inputs, None, layer)
+        per_block.append(pool(backbone.final_norm(x), mask, "mean"))
+    assert list(clf.pooled_blocks) == [2, 3, 4, 5]
+    expected = backbone.out_head(torch.stack(per_block[2:]).mean(0))
+    torch.testing.assert_close(clf(ids, mask), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, backbone.out_head(per_block[-1]), atol=1e-3)  # not the last block alone
+    with pytest.raises(ValueError, match="reads blocks 3-6"):
+        clf(x, mask, start=4)  # states after block 4 miss blocks 3 and 4
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean-blocks"])
+@pytest.mark.parametrize("stop", [1, 4])
+def test_one_pass_gives_the_states_and_the_heads_features(tiny_cfg, pooling, stop):
+    """tune's frozen pass keeps the states it caches and the head's features (mean-blocks reads blocks on
+    both sides of block 4)."""
+    clf = _six_block_classifier(tiny_cfg, pooling)
+    ids = torch.randint(0, 50000, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    states, features = clf.states_and_features(ids, mask, stop)
+    torch.testing.assert_close(states, clf.prefix_states(ids, mask, stop))
+    torch.testing.assert_close(features, clf.prefix_states(ids, mask, clf.features_start), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(clf.backbone.out_head(features[:, 0]), clf(ids, mask), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean-blocks", "last-position"])
+@pytest.mark.parametrize("trainable", ["head", "last-n:2"])
+def test_frozen_cache_points_give_the_uncached_logits_and_loss(tiny_cfg, pooling, trainable):
+    """What `train` caches (the head's features when only it trains, else states no later than the first
+    block the head reads) gives the logits of the whole model run on token ids."""
+    clf = _six_block_classifier(tiny_cfg, pooling)
+    first = Trainable.parse(trainable).first_trainable_block(6)
+    point = clf.cache_point(first)
+    assert point == (clf.features_start if trainable == "head" else 2 if pooling == "mean-blocks" else 4)
+    rng = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 50000, (n,), generator=rng).tolist() for n in (3, 9, 5, 12, 1, 7)]
+    data = EncodedTexts(ids, [0, 1, 1, 0, 1, 0], 0)
+    fixed = 12 if pooling == "last-position" else None
+    plain = Batches(clf, data, 4, 50256, fixed, torch.device("cpu"), torch.float32)
+    cached = Batches(clf, data, 4, 50256, fixed, torch.device("cpu"), torch.float32, cache_from=point)
+    if trainable == "head":
+        assert {tuple(s.shape) for s in cached.states} == {(1, 32)}  # one vector per text
+    order = plain.order()
+    for a, b in zip(plain.iterate(order=order), cached.iterate(order=order), strict=True):
+        torch.testing.assert_close(calc_loss_batch(clf, plain, a), calc_loss_batch(clf, cached, b),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture

@@ -266,7 +266,7 @@ def test_every_family_registers_transformers_names_that_round_trip():
 
 # --- refusals ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pooling", ["mean", "last-position"])
+@pytest.mark.parametrize("pooling", ["mean", "mean-blocks", "last-position"])
 def test_poolings_transformers_lacks_are_refused(exported, tmp_path, monkeypatch, pooling):
     clf = exported["llama"][0]
     monkeypatch.setattr(clf.model_, "pooling", pooling)

@@ -112,11 +112,12 @@ def test_cli_predict_evaluate_and_a_resumable_file_through_onnx(exported: Path, 
     assert len(outputs["onnx"]) == 40
 
 
-def test_tfidf_ensemble_and_mean_pooling_survive_the_export(trained: Path, tmp_path: Path):
+@pytest.mark.parametrize("pooling", ["mean", "mean-blocks"])
+def test_tfidf_ensemble_and_mean_pooling_survive_the_export(trained: Path, tmp_path: Path, pooling: str):
     from llmclf.engines.scratch import TextClassifier
 
     data = toy_data(24)
-    clf = TextClassifier(str(trained.with_name(trained.name + "-lm")), pooling="mean", ensemble="tfidf", epochs=1,
+    clf = TextClassifier(str(trained.with_name(trained.name + "-lm")), pooling=pooling, ensemble="tfidf", epochs=1,
                          template="Review: {text}\nSentiment:", precision="float32", log_every=1000)
     clf.fit(data, toy_data(12, offset=100), progress=False)
     clf.save(tmp_path / "clf")

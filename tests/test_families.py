@@ -88,7 +88,7 @@ def test_chunked_kv_cache_equals_the_full_forward(family_lm):
 
 @pytest.mark.parametrize("trainable,pooling,cache", [
     ("last-block", "last", True), ("last-n:2", "mean", True), ("head", "last-position", True),
-    ("lora:4", "last", False), ("all", "mean", False)])
+    ("lora:4", "last", False), ("all", "mean", False), ("head", "mean-blocks", True)])
 def test_every_classification_feature_works_on_every_family(family_lm, tmp_path, trainable, pooling, cache):
     name, directory = family_lm
     data = _toy()

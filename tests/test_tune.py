@@ -26,6 +26,7 @@ from llmclf.tuning import (
     Recipe,
     Search,
     _Budget,
+    _estimate,
     _PassSpeed,
     _scratch_features,
     _winner_seconds,
@@ -65,6 +66,9 @@ def test_recipes_parse_and_refuse_clearly():
         Recipe.parse("head:mean")
     with pytest.raises(ConfigError, match="pooling"):
         Recipe.parse("head:middle:1e-3:8")
+    assert Recipe.parse("head:mean-blocks:1e-3:8").pooling == "mean-blocks"
+    with pytest.raises(ConfigError, match="mean-blocks pooling with a head alone"):
+        Recipe.parse("last-block:mean-blocks:1e-3:8")
     with pytest.raises(ConfigError, match="LR must be a number"):
         Recipe.parse("head:mean:fast:8")
     with pytest.raises(ConfigError, match="LR:EPOCHS"):
@@ -130,9 +134,9 @@ def test_cross_validated_candidate_is_what_train_trains(tmp_path, tiny_checkpoin
     classes = label_order(train.labels)
     texts, labels = train.texts + val.texts, [classes.index(x) for x in train.labels + val.labels]
     features = FrozenFeatures(str(tiny_checkpoint), texts, labels, classes, seed=5, progress=False,
-                              precision="float32")
+                              precision="float32", mean_blocks=True)
     fold_train, fold_val = list(range(0, 60, 2)), list(range(1, 60, 2))
-    for recipe in (Recipe.parse("head:mean:1e-2:3"), Recipe.parse("last-block:last:1e-3:2")):
+    for recipe in map(Recipe.parse, ("head:mean:1e-2:3", "head:mean-blocks:1e-2:3", "last-block:last:1e-3:2")):
         per_epoch = features.probabilities_per_epoch(recipe, fold_train, fold_val, fold_val, seed=5)
         part = lambda idx: LabelledTexts([texts[i] for i in idx], [classes[labels[i]] for i in idx], "fold")  # noqa: E731
         clf = make_classifier(str(tiny_checkpoint), **recipe.options(recipe.epochs), seed=5, precision="float32",
@@ -163,6 +167,13 @@ def test_budget_keeps_room_for_the_winners_training_and_test_pass():
     assert _winner_seconds(blend, frozen, layers, 0.25) == pytest.approx(_winner_seconds(blend, frozen, layers, 0) + 25)
     # the last block: continued once, then trained forward and backward each epoch (no refits)
     assert _winner_seconds(block, frozen, layers, 0.0) == pytest.approx(100 + 10 + 4 * (10 * TRAIN_COST + 0.5))
+    # the blend's n-gram model: fitted once, and once per out-of-fold refit; not without a blend
+    assert _winner_seconds(blend, frozen, layers, 0.0, ngram_fit=7.0) == pytest.approx(
+        _winner_seconds(blend, frozen, layers, 0.0) + 6 * 7.0)
+    assert _winner_seconds(head, frozen, layers, 0.0, ngram_fit=7.0) == _winner_seconds(head, frozen, layers, 0.0)
+    # and cross-validating a blend fits it on every fold
+    assert _estimate(blend, frozen, layers, 5, ngram_fit=7.0) == pytest.approx(_estimate(blend, frozen, layers, 5) + 35)
+    assert _estimate(head, frozen, layers, 5, ngram_fit=7.0) == _estimate(head, frozen, layers, 5)
     budget = _Budget(100.0)
     assert budget.fits(40.0, 50.0)
     budget.reserve["scored earlier"] = 70.0  # it may still win: its training stays reserved
@@ -288,3 +299,27 @@ def test_cli_tune(tmp_path, tiny_checkpoint):
     assert result.exit_code == 0, result.output
     assert "winner:" in result.output and "test       accuracy" in result.output
     assert (tmp_path / "t" / MODEL_DIR / "config.json").is_file()
+
+
+def test_the_reference_times_the_blends_ngram_fits(tmp_path, tiny_checkpoint, monkeypatch):
+    """The TF-IDF reference's seconds per fold size the n-gram fits of every blend candidate (its
+    folds and its training as the winner); without the reference, a resumed search reads them back."""
+    import llmclf.tuning as tuning
+
+    seen: list[tuple[str, float]] = []
+    original = tuning._winner_seconds
+
+    def recording(candidate, *args, **kwargs):
+        seen.append((str(candidate.recipe), kwargs.get("ngram_fit", args[4] if len(args) > 4 else 0.0)))
+        return original(candidate, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "_winner_seconds", recording)
+    _tune(tmp_path / "t", tiny_checkpoint, train_winner=False)
+    reference = json.loads((tmp_path / "t" / STATE_FILE).read_text())["results"]["tfidf"]["seconds"]
+    assert seen and all(fit == pytest.approx(reference / 3, rel=0.01) for _, fit in seen)
+    assert reference > 0
+    seen.clear()
+    _tune(tmp_path / "t", tiny_checkpoint, train_winner=False, resume=True,
+          recipes=[*RECIPES, "head:last:1e-2:2+tfidf"])
+    assert {recipe for recipe, _ in seen} == {"head:last:1e-2:2+tfidf"}  # the others were scored before
+    assert all(fit == pytest.approx(reference / 3) for _, fit in seen)

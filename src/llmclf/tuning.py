@@ -110,8 +110,10 @@ class Recipe:
             recipe = cls(":".join(trainable), pooling, float(lr), int(epochs), ensemble)
         except ValueError:
             raise ConfigError(f"recipe {text!r}: LR must be a number and EPOCHS a whole number ({form})") from None
-        if engine != "hf":
-            Trainable.parse(recipe.trainable)  # a ConfigError naming the bad part
+        if engine != "hf" and Trainable.parse(recipe.trainable).kind != "head" and recipe.pooling == "mean-blocks":
+            raise ConfigError(f"recipe {text!r}: tune trains mean-blocks pooling with a head alone "
+                              "(head:mean-blocks:...), whose features come from the one frozen pass; train other "
+                              "layers with it by llmclf train")
         problems = _problems(recipe.options(recipe.epochs, engine), engine)
         if problems or recipe.epochs < 1:
             raise ConfigError(f"recipe {text!r}: " + "; ".join(problems or ["EPOCHS must be at least 1"]))
@@ -219,7 +221,9 @@ class Scores:
 
 class FrozenFeatures:
     """One backbone's states for `texts`, computed once up to block `n_layers - 2` (in the precision
-    `llmclf train` would use); `at(k)` continues them to block k. The class head is initialised as
+    `llmclf train` would use); `at(k)` continues them to block k, `head_inputs(classifier)` pools them
+    into what a head trained alone reads (`mean_blocks`: the pass also keeps the `mean-blocks` features,
+    which need blocks from a third of the depth on). The class head is initialised as
     `fit` initialises it (seeded), so every recipe starts from the same weights. `loaded`: the
     (model, tokenizer) of `backbone_spec`, if already loaded; `defer`: compute the states later, with
     `compute()` (after `estimate_seconds()`, say). `load_seconds`: the time loading it took;
@@ -229,13 +233,15 @@ class FrozenFeatures:
     def __init__(self, backbone_spec: str, texts: list[str], labels: list[int], classes: list[str],
                  max_length: int | None = None, batch_size: int = 8, seed: int = 123, progress: bool = True,
                  template: str | None = "auto", device: torch.device | None = None,
-                 loaded: tuple[Any, Any] | None = None, precision: str = "auto", defer: bool = False) -> None:
+                 loaded: tuple[Any, Any] | None = None, precision: str = "auto", defer: bool = False,
+                 mean_blocks: bool = False) -> None:
         from llmclf.loaders.spec import chat_template_for, load_model
         from llmclf.models.heads import replace_head
         from llmclf.runtime import resolve_device, resolve_precision
         from llmclf.training.classifier import padded_tokens, state_chunk
 
         self.spec, self.precision, self.batch_size, self.progress = backbone_spec, precision, batch_size, progress
+        self.mean_blocks = mean_blocks
         start = time.perf_counter()
         self.backbone, self.tokenizer = loaded or load_model(backbone_spec)
         self.load_seconds = time.perf_counter() - start
@@ -256,6 +262,7 @@ class FrozenFeatures:
         self.n_layers = len(self.backbone.trf_blocks)
         self.first_cached = max(self.n_layers - 2, 0)
         self.cached: dict[int, Any] = {}
+        self.pooled: dict[str, Any] = {}  # pooling -> head inputs
         self.seconds = 0.0
         self.truncated = self.encoded.truncated
         self.padded_tokens = padded_tokens([len(i) for i in self.encoded.ids], state_chunk(batch_size))
@@ -266,9 +273,10 @@ class FrozenFeatures:
         from llmclf.models.heads import SequenceClassifier
         from llmclf.training.classifier import Batches
 
-        return Batches(SequenceClassifier(self.backbone, "last"), encoded, self.batch_size, self.tokenizer.pad_id,
-                       None, self.device, self.dtype, cache_from=self.first_cached, progress=progress,
-                       name=f"({self.spec})")
+        classifier = SequenceClassifier(self.backbone, "mean-blocks" if self.mean_blocks else "last")
+        return Batches(classifier, encoded, self.batch_size, self.tokenizer.pad_id, None, self.device, self.dtype,
+                       cache_from=self.first_cached, progress=progress, name=f"({self.spec})",
+                       keep_features=self.mean_blocks)
 
     def estimate_seconds(self, sample: int = PROBE_TEXTS) -> float:
         """Seconds `compute()` will take, from the same pass over `sample` texts spread evenly over the
@@ -315,6 +323,31 @@ class FrozenFeatures:
             self.cached[block] = out
         return self.cached[block]
 
+    @torch.no_grad()
+    def head_inputs(self, classifier: Any):
+        """What `classifier`'s head reads when trained alone, one vector per text (pooled once per pooling)."""
+        from llmclf.runtime import autocast
+
+        if classifier.pooling not in self.pooled:
+            if classifier.pooling == "mean-blocks":
+                if not self.mean_blocks:
+                    raise ValueError("mean-blocks features were not kept (FrozenFeatures(mean_blocks=True))")
+                self.pooled[classifier.pooling] = self.cached[self.first_cached].as_features()
+            else:
+                source = self.at(self.n_layers)
+                vectors: list[torch.Tensor | None] = [None] * len(source.states)
+                for begin in range(0, len(vectors), 32):
+                    idx = list(range(begin, min(begin + 32, len(vectors))))
+                    x, mask, _ = source.make(idx)
+                    with autocast(source.device, self.dtype):
+                        pooled = classifier.features(x, mask, None, self.n_layers)
+                    for row, i in enumerate(idx):
+                        vectors[i] = pooled[row:row + 1].clone()
+                out = copy.copy(source)
+                out.states, out.lengths, out.cache_from = vectors, [1] * len(vectors), classifier.features_start
+                self.pooled[classifier.pooling] = out
+        return self.pooled[classifier.pooling]
+
     def probabilities_per_epoch(self, recipe: Recipe, train_idx: list[int], val_idx: list[int],
                                 watch_idx: list[int], seed: int) -> list[np.ndarray]:
         """Train `recipe` on `train_idx` (validation `val_idx`) from the seeded initial weights; the class
@@ -327,7 +360,8 @@ class FrozenFeatures:
         self.backbone.load_state_dict(self.initial)
         classifier = SequenceClassifier(self.backbone, recipe.pooling)
         apply_trainable(classifier, trainable)
-        batches = self.at(trainable.first_trainable_block(self.n_layers))
+        start = classifier.cache_point(trainable.first_trainable_block(self.n_layers))
+        batches = self.head_inputs(classifier) if start == classifier.features_start else self.at(start)
         watch = batches.subset(watch_idx, bucket=False)
         watched: list[np.ndarray] = []
 
@@ -580,6 +614,7 @@ class _Budget:
         self.reserve: dict[str, float] = {}
         self.speed: _PassSpeed | None = None  # of the last backbone timed
         self.passes: dict[str, float] = {}  # backbone -> seconds its frozen pass took (when it comes back)
+        self.ngram_fit = 0.0  # seconds of one n-gram model fit, from the reference's folds (a blend fits several)
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
@@ -607,26 +642,32 @@ def _recipe_seconds(recipe: Recipe, frozen_seconds: float, n_layers: int) -> tup
     return continued, (n_layers - first) * per_block * TRAIN_COST + HEAD_COST * frozen_seconds
 
 
-def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds: int) -> float:
+def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds: int, ngram_fit: float = 0.0) -> float:
     """Seconds a scratch candidate's cross-validation needs once its backbone's states exist: every
-    epoch of every fold over the fold's training part, after continuing the states once."""
+    epoch of every fold over the fold's training part, after continuing the states once; a blend fits
+    an n-gram model per fold (`ngram_fit` seconds each)."""
     assert candidate.recipe is not None
     continued, epoch = _recipe_seconds(candidate.recipe, frozen_seconds, n_layers)
-    return continued + (folds - 1) * candidate.recipe.epochs * epoch
+    return continued + (folds - 1) * candidate.recipe.epochs * epoch + (folds * ngram_fit if candidate.recipe.ensemble
+                                                                         else 0.0)
 
 
 def _winner_seconds(candidate: Candidate, frozen_seconds: float, n_layers: int, test_share: float,
-                    load_seconds: float = 0.0) -> float:
+                    load_seconds: float = 0.0, ngram_fit: float = 0.0) -> float:
     """Seconds training a scratch candidate as the winner takes (`_train_winner`): loading the backbone
     again, `fit`'s own frozen pass over train + validation, the recipe's epochs, once more per
-    out-of-fold refit of the blend (`ensemble_folds`, for a head trained alone), and the test set's pass."""
+    out-of-fold refit of the blend (`ensemble_folds`, for a head trained alone), the blend's n-gram
+    model fitted once and per out-of-fold refit (`ngram_fit` seconds each), and the test set's pass."""
     from llmclf.training.args import TrainArgs
 
     assert candidate.recipe is not None
     continued, epoch = _recipe_seconds(candidate.recipe, frozen_seconds, n_layers)
     refits = TrainArgs.defaults(candidate.engine)["ensemble_folds"] \
         if candidate.recipe.ensemble and candidate.recipe.trainable == "head" else 0
-    return load_seconds + frozen_seconds * (1 + test_share) + continued + (1 + refits) * candidate.recipe.epochs * epoch
+    ngrams = (1 + TrainArgs.defaults(candidate.engine)["ensemble_folds"]) * ngram_fit if candidate.recipe.ensemble \
+        else 0.0
+    training = (1 + refits) * candidate.recipe.epochs * epoch
+    return load_seconds + frozen_seconds * (1 + test_share) + continued + training + ngrams
 
 
 def _train_winner(winner: dict[str, Any], search: Search, train: LabelledTexts, val: LabelledTexts,
@@ -722,6 +763,8 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
                 "classes": classes, "n_train": len(train), "n_validation": len(val)}
     search = Search(out_dir, settings, resume)
     fold_index = fold_indices(label_ids, folds, seed)
+    if NGRAM_REFERENCE in search.results:  # scored before this --resume
+        budget_left.ngram_fit = search.results[NGRAM_REFERENCE]["seconds"] / folds
     bar = tqdm(total=len(candidates), desc="tune", unit="candidate", disable=not progress, dynamic_ncols=True)
     features: FrozenFeatures | None = None
     try:
@@ -732,6 +775,7 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
             begin = time.perf_counter()
             if candidate.engine == "ngrams":
                 scores = cross_validate_ngrams(pool.texts, label_ids, len(classes), fold_index)
+                budget_left.ngram_fit = (time.perf_counter() - begin) / folds
             elif candidate.engine == "hf":
                 scores = _hf_candidate(candidate, pool, fold_index, seed, search, budget_left, precision)
             else:
@@ -742,9 +786,9 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
                     begin = time.perf_counter() - (features.seconds if features else 0.0)  # charged to its 1st recipe
                 scores = None
                 if features is not None:
-                    estimate = _estimate(candidate, features.seconds, features.n_layers, folds)
+                    estimate = _estimate(candidate, features.seconds, features.n_layers, folds, budget_left.ngram_fit)
                     winner = _winner_seconds(candidate, features.seconds, features.n_layers, test_share,
-                                             features.load_seconds)
+                                             features.load_seconds, budget_left.ngram_fit)
                     if budget_left.fits(estimate, winner):
                         scores = cross_validate_cached(features, candidate.recipe, fold_index, seed)
                         budget_left.reserve[candidate.key] = winner
@@ -794,9 +838,9 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
             what, needed, winner = "its frozen pass", frozen, frozen * (1 + budget_left.test_share)
         else:
             what, needed = "its frozen pass and first recipe", frozen + _estimate(candidate, frozen, features.n_layers,
-                                                                                  folds)
+                                                                                  folds, budget_left.ngram_fit)
             winner = _winner_seconds(candidate, frozen, features.n_layers, budget_left.test_share,
-                                     features.load_seconds)
+                                     features.load_seconds, budget_left.ngram_fit)
         if budget_left.fits(needed, winner):
             return False
         for other in candidates:  # its recipes not yet scored or skipped (for their own reasons)
@@ -811,8 +855,10 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
     if measured is None and speed is not None and known and known[1].block_params and skipped(
             f"sized from {speed.spec}'s speed without loading it", speed.seconds(known[1].block_params), None):
         return None
+    mean_blocks = any(c.backbone == candidate.backbone and c.recipe is not None and c.recipe.pooling == "mean-blocks"
+                      for c in candidates)
     features = FrozenFeatures(candidate.backbone, pool.texts, label_ids, classes, max_length, seed=seed,
-                              progress=progress, precision=precision, defer=True)
+                              progress=progress, precision=precision, defer=True, mean_blocks=mean_blocks)
     if measured is None:
         if speed is not None and skipped(f"sized from {speed.spec}'s speed before timing it",
                                          speed.seconds(features.block_params, features.padded_tokens), features):

@@ -9,7 +9,6 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +110,9 @@ class TextClassifier(BaseClassifier):
             named = zip(self.classes_, class_weights.tolist(), strict=True)
             log.info("class weights: %s", ", ".join(f"{c} {w:.3f}" for c, w in named))
 
-        n_layers = len(backbone.trf_blocks)
-        first = trainable.first_trainable_block(n_layers)
-        cache_from = first if args.cache_frozen and first > 0 and backbone.cfg.drop_rate == 0 else None
+        cache_from = classifier.cache_point(trainable.first_trainable_block(len(backbone.trf_blocks)))
+        if not (args.cache_frozen and cache_from > 0 and backbone.cfg.drop_rate == 0):
+            cache_from = None
         fixed = self.max_length_ if args.pooling == "last-position" else None
         common = dict(pad_id=self.tokenizer_.pad_id, fixed_length=fixed, device=device, dtype=dtype,
                       cache_from=cache_from, progress=progress)
@@ -161,10 +160,9 @@ class TextClassifier(BaseClassifier):
         # metrics as `self.evaluate(val)` without another pass through the frozen layers.
         val_probs = self._activate(all_logits(classifier, val_batches)).numpy()
         refit = None
-        if trainable.kind == "head" and train_batches.states is not None and world == 1 \
+        if train_batches.cache_from == classifier.features_start and world == 1 \
                 and self.label_thresholds is None:  # (multi-label has no blend to refit for)
-            pooled = functools.cache(lambda: (train_batches.pooled(classifier), val_batches.pooled(classifier)))
-            refit = functools.partial(self._refit_head, classifier, pooled, args, class_weights)
+            refit = functools.partial(self._refit_head, classifier, train_batches, val_batches, args, class_weights)
         if windows is not None:  # the windows' probabilities, aggregated per text
             val_probs = long_text.to_documents(val_probs, val_doc, len(val), args.aggregate)
             refit = None if refit is None else long_text.refit_by_document(refit, train_doc, args.aggregate)
@@ -176,28 +174,26 @@ class TextClassifier(BaseClassifier):
         distributed.barrier()  # the model is saved before any rank returns
         return self
 
-    def _refit_head(self, classifier: SequenceClassifier, pooled: Callable[[], tuple[Batches, Batches]],
+    def _refit_head(self, classifier: SequenceClassifier, train_vectors: Batches, val_vectors: Batches,
                     args: TrainArgs, class_weights: torch.Tensor | None, fold: int, fit: list[int],
                     held: list[int]) -> np.ndarray:
         """Probabilities of training texts `held` from a new head trained as the real one was (same options,
         same validation set for --select-by) on training texts `fit`: the out-of-fold predictions that the
-        blend weights are fitted on. `pooled()` gives the training and validation batches as the vectors the
-        head reads (`Batches.pooled`), so each step is one small matrix product. The trained head is put back."""
-        train_vectors, val_vectors = pooled()
+        blend weights are fitted on. The batches hold the vectors the head reads (cached at
+        `features_start`), so each step is one small matrix product. The trained head is put back."""
         backbone = classifier.backbone
-        trained, final_norm = backbone.out_head, backbone.final_norm
+        trained = backbone.out_head
         torch.manual_seed(args.seed + 1 + fold)
         try:
             replace_head(backbone, len(self.classes_), bias=args.head_bias)
             backbone.out_head.to(device=trained.weight.device, dtype=trained.weight.dtype)
-            backbone.final_norm = torch.nn.Identity()  # applied already, in `pooled`
             fold_args = dataclasses.replace(args, save_every=None)
             ClassifierTraining(classifier, train_vectors.subset(fit), val_vectors, fold_args, class_weights,
                                progress=False, say=log.debug).run()
             classifier.eval()
             return torch.softmax(all_logits(classifier, train_vectors.subset(held, bucket=False)), dim=-1).numpy()
         finally:
-            backbone.out_head, backbone.final_norm = trained, final_norm
+            backbone.out_head = trained
 
     def _why_no_refit(self) -> str:
         return ("only a head trained alone on cached frozen features (--trainable head, a backbone without dropout, "

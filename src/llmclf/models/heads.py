@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from llmclf.errors import ConfigError
 from llmclf.models.decoder import rows_at
 from llmclf.models.gpt2 import GPTModel
 
-POOLINGS = ("last", "mean", "last-position")
+POOLINGS = ("last", "mean", "mean-blocks", "last-position")
 
 
 def replace_head(model: GPTModel, num_classes: int, bias: bool = True) -> GPTModel:
@@ -27,12 +28,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
     """One vector (B, C) per sequence from hidden states (B, T, C).
 
     `last`: the last real token (found through the mask, so any padding side works);
-    `mean`: the mean over real tokens; `last-position`: the course's `[:, -1, :]`.
+    `mean`: the mean over real tokens; `last-position`: the course's `[:, -1, :]`. (`mean-blocks` is
+    `mean` of several blocks' states, averaged: `SequenceClassifier` does that.)
     """
     if pooling == "last-position" or attention_mask is None:
         return hidden[:, -1, :]
     mask = attention_mask.to(hidden.dtype)
-    if pooling == "mean":
+    if pooling in ("mean", "mean-blocks"):
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     if pooling == "last":
         return rows_at(hidden, last_positions(attention_mask, pooling, *hidden.shape[:2], hidden.device))[:, 0]
@@ -53,6 +55,11 @@ class SequenceClassifier(nn.Module):
 
     `forward(input_ids, attention_mask)` -> class logits (B, num_classes). The backbone keeps the
     book's parameter names, so its state_dict is the book's classifier checkpoint.
+
+    Pooling `mean-blocks` reads more than the last block: the head gets the mean over the blocks from a
+    third of the depth on of each block's states, final-normed and mean-pooled over the real tokens
+    (middle blocks carry features that transfer better than the last block's, which is shaped for
+    predicting the next token: docs/measurements.md, "Which blocks to pool").
     """
 
     def __init__(self, backbone: GPTModel, pooling: str = "last") -> None:
@@ -65,6 +72,26 @@ class SequenceClassifier(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.backbone.out_head.out_features
+
+    @property
+    def pooled_blocks(self) -> range:
+        """The blocks whose output states the head reads."""
+        n_layers = len(self.backbone.trf_blocks)
+        return range(n_layers // 3 if self.pooling == "mean-blocks" else n_layers - 1, n_layers)
+
+    @property
+    def features_start(self) -> int:
+        """The `start` that says the inputs are already what the head reads: one pooled, normed vector per
+        text (B, 1, C), cached for a head trained alone."""
+        return len(self.backbone.trf_blocks) + 1
+
+    def cache_point(self, first_trainable: int) -> int:
+        """Where a frozen pass can stop and be cached when blocks before `first_trainable` are frozen: the
+        head's features when nothing but the head trains, else the trainable block's input (with
+        `mean-blocks`, no later than the first block the head reads). 0: nothing to cache."""
+        if first_trainable >= len(self.backbone.trf_blocks):
+            return self.features_start
+        return min(first_trainable, self.pooled_blocks.start)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 start: int | None = None) -> torch.Tensor:
@@ -79,27 +106,71 @@ class SequenceClassifier(nn.Module):
 
     def forward_from(self, x: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor | None = None,
                      start: int = 0) -> torch.Tensor:
-        """Run blocks `start:` on hidden states x (B, T, C), then norm, pool and head.
+        """Run blocks `start:` on hidden states x (B, T, C), then norm, pool and head; with `start` =
+        `features_start`, x is the pooled features (B, 1, C) and only the head runs.
 
         With a one-position pooling (`last`, `last-position`) the last block finishes only the
         pooled row after its attention: the head never reads the others.
         """
+        if start >= self.features_start:
+            return self.backbone.out_head(x[:, 0])
+        return self.backbone.out_head(self.features(x, attention_mask, mask, start))
+
+    def features(self, x: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor | None,
+                  start: int) -> torch.Tensor:
+        """What the head reads (B, C), from hidden states x after block `start - 1`."""
         if mask is None:
             mask = self.backbone.attention_inputs(attention_mask, x.shape[1])
-        n_layers = len(self.backbone.trf_blocks)
-        if self.pooling == "mean" or start >= n_layers:
-            x = self.backbone.run_blocks(x, mask, start=start)
-            return self.backbone.out_head(pool(self.backbone.final_norm(x), attention_mask, self.pooling))
-        x = self.backbone.run_blocks(x, mask, start=start, stop=n_layers - 1)
+        blocks, backbone = self.pooled_blocks, self.backbone
+        if self.pooling == "mean-blocks":
+            return self._block_mean(x, attention_mask, mask, start)[0]
+        if self.pooling == "mean" or start >= blocks.stop:
+            x = backbone.run_blocks(x, mask, start=start)
+            return pool(backbone.final_norm(x), attention_mask, self.pooling)
+        x = backbone.run_blocks(x, mask, start=start, stop=blocks.start)
         pooled_at = last_positions(attention_mask, self.pooling, *x.shape[:2], x.device)
-        x = self.backbone.trf_blocks[-1](x, mask, only_at=pooled_at)  # (B, 1, C)
-        return self.backbone.out_head(self.backbone.final_norm(x[:, 0]))
+        x = backbone.trf_blocks[-1](x, mask, only_at=pooled_at)  # (B, 1, C)
+        return backbone.final_norm(x[:, 0])
+
+    def _block_mean(self, x: torch.Tensor, attention_mask: torch.Tensor | None, mask: Any, start: int,
+                    keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`mean-blocks` features (B, C) from hidden states x after block `start - 1`, and (with `keep`)
+        the states after block `keep - 1`, met on the way."""
+        blocks, backbone = self.pooled_blocks, self.backbone
+        if start > blocks.start:
+            raise ValueError(f"mean-blocks pooling reads blocks {blocks.start + 1}-{blocks.stop}; states cached "
+                             f"after block {start} miss some of them")
+        total, kept = torch.zeros((), dtype=x.dtype, device=x.device), None
+        for layer in range(start, blocks.stop):
+            if layer == keep:
+                kept = x
+            x = backbone.run_blocks(x, mask, start=layer, stop=layer + 1)
+            if layer >= blocks.start:
+                total = total + pool(backbone.final_norm(x), attention_mask, "mean")
+        return total / len(blocks), x if keep == blocks.stop else kept
 
     @torch.no_grad()
-    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: int) -> torch.Tensor:
-        """Hidden states (B, T, C) after the embedding and blocks `:stop` (for caching frozen layers)."""
+    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, stop: int) -> torch.Tensor:
+        """Hidden states (B, T, C) after the embedding and blocks `:stop` (for caching frozen layers); with
+        `stop` = `features_start`, the head's features (B, 1, C)."""
         x, mask = self.backbone.embed(input_ids, attention_mask)
+        if stop >= self.features_start:
+            return self.features(x, attention_mask, mask, 0)[:, None]
         return self.backbone.run_blocks(x, mask, stop=stop)
+
+    @torch.no_grad()
+    def states_and_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                            stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states (B, T, C) after blocks `:stop` and the head's features (B, 1, C), from one pass
+        (`stop` may lie among the blocks `mean-blocks` reads)."""
+        x, mask = self.backbone.embed(input_ids, attention_mask)
+        if self.pooling == "mean-blocks" and stop > self.pooled_blocks.start:
+            features, states = self._block_mean(x, attention_mask, mask, 0, keep=stop)
+            assert states is not None
+        else:
+            states = self.backbone.run_blocks(x, mask, stop=stop)
+            features = self.features(states, attention_mask, mask, stop)
+        return states, features[:, None]
 
 
 class LoRALayer(nn.Module):

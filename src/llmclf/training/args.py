@@ -227,7 +227,8 @@ class TrainArgs:
     trainable: str = option(
         "head", "What trains: head | last-block (last block + final norm + head) | last-n:N | all | "
         "lora[:rank[:alpha]].", engines=("scratch",), check=_trainable)
-    pooling: str = option("mean", "Which positions feed the head: last (last real token) | mean | "
+    pooling: str = option("mean", "Which states feed the head: last (last real token) | mean (of the real tokens) | "
+                          "mean-blocks (that mean of every block from a third of the depth on, averaged) | "
                           "last-position (the course's fixed-length padding).", engines=("scratch",),
                           check=_one_of(POOLINGS))
     head_bias: bool = option(

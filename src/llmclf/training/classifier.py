@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from llmclf import distributed
 from llmclf.data.classification import EncodedTexts, batch_order, collate
 from llmclf.loaders.tensors import write_error
-from llmclf.models.heads import SequenceClassifier, pool
+from llmclf.models.heads import SequenceClassifier
 from llmclf.runtime import autocast, inference_autocast
 from llmclf.tracking import NoTracker, Tracker, metric_names
 from llmclf.training.args import TrainArgs
@@ -57,20 +57,27 @@ class Batches:
 
     `cache_from=k` runs the embedding and blocks `:k` once per text (in eval mode, no grad) and
     keeps each text's states; batches then carry those states and training runs only blocks
-    `k:`. Exact when the frozen part has no active dropout.
+    `k:`. With `k = model.features_start` it keeps what the head reads, one vector per text (a head
+    trained alone). Exact when the frozen part has no active dropout. `keep_features` also keeps, from the
+    same pass, the head's features (`features`, for `as_features`: tune trains heads on them).
     """
 
     def __init__(self, model: SequenceClassifier, data: EncodedTexts, batch_size: int, pad_id: int,
                  fixed_length: int | None, device: torch.device, dtype: torch.dtype,
-                 cache_from: int | None = None, bucket: bool = False, progress: bool = False, name: str = "") -> None:
+                 cache_from: int | None = None, bucket: bool = False, progress: bool = False, name: str = "",
+                 keep_features: bool = False) -> None:
         self.data, self.batch_size, self.pad_id = data, batch_size, pad_id
         self.fixed_length, self.device, self.bucket = fixed_length, device, bucket
         self.cache_from = cache_from
         self.dtype = dtype
         self.lengths = [fixed_length or len(ids) for ids in data.ids]
         self.states: list[torch.Tensor] | None = None
+        self.features: list[torch.Tensor] | None = None
+        self.features_start = model.features_start
         if cache_from is not None:
-            self.states = self._compute_states(model, dtype, progress, name)
+            self.states, self.features = self._compute_states(model, dtype, progress, name, keep_features)
+            if cache_from >= model.features_start:  # one vector per text
+                self.lengths, self.fixed_length = [1] * len(self.states), None
 
     def __len__(self) -> int:
         return -(-len(self.data.ids) // self.batch_size)
@@ -82,51 +89,48 @@ class Batches:
         part.data = EncodedTexts([self.data.ids[i] for i in indices], labels, 0)
         part.lengths = [self.lengths[i] for i in indices]
         part.states = [self.states[i] for i in indices] if self.states is not None else None
+        part.features = [self.features[i] for i in indices] if self.features is not None else None
         part.bucket = self.bucket if bucket is None else bucket
         return part
 
-    @torch.no_grad()
-    def pooled(self, model: SequenceClassifier) -> Batches:
-        """These texts, cached after the last block, as what the head reads: one vector per text (final norm
-        and pooling done once), for training a head alone many times (cross-validation). Run `model` on them
-        with its final norm replaced by `nn.Identity` (the pooling of one position is that position)."""
-        if self.states is None or self.cache_from != len(model.backbone.trf_blocks):
-            raise ValueError("pooled batches need every block's output cached (a head trained alone)")
-        vectors: list[torch.Tensor] = [torch.empty(0)] * len(self.states)
-        for idx in self.order():
-            x, mask, _ = self.make(idx)
-            attn = None if model.pooling == "last-position" else mask
-            with autocast(self.device, self.dtype):
-                h = pool(model.backbone.final_norm(x), attn, model.pooling)  # (B, C)
-            for row, i in enumerate(idx):
-                vectors[i] = h[row:row + 1].clone()
+    def as_features(self) -> Batches:
+        """These texts as the head's features kept by `keep_features` (one vector per text)."""
+        if self.features is None:
+            raise ValueError("these batches kept no features (keep_features=False)")
         part = copy.copy(self)
-        part.states, part.lengths, part.fixed_length = vectors, [1] * len(vectors), None
+        part.states, part.features, part.cache_from = self.features, None, self.features_start
+        part.lengths, part.fixed_length = [1] * len(self.features), None
         return part
 
-    def _compute_states(self, model: SequenceClassifier, dtype: torch.dtype, progress: bool, name: str):
+    def _compute_states(self, model: SequenceClassifier, dtype: torch.dtype, progress: bool, name: str,
+                        keep_features: bool = False):
         was_training = model.training
         model.eval()
         # Longest first in big chunks: little padding, and memory peaks at once.
         order = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])
         chunk = state_chunk(self.batch_size)
         mine = distributed.shard(order)  # several processes: each computes a share, then all get all
-        by_index: dict[int, torch.Tensor] = {}
+        by_index: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for start in tqdm(range(0, len(mine), chunk), desc=f"caching frozen layers {name}".strip(),
                           disable=not progress, unit="batch", leave=False):
             idx = mine[start:start + chunk]
             ids, mask = collate([self.data.ids[i] for i in idx], self.pad_id, self.fixed_length)
             attn = None if model.pooling == "last-position" else mask.to(self.device)
             with inference_autocast(model, self.device, dtype):
-                x = model.prefix_states(ids.to(self.device), attn, self.cache_from)
-            for row, i in enumerate(idx):
-                by_index[i] = x[row, : self.lengths[i]].clone()  # compact: no view of the padded batch
+                if keep_features:
+                    x, features = model.states_and_features(ids.to(self.device), attn, self.cache_from)
+                else:
+                    x, features = model.prefix_states(ids.to(self.device), attn, self.cache_from), None
+            for row, i in enumerate(idx):  # compact copies: no view of the padded batch
+                by_index[i] = x[row, : self.lengths[i]].clone(), None if features is None else features[row].clone()
         if distributed.world_size() > 1:
-            shares = distributed.all_gather({i: t.cpu() for i, t in by_index.items()})
-            by_index = {i: t.to(self.device) for share in shares for i, t in share.items()}
-        states = [by_index[i] for i in range(len(order))]
+            shares = distributed.all_gather({i: tuple(t if t is None else t.cpu() for t in pair)
+                                             for i, pair in by_index.items()})
+            by_index = {i: tuple(t if t is None else t.to(self.device) for t in pair)  # type: ignore[misc]
+                        for share in shares for i, pair in share.items()}
         model.train(was_training)
-        return states
+        states = [by_index[i][0] for i in range(len(order))]
+        return states, [by_index[i][1] for i in range(len(order))] if keep_features else None
 
     def order(self, shuffle: bool = False, rng: random.Random | None = None) -> list[list[int]]:
         """Text indices per batch, in batch order (shuffled with `rng`)."""
