@@ -22,6 +22,7 @@ from llmclf.explain import MAX_STEPS as MAX_EXPLAIN_STEPS
 from llmclf.explain import METHODS as EXPLAIN_METHODS
 from llmclf.families import FAMILIES
 from llmclf.loaders.spec import DEFAULT_SEED
+from llmclf.models.heads import POOLINGS
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.serve import defaults as serving
 from llmclf.training.args import RECIPES
@@ -677,7 +678,7 @@ ClfModelOpt = Annotated[str, typer.Option(
     "state_dict file (e.g. the book's review_classifier.pth) with --base-config and --num-classes.")]
 NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=2, help="Classes of a state_dict file.")]
 PoolingOverrideOpt = Annotated[Optional[str], typer.Option(
-    "--pooling", help="Override the pooling (last | mean | last-position).")]
+    "--pooling", help=f"Override the pooling ({' | '.join(POOLINGS)}).")]
 MaxLengthOverrideOpt = Annotated[Optional[int], typer.Option("--max-length", min=1, help="Override max tokens.")]
 DecisionThresholdOpt = Annotated[Optional[float], typer.Option(
     "--decision-threshold", min=0.0, max=1.0, help="Binary models: label a text with the positive class when its "

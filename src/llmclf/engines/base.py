@@ -197,8 +197,11 @@ class BaseClassifier:
 
     @classmethod
     def _saved_params(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """The training options saved in a model's config.json that this engine knows."""
-        return {k: v for k, v in (config.get("training") or {}).items() if k in TrainArgs.names(cls.engine)}
+        """The training options saved in a model's config.json that this engine knows (an option it did
+        not save yet: the value it was trained with)."""
+        saved = config.get("training") or {}
+        known = {k: v for k, v in saved.items() if k in TrainArgs.names(cls.engine)}
+        return {**TrainArgs.saved_before(cls.engine), **known} if saved else known
 
     # --- what fit shares ------------------------------------------------------------------
 

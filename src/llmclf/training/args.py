@@ -41,14 +41,15 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def option(default: Any, help: str, *, hf: Any = dataclasses.MISSING, engines: tuple[str, ...] = ENGINES,
            check: Any = None, flag: str | None = None, affects_result: bool = True, metavar: str | None = None,
-           from_cli: Any = None):
+           from_cli: Any = None, saved_before: Any = dataclasses.MISSING):
     """A `TrainArgs` field: `default` (the scratch engine's, and `hf`'s unless `hf=` says otherwise),
     `help` for `--help`, the engines it applies to, a `check(value) -> problem | None`, the CLI
     flag (default `--field-name`), whether changing it changes the trained model (for `--resume`),
-    and `from_cli(text)`, a conversion of the command-line value."""
+    `from_cli(text)`, a conversion of the command-line value, and `saved_before`: the value that models
+    saved before the option existed were trained with (when it is not `default`)."""
     meta = {"help": help, "engines": engines, "check": check, "flag": flag, "affects_result": affects_result,
             "defaults": {"scratch": default, "hf": default if hf is dataclasses.MISSING else hf},
-            "metavar": metavar, "from_cli": from_cli}
+            "metavar": metavar, "from_cli": from_cli, "saved_before": saved_before}
     return field(default=default, metadata=meta)
 
 
@@ -231,6 +232,11 @@ class TrainArgs:
                           "mean-blocks (that mean of every block from a third of the depth on, averaged) | "
                           "last-position (the course's fixed-length padding).", engines=("scratch",),
                           check=_one_of(POOLINGS))
+    pool_template: bool = option(
+        False, "Mean poolings: also average the template's own tokens (the instruction around the text). Off: "
+        "only the text's tokens are averaged; the template's are the same in every text and would outweigh a short "
+        "text's own (they still give the text its context).", engines=("scratch",),
+        flag="--pool-template/--no-pool-template", saved_before=True)
     head_bias: bool = option(
         True, "Give the class head a bias, as the book's. Without one (--no-head-bias) the head is Transformers' "
         "`score` layer, so that `llmclf export --format hf` is exact for every family (a bias is folded "
@@ -255,6 +261,12 @@ class TrainArgs:
     def names(cls, engine: str | None = None) -> list[str]:
         """Field names (those that apply to `engine`, if given), in definition order."""
         return [f.name for f in dataclasses.fields(cls) if engine is None or engine in f.metadata["engines"]]
+
+    @classmethod
+    def saved_before(cls, engine: str) -> dict[str, Any]:
+        """Options added since the first saved models, with the values those models were trained with."""
+        return {f.name: f.metadata["saved_before"] for f in dataclasses.fields(cls)
+                if engine in f.metadata["engines"] and f.metadata["saved_before"] is not dataclasses.MISSING}
 
     @classmethod
     def defaults(cls, engine: str) -> dict[str, Any]:
