@@ -27,6 +27,7 @@ from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.serve import defaults as serving
 from llmclf.training.args import RECIPES
 from llmclf.training.state import Interrupted, TrainingInterruptedError, raise_interrupted
+from llmclf.tuning import DEFAULT_RECIPES, HF_RECIPES
 
 
 def examples(*lines: str, more: str | None = None) -> str:
@@ -470,11 +471,10 @@ def tune_command(
         "both engines (smallest first).")] = None,
     recipes: Annotated[Optional[str], typer.Option(
         "--recipes", help="Comma-separated scratch-engine recipes TRAINABLE:POOLING:LR:EPOCHS[+tfidf], each scored "
-        "after every epoch up to EPOCHS. Default: head:mean:1e-3:8, head:mean:1e-3:8+tfidf, head:last:1e-3:8, "
-        "last-block:last:1e-4:4.")] = None,
+        f"after every epoch up to EPOCHS. Default: {', '.join(DEFAULT_RECIPES)}.")] = None,
     hf_recipes: Annotated[Optional[str], typer.Option(
         "--hf-recipes", help="Comma-separated Transformers-engine recipes LR:EPOCHS[+tfidf] (the whole encoder is "
-        "trained). Default: 5e-5:3.")] = None,
+        f"trained). Default: {', '.join(HF_RECIPES)}.")] = None,
     folds: Annotated[int, typer.Option("--folds", min=2, help="k of the stratified k-fold cross-validation.")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the folds and every training run: the same seed "
                                       "gives the same leaderboard.")] = 123,

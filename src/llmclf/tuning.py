@@ -55,7 +55,8 @@ LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_PNG = "leaderboard.png"
 MODEL_DIR = "model"
 NGRAM_REFERENCE = "tfidf"  # the n-gram model alone: scored as a reference, not a saved model
-DEFAULT_RECIPES = ("head:mean:1e-3:8", "head:mean:1e-3:8+tfidf", "head:last:1e-3:8", "last-block:last:1e-4:4")
+DEFAULT_RECIPES = ("head:mean:1e-3:8", "head:mean:1e-3:8+tfidf", "head:mean-blocks:1e-3:8+tfidf", "head:last:1e-3:8",
+                   "last-block:last:1e-4:4")
 HF_RECIPES = ("5e-5:3",)  # the Transformers engine's own defaults: LR:EPOCHS, the whole encoder trained
 HF_POOLING = "encoder"  # a Transformers-engine recipe pools as its encoder does
 METRICS = ("accuracy", "macro_f1")
