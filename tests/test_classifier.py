@@ -503,42 +503,41 @@ def test_inference_autocast_gives_autocasts_numbers_from_weight_copies_it_remake
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_mean_pooling_leaves_out_the_templates_tokens(padding):
+def test_mean_pooling_leaves_out_the_tokens_before_the_text(padding):
     hidden = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(0))
     lengths = (9, 6)
     mask = torch.zeros(2, 9, dtype=torch.long)
     for row, n in enumerate(lengths):
-        mask[row, :n] = 1 if padding == "right" else 0
-        if padding == "left":
-            mask[row, 9 - n:] = 1
-    pooled = pool(hidden, mask, "mean", (2, 1))
+        first = 0 if padding == "right" else 9 - n
+        mask[row, first:first + n] = 1
+    pooled = pool(hidden, mask, "mean", skip=2)
     for row, n in enumerate(lengths):
         first = 0 if padding == "right" else 9 - n
-        torch.testing.assert_close(pooled[row], hidden[row, first + 2:first + n - 1].mean(0))
-    # a text with no tokens of its own between the template's keeps the mean over all its tokens
-    torch.testing.assert_close(pool(hidden, mask, "mean", (5, 4))[1], pool(hidden, mask, "mean")[1])
-    assert torch.equal(pool(hidden, mask, "last", (2, 1)), pool(hidden, mask, "last"))  # the instruction's end
+        torch.testing.assert_close(pooled[row], hidden[row, first + 2:first + n].mean(0))
+    # a text with no tokens after the skipped ones keeps the mean over all its tokens
+    torch.testing.assert_close(pool(hidden, mask, "mean", skip=7)[1], pool(hidden, mask, "mean")[1])
+    assert torch.equal(pool(hidden, mask, "last", skip=2), pool(hidden, mask, "last"))  # the template's end
 
 
-def test_template_tokens_count_the_templates_tokens_around_the_text(tokenizer):
-    from llmclf.data.classification import DEFAULT_INSTRUCTION, template_tokens
+def test_template_prefix_tokens_count_the_templates_tokens_before_the_text(tokenizer):
+    from llmclf.data.classification import DEFAULT_INSTRUCTION, template_prefix_tokens
 
     template = DEFAULT_INSTRUCTION.replace("{labels}", "ham, spam") + "\nAnswer:"
-    before, after = template_tokens(template, tokenizer)
+    before = template_prefix_tokens(template, tokenizer)
     text = "Free entry in 2 a wkly comp to win FA Cup final tkts"
     ids = tokenizer.encode(template.replace("{text}", text))
     # "\n\n" before a word is two tokens, not the one it is alone: counted on the filled-in template
     assert tokenizer.decode(ids[:before]) == template.split("{text}")[0]
-    assert tokenizer.decode(ids[before:len(ids) - after]) == text
-    assert tokenizer.decode(ids[len(ids) - after:]) == "\nAnswer:"
-    assert template_tokens(None, tokenizer) == (0, 0) and template_tokens("{text}", tokenizer) == (0, 0)
+    assert len(tokenizer.encode(template.split("{text}")[0])) == before - 1
+    assert tokenizer.decode(ids[before:]) == text + "\nAnswer:"
+    assert template_prefix_tokens(None, tokenizer) == 0 and template_prefix_tokens("{text}", tokenizer) == 0
 
 
 def test_mean_pooling_reads_the_texts_tokens_and_models_saved_before_read_every_token(tmp_path, tiny_lm):
     data = _toy_data(16)
     clf = TextClassifier(str(tiny_lm), epochs=1, precision="float32", template="Review: {text} Sentiment:",
                          ensemble="none", calibration="none").fit(data, data, out_dir=tmp_path / "clf", progress=False)
-    assert clf.model_.template_tokens == (2, 3)  # "Review", ":" / " Sent", "iment", ":"
+    assert clf.model_.prefix_tokens == 2  # "Review", ":"
     probs = clf.predict_proba(data.texts)
     config_path = tmp_path / "clf" / "config.json"
     config = json.loads(config_path.read_text())
@@ -548,5 +547,5 @@ def test_mean_pooling_reads_the_texts_tokens_and_models_saved_before_read_every_
     del config["training"]["pool_template"]  # as saved before the option: every token was averaged
     config_path.write_text(json.dumps(config))
     old = load_classifier(tmp_path / "clf", precision="float32")
-    assert old.pool_template is True and old.model_.template_tokens == (0, 0)
+    assert old.pool_template is True and old.model_.prefix_tokens == 0
     assert not np.allclose(old.predict_proba(data.texts), probs, atol=1e-4)

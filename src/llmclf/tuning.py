@@ -41,8 +41,8 @@ from llmclf.data.classification import (
     encode_texts,
     label_order,
     resolve_template,
+    template_prefix_tokens,
     template_suffix_tokens,
-    template_tokens,
 )
 from llmclf.errors import ConfigError, DataError
 from llmclf.loaders.tensors import atomic_path, atomic_write_json
@@ -251,7 +251,7 @@ class FrozenFeatures:
         self.classes, self.texts, self.labels = classes, texts, labels
         chat = chat_template_for(backbone_spec) if template == "auto" else None
         self.template = resolve_template(template, chat, classes)
-        self.template_tokens = template_tokens(self.template, self.tokenizer)  # left out of mean poolings, as in fit
+        self.prefix_tokens = template_prefix_tokens(self.template, self.tokenizer)  # left out of mean poolings
         templated = [t if self.template is None else self.template.replace("{text}", t) for t in texts]
         self.max_length = min(max_length or self.backbone.context_length, self.backbone.context_length)
         self.encoded = encode_texts(templated, self.tokenizer, self.max_length, labels,
@@ -277,7 +277,7 @@ class FrozenFeatures:
         from llmclf.training.classifier import Batches
 
         classifier = SequenceClassifier(self.backbone, "mean-blocks" if self.mean_blocks else "last",
-                                        self.template_tokens)
+                                        self.prefix_tokens)
         return Batches(classifier, encoded, self.batch_size, self.tokenizer.pad_id, None, self.device, self.dtype,
                        cache_from=self.first_cached, progress=progress, name=f"({self.spec})",
                        keep_features=self.mean_blocks)
@@ -362,7 +362,7 @@ class FrozenFeatures:
 
         trainable = Trainable.parse(recipe.trainable)
         self.backbone.load_state_dict(self.initial)
-        classifier = SequenceClassifier(self.backbone, recipe.pooling, self.template_tokens)
+        classifier = SequenceClassifier(self.backbone, recipe.pooling, self.prefix_tokens)
         apply_trainable(classifier, trainable)
         start = classifier.cache_point(trainable.first_trainable_block(self.n_layers))
         batches = self.head_inputs(classifier) if start == classifier.features_start else self.at(start)

@@ -554,16 +554,14 @@ def template_suffix_tokens(template: str | None, tokenizer) -> int:
     return len(tokenizer.encode(suffix)) - (tokenizer.bos_id is not None)
 
 
-def template_tokens(template: str | None, tokenizer) -> tuple[int, int]:
-    """How many tokens a template puts before the text (with the tokenizer's BOS) and after it: those its
-    filled-in forms share whatever the text (tokens can merge across the text's edges, so they are
-    counted on two filled-in forms, not on the template's pieces alone)."""
+def template_prefix_tokens(template: str | None, tokenizer) -> int:
+    """How many tokens a template puts before the text (with the tokenizer's BOS): those its filled-in
+    forms share whatever the text (tokens can merge across the text's edge, so they are counted on two
+    filled-in forms, not on the template's piece alone)."""
     if template is None:
-        return 0, 0
+        return 0
     a, b = (tokenizer.encode(template.replace(TEXT_FIELD, text)) for text in ("0", "1"))
-    before = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    after = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y), 0)
-    return before, min(after, len(a) - before - 1)
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)) - 1)
 
 
 def collate(ids: list[list[int]], pad_id: int, fixed_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

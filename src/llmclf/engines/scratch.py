@@ -22,8 +22,8 @@ from llmclf.data.classification import (
     LabelledTexts,
     encode_texts,
     inference_batches,
+    template_prefix_tokens,
     template_suffix_tokens,
-    template_tokens,
 )
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier, NotFittedError
 from llmclf.errors import ConfigError
@@ -89,7 +89,7 @@ class TextClassifier(BaseClassifier):
         backbone, self.tokenizer_ = load_model(self.model, **(self.model_options or {}))
         torch.manual_seed(args.seed)
         replace_head(backbone, len(self.classes_), bias=args.head_bias)
-        classifier = SequenceClassifier(backbone, args.pooling, self._template_tokens()).to(device)
+        classifier = SequenceClassifier(backbone, args.pooling, self._prefix_tokens()).to(device)
         n_trainable = apply_trainable(classifier, trainable)
         n_total = sum(p.numel() for p in classifier.parameters())
         log.info("trainable parameters: %s of %s (%s)", f"{n_trainable:,}", f"{n_total:,}", args.trainable)
@@ -200,9 +200,9 @@ class TextClassifier(BaseClassifier):
         return ("only a head trained alone on cached frozen features (--trainable head, a backbone without dropout, "
                 "one process) is refit on folds")
 
-    def _template_tokens(self) -> tuple[int, int]:
-        """The template's tokens before and after the text, which mean pooling leaves out (`pool_template`)."""
-        return (0, 0) if self.pool_template else template_tokens(self.template_, self.tokenizer_)
+    def _prefix_tokens(self) -> int:
+        """The template's tokens before the text, which mean pooling leaves out (unless `pool_template`)."""
+        return 0 if self.pool_template else template_prefix_tokens(self.template_, self.tokenizer_)
 
     def _encode(self, data: LabelledTexts, with_labels: bool = True,
                 token_ids: list[list[int]] | None = None) -> EncodedTexts:
@@ -303,7 +303,7 @@ class TextClassifier(BaseClassifier):
                               backbone.context_length)
         clf.config_ = config
         clf._restore_fitted(config, path)
-        clf.model_ = SequenceClassifier(backbone, clf.pooling, clf._template_tokens()).to(resolve_device(device)).eval()
+        clf.model_ = SequenceClassifier(backbone, clf.pooling, clf._prefix_tokens()).to(resolve_device(device)).eval()
         return clf
 
 

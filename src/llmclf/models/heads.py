@@ -25,18 +25,18 @@ def replace_head(model: GPTModel, num_classes: int, bias: bool = True) -> GPTMod
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str,
-         template_tokens: tuple[int, int] = (0, 0)) -> torch.Tensor:
+         skip: int = 0) -> torch.Tensor:
     """One vector (B, C) per sequence from hidden states (B, T, C).
 
     `last`: the last real token (found through the mask, so any padding side works);
-    `mean`: the mean over real tokens, less the first and last `template_tokens` of each (a template's
-    own tokens); `last-position`: the course's `[:, -1, :]`. (`mean-blocks` is `mean` of several
-    blocks' states, averaged: `SequenceClassifier` does that.)
+    `mean`: the mean over real tokens but the first `skip` of each (a template's before the text);
+    `last-position`: the course's `[:, -1, :]`. (`mean-blocks` is `mean` of several blocks' states,
+    averaged: `SequenceClassifier` does that.)
     """
     if pooling == "last-position" or attention_mask is None:
         return hidden[:, -1, :]
     if pooling in ("mean", "mean-blocks"):
-        attention_mask = text_mask(attention_mask, *template_tokens)
+        attention_mask = without_first(attention_mask, skip)
     mask = attention_mask.to(hidden.dtype)
     if pooling in ("mean", "mean-blocks"):
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
@@ -45,14 +45,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
     raise ConfigError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
 
 
-def text_mask(attention_mask: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """`attention_mask` (B, T) without the first `before` and the last `after` real tokens of each row
-    (any padding side); a row with nothing in between keeps its real tokens."""
-    if not before and not after:
+def without_first(attention_mask: torch.Tensor, skip: int) -> torch.Tensor:
+    """`attention_mask` (B, T) without the first `skip` real tokens of each row (any padding side); a row
+    with no more keeps its real tokens."""
+    if not skip:
         return attention_mask
     real = attention_mask.bool()
-    rank = attention_mask.long().cumsum(1) - 1  # of each real token among its row's real tokens
-    kept = real & (rank >= before) & (rank < real.sum(1, keepdim=True) - after)
+    kept = real & (attention_mask.long().cumsum(1) > skip)  # the rank of each real token in its row, from 1
     kept = kept | (real & ~kept.any(1, keepdim=True))  # (logical ops, not `where`: ONNX Runtime has no bool Where)
     return kept.to(attention_mask.dtype)
 
@@ -76,17 +75,17 @@ class SequenceClassifier(nn.Module):
     third of the depth on of each block's states, final-normed and mean-pooled over the real tokens
     (middle blocks carry features that transfer better than the last block's, which is shaped for
     predicting the next token: docs/measurements.md, "Which blocks to pool").
-    `template_tokens`: (before, after) the text, the tokens of the template around it, which mean
-    poolings leave out: the same for every text, they would otherwise weigh most in short texts.
+    `prefix_tokens`: the tokens a template puts before the text, which mean poolings leave out: a causal
+    model's states there cannot depend on the text, so they would only dilute it, most in short texts.
     """
 
-    def __init__(self, backbone: GPTModel, pooling: str = "last", template_tokens: tuple[int, int] = (0, 0)) -> None:
+    def __init__(self, backbone: GPTModel, pooling: str = "last", prefix_tokens: int = 0) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         self.backbone = backbone
         self.pooling = pooling
-        self.template_tokens = template_tokens
+        self.prefix_tokens = prefix_tokens
 
     @property
     def num_classes(self) -> int:
@@ -145,7 +144,7 @@ class SequenceClassifier(nn.Module):
             return self._block_mean(x, attention_mask, mask, start)[0]
         if self.pooling == "mean" or start >= blocks.stop:
             x = backbone.run_blocks(x, mask, start=start)
-            return pool(backbone.final_norm(x), attention_mask, self.pooling, self.template_tokens)
+            return pool(backbone.final_norm(x), attention_mask, self.pooling, self.prefix_tokens)
         x = backbone.run_blocks(x, mask, start=start, stop=blocks.start)
         pooled_at = last_positions(attention_mask, self.pooling, *x.shape[:2], x.device)
         x = backbone.trf_blocks[-1](x, mask, only_at=pooled_at)  # (B, 1, C)
@@ -165,7 +164,7 @@ class SequenceClassifier(nn.Module):
                 kept = x
             x = backbone.run_blocks(x, mask, start=layer, stop=layer + 1)
             if layer >= blocks.start:
-                total = total + pool(backbone.final_norm(x), attention_mask, "mean", self.template_tokens)
+                total = total + pool(backbone.final_norm(x), attention_mask, "mean", self.prefix_tokens)
         return total / len(blocks), x if keep == blocks.stop else kept
 
     @torch.no_grad()

@@ -233,9 +233,9 @@ class TrainArgs:
                           "last-position (the course's fixed-length padding).", engines=("scratch",),
                           check=_one_of(POOLINGS))
     pool_template: bool = option(
-        False, "Mean poolings: also average the template's own tokens (the instruction around the text). Off: "
-        "only the text's tokens are averaged; the template's are the same in every text and would outweigh a short "
-        "text's own (they still give the text its context).", engines=("scratch",),
+        False, "Mean poolings: also average the tokens the template puts before the text. Off: they are left out "
+        "(a causal model's states there cannot depend on the text, so they would only dilute it, most in short "
+        "texts); the template's tokens after the text, which read it, are averaged.", engines=("scratch",),
         flag="--pool-template/--no-pool-template", saved_before=True)
     head_bias: bool = option(
         True, "Give the class head a bias, as the book's. Without one (--no-head-bias) the head is Transformers' "
