@@ -74,7 +74,7 @@ class SequenceClassifier(nn.Module):
     Pooling `mean-blocks` reads more than the last block: the head gets the mean over the blocks from a
     third of the depth on of each block's states, final-normed and mean-pooled over the real tokens
     (middle blocks carry features that transfer better than the last block's, which is shaped for
-    predicting the next token: docs/measurements.md, "Which blocks to pool").
+    predicting the next token: docs/measurements.md, "Which tokens and blocks to pool").
     `prefix_tokens`: the tokens a template puts before the text, which mean poolings leave out: a causal
     model's states there cannot depend on the text, so they would only dilute it, most in short texts.
     """
