@@ -15,6 +15,7 @@ from llmclf.models.decoder import rows_at
 from llmclf.models.gpt2 import GPTModel
 
 POOLINGS = ("last", "mean", "mean-blocks", "last-position")
+MEAN_POOLINGS = ("mean", "mean-blocks")
 
 
 def replace_head(model: GPTModel, num_classes: int, bias: bool = True) -> GPTModel:
@@ -35,10 +36,10 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
     """
     if pooling == "last-position" or attention_mask is None:
         return hidden[:, -1, :]
-    if pooling in ("mean", "mean-blocks"):
+    if pooling in MEAN_POOLINGS:
         attention_mask = without_first(attention_mask, skip)
     mask = attention_mask.to(hidden.dtype)
-    if pooling in ("mean", "mean-blocks"):
+    if pooling in MEAN_POOLINGS:
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     if pooling == "last":
         return rows_at(hidden, last_positions(attention_mask, pooling, *hidden.shape[:2], hidden.device))[:, 0]
@@ -135,7 +136,7 @@ class SequenceClassifier(nn.Module):
         return self.backbone.out_head(self.features(x, attention_mask, mask, start))
 
     def features(self, x: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor | None,
-                  start: int) -> torch.Tensor:
+                 start: int) -> torch.Tensor:
         """What the head reads (B, C), from hidden states x after block `start - 1`."""
         if mask is None:
             mask = self.backbone.attention_inputs(attention_mask, x.shape[1])
