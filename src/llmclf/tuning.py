@@ -308,30 +308,17 @@ class FrozenFeatures:
     @torch.no_grad()
     def at(self, block: int):
         """The states after block `block` (continued from the deepest cached ones before it)."""
-        from llmclf.runtime import autocast
-
         if block not in self.cached:
             source = self.cached[max(b for b in self.cached if b <= block)]
             out = copy.copy(source)
-            states: list[torch.Tensor | None] = [None] * len(source.states)
-            order = sorted(range(len(states)), key=lambda i: -source.lengths[i])
-            for begin in range(0, len(order), 32):
-                idx = order[begin:begin + 32]
-                x, mask, _ = source.make(idx)
-                inputs = self.backbone.attention_inputs(mask, x.shape[1])
-                with autocast(source.device, self.dtype):
-                    x = self.backbone.run_blocks(x, inputs, start=source.cache_from, stop=block)
-                for row, i in enumerate(idx):
-                    states[i] = x[row, : source.lengths[i]].clone()
-            out.states, out.cache_from = states, block
+            out.states = self._continued(source, lambda x, mask: self.backbone.run_blocks(
+                x, self.backbone.attention_inputs(mask, x.shape[1]), start=source.cache_from, stop=block))
+            out.cache_from = block
             self.cached[block] = out
         return self.cached[block]
 
-    @torch.no_grad()
     def head_inputs(self, classifier: Any):
         """What `classifier`'s head reads when trained alone, one vector per text (pooled once per pooling)."""
-        from llmclf.runtime import autocast
-
         if classifier.pooling not in self.pooled:
             if classifier.pooling == "mean-blocks":
                 if not self.mean_blocks:
@@ -339,18 +326,29 @@ class FrozenFeatures:
                 self.pooled[classifier.pooling] = self.cached[self.first_cached].as_features()
             else:
                 source = self.at(self.n_layers)
-                vectors: list[torch.Tensor | None] = [None] * len(source.states)
-                for begin in range(0, len(vectors), 32):
-                    idx = list(range(begin, min(begin + 32, len(vectors))))
-                    x, mask, _ = source.make(idx)
-                    with autocast(source.device, self.dtype):
-                        pooled = classifier.features(x, mask, None, self.n_layers)
-                    for row, i in enumerate(idx):
-                        vectors[i] = pooled[row:row + 1].clone()
                 out = copy.copy(source)
-                out.states, out.lengths, out.cache_from = vectors, [1] * len(vectors), classifier.features_start
+                out.states = self._continued(source, lambda x, mask: classifier.features(x, mask, None,
+                                                                                         self.n_layers)[:, None])
+                out.lengths, out.cache_from = [1] * len(out.states), classifier.features_start
                 self.pooled[classifier.pooling] = out
         return self.pooled[classifier.pooling]
+
+    @torch.no_grad()
+    def _continued(self, source: Any, compute: Any) -> list[torch.Tensor]:
+        """`compute(x, mask)` on the cached states of `source`, 32 texts at a time (longest first): each
+        text's rows of the result."""
+        from llmclf.runtime import autocast
+
+        states: list[torch.Tensor] = [torch.empty(0)] * len(source.states)
+        order = sorted(range(len(states)), key=lambda i: -source.lengths[i])
+        for begin in range(0, len(order), 32):
+            idx = order[begin:begin + 32]
+            x, mask, _ = source.make(idx)
+            with autocast(source.device, self.dtype):
+                x = compute(x, mask)
+            for row, i in enumerate(idx):
+                states[i] = x[row, : source.lengths[i]].clone()
+        return states
 
     def probabilities_per_epoch(self, recipe: Recipe, train_idx: list[int], val_idx: list[int],
                                 watch_idx: list[int], seed: int) -> list[np.ndarray]:
