@@ -39,9 +39,9 @@ models: setup
 # fine-tune the pretrained Gemma 3 270M (packaged GGUF) into a classifier with llmclf's defaults,
 # print test metrics, save the model and classify the course's two messages. The defaults (the
 # instruction "Classify the following text as one of: ham, spam." in Gemma's chat format, mean
-# pooling, a new head trained on the cached frozen model, 7 epochs at lr 1e-3, combined with a TF-IDF
-# n-gram model) were chosen by 5-fold cross-validation on three data sets: bench/bench_backbones.py,
-# README "Measured".
+# pooling, a new head trained on the cached frozen model, 7 epochs at lr 1e-3, blended with a TF-IDF
+# n-gram model and a regression on frozen all-MiniLM-L6-v2 embeddings) were chosen by cross-validation
+# and measured in and out of domain: bench/bench_backbones.py, bench/bench_robustness.py, README "Results".
 demo: setup
 	$(VENV)/bin/llmclf data sms-spam --out $(DEMO_DIR)/sms --source $(SHARED)/data/sms_spam/sms_spam_collection.zip
 	$(VENV)/bin/llmclf train --train $(DEMO_DIR)/sms/train.csv --val $(DEMO_DIR)/sms/validation.csv \

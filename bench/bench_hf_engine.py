@@ -48,7 +48,7 @@ def run_plain(data: Path, out: Path) -> dict:
         set_seed,
     )
 
-    from llmclf.engines.hf import resolve_hf_model
+    from llmclf.loaders.encoders import resolve_hf_model
 
     model_dir = resolve_hf_model("all-minilm-l6-v2")
     frames = {name: pd.read_csv(data / f"{name}.csv") for name in ("train", "validation", "test")}

@@ -113,7 +113,8 @@ def run_llmclf(spec: str, name: str, data: dict, tests: dict) -> dict[str, dict]
     A model with the n-gram blend also gives the row `SPEC (old)`: the same fit, scored as the defaults
     before out-of-fold blend weights and temperature scaling would score it (blend weights fitted on the
     validation set alone, no temperature; the head is trained before either, so it is the same head),
-    and the rows `SPEC [language model]` and `SPEC [n-grams]`: each half of the blend alone.
+    and the rows `SPEC [language model]`, `SPEC [n-grams]` (and `SPEC [sentence encoder]`): each member of
+    the blend alone.
     """
     from llmclf.classifier import load_classifier, make_classifier
     from llmclf.training.calibration import decide
@@ -136,22 +137,24 @@ def run_llmclf(spec: str, name: str, data: dict, tests: dict) -> dict[str, dict]
     if getattr(clf, "ngrams_", None) is not None and "weights_validation_only" in report:
         old_blend = copy.copy(clf.ngrams_)
         old_blend.weights = np.asarray(report["weights_validation_only"], dtype=np.float32)
-    blend = getattr(clf, "ngrams_", None)
+    members = ["n-grams", *(["sentence encoder"] if getattr(clf, "encoder_", None) is not None else [])] \
+        if getattr(clf, "ngrams_", None) is not None else []
     extra = [f"{spec} (old)"] if old_blend else []
-    extra += [f"{spec} [language model]", f"{spec} [n-grams]"] if blend is not None else []
+    extra += [f"{spec} [{member}]" for member in ("language model", *members)] if members else []
     rows = {name: {"seconds": seconds} for name in (spec, *extra)}
     labelled = lambda probs: [clf.classes_[i] for i in probs.argmax(1)]  # noqa: E731
     for test, texts in tests.items():
-        # predict_proba's own steps, the language model's pass computed once for every row
+        # predict_proba's own steps, the language model's pass and the members' scores computed once for every row
         lm_probs = clf._text_probabilities(texts.texts, 32, dropout=False)
-        probs = clf._calibrated(clf._with_ngrams(lm_probs, texts.texts))
+        scores = clf._blend_scores(texts.texts)
+        probs = clf._calibrated(clf._with_ngrams(lm_probs, texts.texts, scores))
         rows[spec][test] = accuracy([clf.classes_[i] for i in decide(probs, clf.decision)], texts)
         if old_blend:
-            rows[f"{spec} (old)"][test] = accuracy(
-                labelled(old_blend.combine(lm_probs, old_blend.scores(texts.texts))), texts)
-        if blend is not None:
+            rows[f"{spec} (old)"][test] = accuracy(labelled(old_blend.combine(lm_probs, *scores)), texts)
+        if members:
             rows[f"{spec} [language model]"][test] = accuracy(labelled(lm_probs), texts)
-            rows[f"{spec} [n-grams]"][test] = accuracy(labelled(blend.scores(texts.texts)), texts)
+            for member, member_scores in zip(members, scores, strict=True):
+                rows[f"{spec} [{member}]"][test] = accuracy(labelled(member_scores), texts)
     return rows
 
 

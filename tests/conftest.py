@@ -59,3 +59,23 @@ def tiny_model(tiny_cfg: GPTConfig) -> GPTModel:
 def tiny_checkpoint(tmp_path: Path, tiny_model: GPTModel, tokenizer: GPT2Tokenizer) -> Path:
     """An llmclf checkpoint directory of a tiny random GPT-2 (with tokenizer files)."""
     return save_checkpoint(tmp_path / "tiny", tiny_model, tokenizer)
+
+
+ENCODER_WORDS = ["match", "goal", "team", "score", "league", "bank", "market", "shares", "profit", "stock", "software",
+                 "chip", "computer", "code", "internet", "the", "a", "of", "and", "today", "news", "report", "said",
+                 "new", "great", "wonderful", "happy", "awful", "terrible", "sad", "movie", "good", "bad"]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT encoder with a WordPiece tokenizer, saved as Hugging Face ships one (what
+    `--ensemble tfidf+DIR` embeds texts with)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("encoder") / "tiny-encoder"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *ENCODER_WORDS]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
+    return path

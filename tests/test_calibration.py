@@ -160,7 +160,7 @@ def test_fit_saves_the_temperature_threshold_and_blend_report(fitted):
     assert metrics["calibration"]["validation_after"]["log_loss"] <= metrics["calibration"]["validation_before"][
         "log_loss"]
     assert metrics["ensemble"]["fitted_on"].startswith("out-of-fold predictions of 2 folds")
-    assert set(metrics["ensemble"]["validation_accuracy"]) == {"language_model", "ngrams", "blend"}
+    assert set(metrics["ensemble"]["validation_accuracy"]) == {"language_model", "ngrams", "encoder", "blend"}
     assert {"log_loss", "brier", "ece"} <= set(metrics["validation"])
     reloaded = load_classifier(out, precision="float32")
     assert reloaded.temperature_ == clf.temperature_ and reloaded.decision == clf.decision
@@ -189,7 +189,7 @@ def test_out_of_fold_weights_differ_from_validation_only_ones(tiny_lm: Path):
                              [str(rng.choice(["neg", "pos"])) for _ in range(n)], "noise")
 
     train, val = noise(40, 0), noise(30, 100)
-    clf = TextClassifier(str(tiny_lm), ensemble_folds=2)
+    clf = TextClassifier(str(tiny_lm), ensemble="tfidf", ensemble_folds=2)
     clf.classes_ = ["neg", "pos"]
     y_train = np.array(clf._label_ids(train))
     val_probs = rng.dirichlet(np.ones(2), size=len(val))  # no better than the n-grams on the validation texts

@@ -24,8 +24,9 @@ from llmclf.classifier import HFClassifier, TextClassifier, load_classifier, mak
 from llmclf.cli import app
 from llmclf.data.classification import LabelledTexts, read_labelled, write_labelled
 from llmclf.engines import choose_engine
-from llmclf.engines.hf import COMPLETE_MARKER, resolve_hf_model, resume_checkpoint, selection_callback
+from llmclf.engines.hf import COMPLETE_MARKER, resume_checkpoint, selection_callback
 from llmclf.errors import CheckpointError, ConfigError
+from llmclf.loaders.encoders import resolve_hf_model
 from llmclf.training.args import TrainArgs
 from llmclf.training.optim import lr_factor
 

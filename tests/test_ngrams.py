@@ -88,7 +88,7 @@ def test_the_weights_follow_the_better_model():
     pulled = reversed_ngrams.fit_weights(oracle, val.texts, y_val).weights
     assert 0.5 < pulled[0] / pulled.sum() < w_lm / (w_lm + w_ngram)
     log_oracle, scores = np.log(oracle), reversed_ngrams.scores(val.texts)
-    more = fit_blend_weights(np.tile(log_oracle, (10, 1)), np.tile(scores, (10, 1)), y_val * 10)
+    more = fit_blend_weights([np.tile(log_oracle, (10, 1)), np.tile(scores, (10, 1))], y_val * 10)
     assert pulled[0] / pulled.sum() < more[0] / more.sum()
 
 
@@ -143,7 +143,7 @@ def test_cli_takes_the_option_and_names_the_choices(tmp_path: Path, tiny_lm: Pat
               "--template", "{text}", "--precision", "float32"]
     result = runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--ensemble", "bm25"])
     assert isinstance(result.exception, ConfigError)
-    assert "--ensemble must be one of none, tfidf, got 'bm25'" in str(result.exception)
+    assert "--ensemble must be none, tfidf or tfidf+ENCODER" in str(result.exception)
     result = runner.invoke(app, [*common, "--out", str(tmp_path / "clf"), "--ensemble", "tfidf"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "clf" / NGRAMS_FILE).is_file()

@@ -94,7 +94,7 @@ def test_all_mpnet_base_v2_trains_with_the_hf_engine(tmp_path: Path, shared_dir:
     from llmclf.classifier import load_classifier, make_classifier
     from llmclf.data.classification import LabelledTexts, prepare_sms_spam, read_labelled
     from llmclf.engines import choose_engine
-    from llmclf.engines.hf import PACKAGED_HF_MODELS, resolve_hf_model
+    from llmclf.loaders.encoders import PACKAGED_HF_MODELS, resolve_hf_model
 
     _need(PACKAGED_HF_MODELS["all-mpnet-base-v2"])
     assert choose_engine("all-mpnet-base-v2") == "hf"

@@ -63,7 +63,7 @@ def test_engines_share_one_definition_with_their_own_defaults():
                                                                            dataclasses.fields(TrainArgs)}
     assert TextClassifier("m").get_params()["epochs"] == 7 and HFClassifier("m").get_params()["epochs"] == 3
     ensembles = TextClassifier("m").get_params()["ensemble"], HFClassifier("m").get_params()["ensemble"]
-    assert ensembles == ("tfidf", "none")
+    assert ensembles == ("tfidf+all-minilm-l6-v2", "none")
 
 
 def test_estimators_clone_like_scikit_learn():

@@ -59,7 +59,7 @@ def test_parse_budget():
 
 def test_recipes_parse_and_refuse_clearly():
     assert str(Recipe.parse("head:mean:1e-3:8+tfidf")) == "head:mean:1e-3:8+tfidf"
-    assert Recipe.parse("last-n:2:last:1e-4:4") == Recipe("last-n:2", "last", 1e-4, 4, False)
+    assert Recipe.parse("last-n:2:last:1e-4:4") == Recipe("last-n:2", "last", 1e-4, 4, "none")
     assert str(Recipe.parse("5e-5:3", "hf")) == "5e-5:3"
     assert [str(Recipe.parse(r)) for r in DEFAULT_RECIPES] == list(DEFAULT_RECIPES)
     with pytest.raises(ConfigError, match="TRAINABLE:POOLING:LR:EPOCHS"):
@@ -73,11 +73,19 @@ def test_recipes_parse_and_refuse_clearly():
         Recipe.parse("head:mean:fast:8")
     with pytest.raises(ConfigError, match="LR:EPOCHS"):
         Recipe.parse("head:mean:1e-3:8", "hf")
+    blend = Recipe.parse("head:mean:1e-3:8+tfidf+all-minilm-l6-v2")
+    assert str(blend) == "head:mean:1e-3:8+tfidf+all-minilm-l6-v2" and blend.encoder == "all-minilm-l6-v2"
+    assert blend.options(8)["ensemble"] == "tfidf+all-minilm-l6-v2" and Recipe.parse("head:mean:1e-3:8").encoder is None
+    with pytest.raises(ConfigError, match=r"--ensemble must be none, tfidf or tfidf\+ENCODER"):
+        Recipe.parse("head:mean:1e-3:8+bm25")
 
 
 def test_plan_runs_cheap_candidates_first(tiny_checkpoint):
     keys = [c.key for c in plan([str(tiny_checkpoint)], ["last-block:last:1e-4:2", "head:mean:1e-3:2"])]
     assert keys == ["tfidf", f"{tiny_checkpoint}|head:mean:1e-3:2", f"{tiny_checkpoint}|last-block:last:1e-4:2"]
+    # a blend's sentence encoder is scored alone first, once, right after the n-gram reference
+    keys = [c.key for c in plan(["a.gguf", "b.gguf"], ["head:mean:1e-3:2+tfidf+enc", "head:last:1e-3:2+tfidf+enc"])]
+    assert keys[:2] == ["tfidf", "enc|frozen+lr"] and len(keys) == 6
     # every backbone's head recipes before any that trains blocks (fewest first); whole encoders last
     keys = [c.key for c in plan(["a.gguf", "all-minilm-l6-v2", "b.gguf"],
                                 ["last-n:2:last:1e-4:2", "head:mean:1e-3:2", "last-block:last:1e-4:2"])]
@@ -108,7 +116,7 @@ def test_tune_writes_leaderboard_and_a_normal_model_that_wins_it(tmp_path, tiny_
     assert config["training"]["epochs"] == winner["epochs"]
     recipe = Recipe.parse(winner["candidate"].split("|")[1])
     assert config["training"]["pooling"] == recipe.pooling and config["training"]["lr"] == recipe.lr
-    assert config["training"]["ensemble"] == ("tfidf" if recipe.ensemble else "none")
+    assert config["training"]["ensemble"] == recipe.ensemble
     clf = load_classifier(model_dir, precision="float32")
     assert clf.predict(["today: great wonderful happy"]) in (["pos"], ["neg"])
     assert result.test_metrics["n"] == 12
@@ -168,13 +176,20 @@ def test_budget_keeps_room_for_the_winners_training_and_test_pass():
     # the last block: continued once, then trained forward and backward each epoch (no refits)
     assert _winner_seconds(block, frozen, layers, 0.0) == pytest.approx(100 + 10 + 4 * (10 * TRAIN_COST + 0.5))
     # the blend's n-gram model: fitted once, and once per out-of-fold refit; not without a blend
-    assert _winner_seconds(blend, frozen, layers, 0.0, ngram_fit=7.0) == pytest.approx(
+    assert _winner_seconds(blend, frozen, layers, 0.0, blend_fit=7.0) == pytest.approx(
         _winner_seconds(blend, frozen, layers, 0.0) + 6 * 7.0)
-    assert _winner_seconds(head, frozen, layers, 0.0, ngram_fit=7.0) == _winner_seconds(head, frozen, layers, 0.0)
+    assert _winner_seconds(head, frozen, layers, 0.0, blend_fit=7.0) == _winner_seconds(head, frozen, layers, 0.0)
     # and cross-validating a blend fits it on every fold
-    assert _estimate(blend, frozen, layers, 5, ngram_fit=7.0) == pytest.approx(_estimate(blend, frozen, layers, 5) + 35)
-    assert _estimate(head, frozen, layers, 5, ngram_fit=7.0) == _estimate(head, frozen, layers, 5)
+    assert _estimate(blend, frozen, layers, 5, blend_fit=7.0) == pytest.approx(_estimate(blend, frozen, layers, 5) + 35)
+    assert _estimate(head, frozen, layers, 5, blend_fit=7.0) == _estimate(head, frozen, layers, 5)
+    # a sentence encoder's embedding of train + validation, and of the test set
+    assert _winner_seconds(blend, frozen, layers, 0.25, blend_pass=8.0) == pytest.approx(
+        _winner_seconds(blend, frozen, layers, 0.25) + 8.0 * 1.25)
     budget = _Budget(100.0)
+    budget.ngram_fit, budget.encoder_fit["enc"], budget.encoder_pass["enc"] = 2.0, 3.0, 8.0
+    assert [budget.blend_fit(Recipe.parse(f"head:mean:1e-3:8{e}")) for e in ("", "+tfidf", "+tfidf+enc")] == [0, 2, 5]
+    assert budget.blend_pass(Recipe.parse("head:mean:1e-3:8+tfidf+enc")) == 8.0
+    assert budget.blend_pass(Recipe.parse("head:mean:1e-3:8+tfidf")) == 0.0
     assert budget.fits(40.0, 50.0)
     budget.reserve["scored earlier"] = 70.0  # it may still win: its training stays reserved
     assert not budget.fits(40.0, 50.0) and budget.fits(20.0, 50.0)
@@ -310,16 +325,45 @@ def test_the_reference_times_the_blends_ngram_fits(tmp_path, tiny_checkpoint, mo
     original = tuning._winner_seconds
 
     def recording(candidate, *args, **kwargs):
-        seen.append((str(candidate.recipe), kwargs.get("ngram_fit", args[4] if len(args) > 4 else 0.0)))
+        seen.append((str(candidate.recipe), kwargs.get("blend_fit", args[4] if len(args) > 4 else 0.0)))
         return original(candidate, *args, **kwargs)
 
     monkeypatch.setattr(tuning, "_winner_seconds", recording)
     _tune(tmp_path / "t", tiny_checkpoint, train_winner=False)
     reference = json.loads((tmp_path / "t" / STATE_FILE).read_text())["results"]["tfidf"]["seconds"]
-    assert seen and all(fit == pytest.approx(reference / 3, rel=0.01) for _, fit in seen)
+    assert seen and all(fit == (pytest.approx(reference / 3, rel=0.01) if recipe.endswith("+tfidf") else 0.0)
+                        for recipe, fit in seen)
     assert reference > 0
     seen.clear()
     _tune(tmp_path / "t", tiny_checkpoint, train_winner=False, resume=True,
           recipes=[*RECIPES, "head:last:1e-2:2+tfidf"])
     assert {recipe for recipe, _ in seen} == {"head:last:1e-2:2+tfidf"}  # the others were scored before
     assert all(fit == pytest.approx(reference / 3) for _, fit in seen)
+
+
+def test_a_blend_with_a_sentence_encoder_is_searched_beside_its_encoder_alone(tmp_path, tiny_checkpoint,
+                                                                               tiny_encoder_dir):
+    from llmclf.classifier import load_classifier
+
+    blend = f"head:mean:1e-2:2+tfidf+{tiny_encoder_dir}"
+    result = _tune(tmp_path / "t", tiny_checkpoint, recipes=["head:mean:1e-2:2", blend])
+    rows = {r["candidate"]: r for r in result.leaderboard}
+    assert set(rows) == {"tfidf", f"{tiny_encoder_dir}|frozen+lr", f"{tiny_checkpoint}|head:mean:1e-2:2",
+                         f"{tiny_checkpoint}|{blend}"}
+    assert rows[f"{tiny_encoder_dir}|frozen+lr"]["engine"] == "sentence-encoder"
+    assert result.winner["engine"] == "scratch"  # a reference never wins
+    config = json.loads((tmp_path / "t" / MODEL_DIR / "config.json").read_text())
+    winner = Recipe.parse(result.winner["candidate"].split("|")[1])
+    assert config["training"]["ensemble"] == winner.ensemble
+    assert (load_classifier(tmp_path / "t" / MODEL_DIR).encoder_ is not None) == (winner.encoder is not None)
+
+
+def test_default_recipes_leave_out_a_blend_whose_encoder_is_not_installed(monkeypatch):
+    from llmclf.loaders import encoders
+    from llmclf.loaders.packaged import PackagedModel
+    from llmclf.tuning import default_recipes
+
+    assert any(Recipe.parse(r).encoder == "all-minilm-l6-v2" for r in DEFAULT_RECIPES)
+    missing = PackagedModel("llmclf-no-such-dist", "1.0", "x")
+    monkeypatch.setitem(encoders.PACKAGED_HF_MODELS, "all-minilm-l6-v2", missing)
+    assert default_recipes() == [r for r in DEFAULT_RECIPES if Recipe.parse(r).encoder is None]

@@ -470,10 +470,12 @@ def tune_command(
         "--backbones", help="Comma-separated model specs to search. Default: every installed packaged backbone, "
         "both engines (smallest first).")] = None,
     recipes: Annotated[Optional[str], typer.Option(
-        "--recipes", help="Comma-separated scratch-engine recipes TRAINABLE:POOLING:LR:EPOCHS[+tfidf], each scored "
-        f"after every epoch up to EPOCHS. Default: {', '.join(DEFAULT_RECIPES)}.")] = None,
+        "--recipes", help="Comma-separated scratch-engine recipes TRAINABLE:POOLING:LR:EPOCHS[+ENSEMBLE], each "
+        "scored after every epoch up to EPOCHS; ENSEMBLE is a value of train's --ensemble (tfidf, "
+        "tfidf+all-minilm-l6-v2: a blend's sentence encoder is also scored alone, as a reference). "
+        f"Default: {', '.join(DEFAULT_RECIPES)}.")] = None,
     hf_recipes: Annotated[Optional[str], typer.Option(
-        "--hf-recipes", help="Comma-separated Transformers-engine recipes LR:EPOCHS[+tfidf] (the whole encoder is "
+        "--hf-recipes", help="Comma-separated Transformers-engine recipes LR:EPOCHS[+ENSEMBLE] (the whole encoder is "
         f"trained). Default: {', '.join(HF_RECIPES)}.")] = None,
     folds: Annotated[int, typer.Option("--folds", min=2, help="k of the stratified k-fold cross-validation.")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the folds and every training run: the same seed "

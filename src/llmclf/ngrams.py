@@ -3,11 +3,13 @@
 A logistic regression (scikit-learn) on TF-IDF word 1-2-grams and character 2-5-grams, fitted on
 the training texts; its class scores are combined with the language model's as
 
-    p(class | text) = softmax(w_lm * log p_lm(class | text) + w_ngram * score_ngram(class | text)),
+    p(class | text) = softmax(w_lm * log p_lm(class | text) + w_ngram * score_ngram(class | text)
+                              [+ w_encoder * score_encoder(class | text)]),
 
-the two weights fitted by log-loss on held-out predictions (`fit_blend_weights`: out-of-fold
-predictions of the training set plus the validation set where the engine can refit its head on
-folds, else the validation set alone), pulled toward equal weights. The n-grams are hashed (scikit-learn's
+(the last term with `--ensemble tfidf+ENCODER`: `llmclf.sentence_encoder`), the weights fitted by
+log-loss on held-out predictions (`fit_blend_weights`: out-of-fold predictions of the training set
+plus the validation set where the engine can refit its head on folds, else the validation set alone),
+pulled toward equal weights. The n-grams are hashed (scikit-learn's
 `HashingVectorizer`), so the saved state is four arrays and no vocabulary: `ngrams.safetensors`
 (idf, coef, intercept, weights) beside the model, and nothing in it runs code when loaded.
 """
@@ -70,7 +72,7 @@ class NgramModel:
     idf: np.ndarray  # (2 * N_FEATURES,): 0 for n-grams dropped by MIN_DF
     coef: np.ndarray  # (classes, 2 * N_FEATURES)
     intercept: np.ndarray  # (classes,)
-    weights: np.ndarray  # (2,): w_lm, w_ngram
+    weights: np.ndarray  # the blend's: (2,) w_lm, w_ngram, or (3,) with a sentence encoder's, w_encoder
 
     @classmethod
     def fit(cls, texts: list[str], labels: list[int], n_classes: int) -> NgramModel:
@@ -102,10 +104,13 @@ class NgramModel:
         x = _tfidf(ngram_counts(texts), self.idf.astype(np.float64))
         return log_softmax(np.asarray(x @ self.coef.T.astype(np.float64)) + self.intercept, axis=1)
 
-    def combine(self, lm_probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """The ensemble's probabilities from the language model's and `scores(texts)`."""
-        w_lm, w_ngram = self.weights.astype(np.float64)
-        z = w_lm * np.log(np.clip(lm_probs, 1e-12, 1.0)) + w_ngram * scores
+    def combine(self, lm_probs: np.ndarray, scores: np.ndarray, *more_scores: np.ndarray) -> np.ndarray:
+        """The ensemble's probabilities from the language model's, `scores(texts)` and any other
+        member's log-probabilities (the sentence encoder's), one weight each."""
+        parts = [np.log(np.clip(lm_probs, 1e-12, 1.0)), scores, *more_scores]
+        if len(parts) != len(self.weights):
+            raise ValueError(f"the blend has {len(self.weights)} weights, given {len(parts)} members' scores")
+        z = sum(w * part for w, part in zip(self.weights.astype(np.float64), parts, strict=True))
         return np.exp(log_softmax(z, axis=1)).astype(np.float32)
 
     def blend(self, lm_probs: np.ndarray, texts: list[str]) -> np.ndarray:
@@ -115,7 +120,7 @@ class NgramModel:
                     prior: float = EQUAL_WEIGHTS_PRIOR) -> NgramModel:
         """Choose (w_lm, w_ngram) by `fit_blend_weights` on these held-out texts; returns self."""
         log_lm = np.log(np.clip(lm_probs, 1e-12, 1.0))
-        self.weights = fit_blend_weights(log_lm, self.scores(texts), labels, prior).astype(np.float32)
+        self.weights = fit_blend_weights([log_lm, self.scores(texts)], labels, prior).astype(np.float32)
         return self
 
     # --- persistence -------------------------------------------------------------------------
@@ -132,8 +137,9 @@ class NgramModel:
         return path
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, n_classes: int) -> NgramModel:
-        """The n-gram model saved in `model_dir`, checked against the classifier's classes."""
+    def load(cls, model_dir: str | os.PathLike, n_classes: int, members: int = 2) -> NgramModel:
+        """The n-gram model saved in `model_dir`, checked against the classifier's classes and the
+        number of the blend's `members` (the language model included)."""
         from safetensors.numpy import load_file
 
         path = Path(model_dir) / NGRAMS_FILE
@@ -142,7 +148,7 @@ class NgramModel:
                               "--ensemble tfidf; copy the whole model directory")
         arrays = load_file(str(path))
         expected = {"idf": (2 * N_FEATURES,), "coef": (n_classes, 2 * N_FEATURES), "intercept": (n_classes,),
-                    "weights": (2,)}
+                    "weights": (members,)}
         for name, shape in expected.items():
             if name not in arrays or arrays[name].shape != shape:
                 found = arrays[name].shape if name in arrays else "missing"
@@ -150,23 +156,24 @@ class NgramModel:
         return cls(**{name: arrays[name] for name in expected})
 
 
-def fit_blend_weights(log_lm: np.ndarray, scores: np.ndarray, labels: list[int] | np.ndarray,
+def fit_blend_weights(parts: list[np.ndarray], labels: list[int] | np.ndarray,
                       prior: float = EQUAL_WEIGHTS_PRIOR) -> np.ndarray:
-    """(w_lm, w_ngram) in [0, MAX_WEIGHT]^2 minimising the blend's mean log-loss on held-out texts (the
-    language model's log-probabilities and the n-gram `scores` of each, and their label ids), plus
-    (prior / N) * ||s - mean(s)||^2 on their shares s = w / sum(w), toward equal weights, and a tiny L2 toward
-    0 that keeps them bounded."""
+    """One weight per member in [0, MAX_WEIGHT] minimising the blend's mean log-loss on held-out texts
+    (`parts`: each member's class log-probabilities of them, the language model's first; `labels`: their
+    label ids), plus (prior / N) * ||s - mean(s)||^2 on their shares s = w / sum(w), toward equal weights,
+    and a tiny L2 toward 0 that keeps them bounded."""
     from scipy.optimize import minimize
 
     y = np.asarray(labels)
     if len(y) == 0:
-        return np.ones(2)
+        return np.ones(len(parts))
     rows = np.arange(len(y))
     pull = prior / len(y)
+    stacked = np.stack(parts)  # (members, texts, classes)
 
     def loss(w: np.ndarray) -> float:
-        z = log_softmax(w[0] * log_lm + w[1] * scores, axis=1)
+        z = log_softmax(np.tensordot(w, stacked, axes=1), axis=1)
         shares = w / max(w.sum(), 1e-9)
         return float(-z[rows, y].mean() + pull * ((shares - shares.mean()) ** 2).sum() + 1e-3 * (w ** 2).sum())
 
-    return minimize(loss, np.ones(2), method="L-BFGS-B", bounds=[(0.0, MAX_WEIGHT)] * 2).x
+    return minimize(loss, np.ones(len(parts)), method="L-BFGS-B", bounds=[(0.0, MAX_WEIGHT)] * len(parts)).x

@@ -55,8 +55,12 @@ LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_PNG = "leaderboard.png"
 MODEL_DIR = "model"
 NGRAM_REFERENCE = "tfidf"  # the n-gram model alone: scored as a reference, not a saved model
-DEFAULT_RECIPES = ("head:mean:1e-3:8", "head:mean:1e-3:8+tfidf", "head:mean-blocks:1e-3:8+tfidf", "head:last:1e-3:8",
-                   "last-block:last:1e-4:4")
+ENCODER_REFERENCE = "frozen+lr"  # a blend's sentence encoder alone (`llmclf.sentence_encoder`): a reference too
+REFERENCE_ENGINES = ("ngrams", "sentence-encoder")  # candidates scored for comparison, never the winner
+REFERENCE_RECIPES = {"ngrams": "TF-IDF logistic regression (reference, not saved)",
+                     "sentence-encoder": "logistic regression on its frozen embeddings (reference, not saved)"}
+DEFAULT_RECIPES = ("head:mean:1e-3:8", "head:mean:1e-3:8+tfidf", "head:mean:1e-3:8+tfidf+all-minilm-l6-v2",
+                   "head:mean-blocks:1e-3:8+tfidf", "head:last:1e-3:8", "last-block:last:1e-4:4")
 HF_RECIPES = ("5e-5:3",)  # the Transformers engine's own defaults: LR:EPOCHS, the whole encoder trained
 HF_POOLING = "encoder"  # a Transformers-engine recipe pools as its encoder does
 METRICS = ("accuracy", "macro_f1")
@@ -86,30 +90,41 @@ def parse_budget(text: str | float | int) -> float:
 
 @dataclass(frozen=True)
 class Recipe:
-    """TRAINABLE:POOLING:LR:EPOCHS[+tfidf], e.g. `head:mean:1e-3:8+tfidf` or `last-n:2:last:1e-4:4`."""
+    """TRAINABLE:POOLING:LR:EPOCHS[+ENSEMBLE], e.g. `head:mean:1e-3:8+tfidf`, `last-n:2:last:1e-4:4` or
+    `head:mean:1e-3:8+tfidf+all-minilm-l6-v2` (ENSEMBLE: a value of `--ensemble`)."""
 
     trainable: str
     pooling: str
     lr: float
     epochs: int
-    ensemble: bool = False
+    ensemble: str = "none"
+
+    @property
+    def blended(self) -> bool:
+        return self.ensemble != "none"
+
+    @property
+    def encoder(self) -> str | None:
+        """The sentence encoder of its blend, if any."""
+        from llmclf.training.args import ensemble_encoder
+
+        return ensemble_encoder(self.ensemble)
 
     @classmethod
     def parse(cls, text: str, engine: str = "scratch") -> Recipe:
-        """A scratch-engine recipe TRAINABLE:POOLING:LR:EPOCHS[+tfidf]; for the Transformers engine,
-        LR:EPOCHS[+tfidf] (it trains the whole encoder and pools as the encoder does)."""
+        """A scratch-engine recipe TRAINABLE:POOLING:LR:EPOCHS[+ENSEMBLE]; for the Transformers engine,
+        LR:EPOCHS[+ENSEMBLE] (it trains the whole encoder and pools as the encoder does)."""
         from llmclf.models.heads import Trainable
 
-        spec = text.strip()
-        ensemble = spec.endswith("+tfidf")
-        fields = spec.removesuffix("+tfidf").split(":")
+        spec, _, ensemble = text.strip().partition("+")
+        fields = spec.split(":")
         form = "LR:EPOCHS[+tfidf], e.g. 5e-5:3" if engine == "hf" else \
             "TRAINABLE:POOLING:LR:EPOCHS[+tfidf], e.g. head:mean:1e-3:8"
         if len(fields) < (2 if engine == "hf" else 4) or (engine == "hf" and len(fields) != 2):
             raise ConfigError(f"{engine}-engine recipe {text!r}: write {form}")
         *trainable, pooling, lr, epochs = ["all", HF_POOLING, *fields] if engine == "hf" else fields
         try:
-            recipe = cls(":".join(trainable), pooling, float(lr), int(epochs), ensemble)
+            recipe = cls(":".join(trainable), pooling, float(lr), int(epochs), ensemble or "none")
         except ValueError:
             raise ConfigError(f"recipe {text!r}: LR must be a number and EPOCHS a whole number ({form})") from None
         if engine != "hf" and Trainable.parse(recipe.trainable).kind != "head" and recipe.pooling == "mean-blocks":
@@ -125,11 +140,11 @@ class Recipe:
         head = "" if self.pooling == HF_POOLING else f"{self.trainable}:{self.pooling}:"
         mantissa, exponent = f"{self.lr:e}".split("e")
         lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 1e-3, 5e-5
-        return f"{head}{lr}:{self.epochs}" + ("+tfidf" if self.ensemble else "")
+        return f"{head}{lr}:{self.epochs}" + (f"+{self.ensemble}" if self.blended else "")
 
     def options(self, epochs: int, engine: str = "scratch") -> dict[str, Any]:
         """The `TrainArgs` options of this recipe trained for `epochs` on `engine`."""
-        options = {"lr": self.lr, "epochs": epochs, "ensemble": "tfidf" if self.ensemble else "none"}
+        options = {"lr": self.lr, "epochs": epochs, "ensemble": self.ensemble}
         return options if engine == "hf" else {"trainable": self.trainable, "pooling": self.pooling, **options}
 
 
@@ -144,12 +159,14 @@ class Candidate:
     """One backbone trained one way."""
 
     backbone: str
-    engine: str  # "scratch", "hf", or "ngrams" (the reference)
-    recipe: Recipe | None  # None: the n-gram reference
+    engine: str  # "scratch", "hf", or a reference's: "ngrams", "sentence-encoder" (`REFERENCE_ENGINES`)
+    recipe: Recipe | None  # None: a reference
 
     @property
     def key(self) -> str:
-        return NGRAM_REFERENCE if self.recipe is None else f"{self.backbone}|{self.recipe}"
+        if self.engine == "ngrams":
+            return NGRAM_REFERENCE
+        return f"{self.backbone}|{ENCODER_REFERENCE if self.recipe is None else self.recipe}"
 
     def train_options(self, epochs: int, seed: int) -> dict[str, Any]:
         """What `make_classifier` takes to train this candidate as `llmclf train` would."""
@@ -160,8 +177,8 @@ class Candidate:
 def installed_backbones() -> list[str]:
     """Packaged backbones whose packages are installed: the scratch engine's GGUFs (`llmclf.families`),
     then the Transformers engine's encoders (`llmclf.engines.hf`), each smallest download first."""
-    from llmclf.engines.hf import PACKAGED_HF_MODELS
     from llmclf.families import FAMILIES
+    from llmclf.loaders.encoders import PACKAGED_HF_MODELS
 
     def installed(models: dict) -> list[str]:
         found = [(model.size or 0, name) for name, model in models.items() if model.installed()]
@@ -171,9 +188,21 @@ def installed_backbones() -> list[str]:
         installed(PACKAGED_HF_MODELS)
 
 
+def default_recipes() -> list[str]:
+    """`DEFAULT_RECIPES`, less those blending a packaged sentence encoder that is not installed."""
+    from llmclf.loaders.encoders import PACKAGED_HF_MODELS
+
+    def available(text: str) -> bool:
+        encoder = Recipe.parse(text).encoder
+        return encoder not in PACKAGED_HF_MODELS or PACKAGED_HF_MODELS[encoder].installed()
+
+    return [r for r in DEFAULT_RECIPES if available(r)]
+
+
 def plan(backbones: Sequence[str], recipes: Sequence[str] | None = None,
          hf_recipes: Sequence[str] | None = None) -> list[Candidate]:
-    """The candidates in the order they run, cheapest first: the n-gram reference, then every
+    """The candidates in the order they run, cheapest first: the n-gram reference, the sentence
+    encoder of any recipe's blend alone (a reference too, whose embeddings its blends reuse), then every
     backbone's head-only recipes (seconds once its frozen states exist), then its recipes that train
     blocks (the fewest first), then the encoders fine-tuned whole (hf engine); backbones in the given order."""
     from llmclf.engines import choose_engine
@@ -188,9 +217,11 @@ def plan(backbones: Sequence[str], recipes: Sequence[str] | None = None,
     candidates = []
     for backbone in backbones:
         engine = choose_engine(backbone)
-        texts = (hf_recipes or HF_RECIPES) if engine == "hf" else (recipes or DEFAULT_RECIPES)
+        texts = (hf_recipes or HF_RECIPES) if engine == "hf" else (recipes or default_recipes())
         candidates += [Candidate(backbone, engine, Recipe.parse(r, engine)) for r in texts]
-    return [Candidate("", "ngrams", None), *sorted(candidates, key=cost_class)]  # stable: backbone order kept
+    encoders = dict.fromkeys(c.recipe.encoder for c in candidates if c.recipe.encoder is not None)
+    return [Candidate("", "ngrams", None), *(Candidate(name, "sentence-encoder", None) for name in encoders),
+            *sorted(candidates, key=cost_class)]  # stable: backbone order kept
 
 
 # --- scores --------------------------------------------------------------------------------------
@@ -404,28 +435,54 @@ def _inner_split(train_idx: list[int], labels: list[int], seed: int) -> tuple[li
 
 
 def cross_validate_cached(features: FrozenFeatures, recipe: Recipe, folds: list[tuple[list[int], list[int]]],
-                          seed: int) -> Scores:
-    """`recipe` on `features`, k-fold: held-out scores after every epoch. An ensemble's head and
-    n-gram model train on 80 % of each fold's training part and its two weights are fitted on the
+                          seed: int, embeddings: np.ndarray | None = None) -> Scores:
+    """`recipe` on `features`, k-fold: held-out scores after every epoch. An ensemble's head and its
+    members (the n-gram model, and the regression on the texts' sentence-encoder `embeddings` if the
+    recipe blends one) train on 80 % of each fold's training part and the weights are fitted on the
     other 20 %, as `llmclf train` fits them on the validation set."""
-    from llmclf.ngrams import NgramModel
+    from llmclf.ngrams import NgramModel, fit_blend_weights
+    from llmclf.sentence_encoder import SentenceEncoderModel, choose_c
 
-    scores, labels = Scores(), features.labels
+    scores, labels, n_classes = Scores(), features.labels, len(features.classes)
+    if recipe.encoder is not None and embeddings is None:
+        raise ValueError(f"recipe {recipe} blends {recipe.encoder}: give the texts' embeddings")
     for train_idx, held_idx in folds:
         gold = np.array([labels[i] for i in held_idx])
-        if not recipe.ensemble:
+        if not recipe.blended:
             scores.add(features.probabilities_per_epoch(recipe, train_idx, held_idx, held_idx, seed), gold)
             continue
         inner_train, inner_val = _inner_split(train_idx, labels, seed)
         watched = features.probabilities_per_epoch(recipe, inner_train, inner_val, inner_val + held_idx, seed)
         texts = lambda idx: [features.texts[i] for i in idx]  # noqa: E731
-        ngrams = NgramModel.fit(texts(inner_train), [labels[i] for i in inner_train], len(features.classes))
-        held_scores = ngrams.scores(texts(held_idx))
+        y_inner = np.array([labels[i] for i in inner_train])
+        ngrams = NgramModel.fit(texts(inner_train), y_inner.tolist(), n_classes)
+        members = [ngrams.scores(texts(inner_val + held_idx))]
+        if recipe.encoder is not None:
+            fit = embeddings[inner_train]
+            encoder = SentenceEncoderModel.fit_embeddings(recipe.encoder, fit, y_inner, n_classes,
+                                                          choose_c(fit, y_inner, seed))
+            members.append(encoder.scores_of(embeddings[inner_val + held_idx]))
+        y_val, n_val = [labels[i] for i in inner_val], len(inner_val)
         blended = []
         for probs in watched:  # the weights are fitted again for every epoch's language model
-            ngrams.fit_weights(probs[:len(inner_val)], texts(inner_val), [labels[i] for i in inner_val])
-            blended.append(ngrams.combine(probs[len(inner_val):], held_scores))
+            parts = [np.log(np.clip(probs, 1e-12, 1.0)), *members]
+            ngrams.weights = fit_blend_weights([p[:n_val] for p in parts], y_val).astype(np.float32)
+            blended.append(ngrams.combine(probs[n_val:], *(m[n_val:] for m in members)))
         scores.add(blended, gold)
+    return scores
+
+
+def cross_validate_encoder(embeddings: np.ndarray, labels: list[int], n_classes: int,
+                           folds: list[tuple[list[int], list[int]]], name: str, seed: int) -> Scores:
+    """A blend's sentence encoder alone (the regression on its frozen `embeddings`) on the same folds."""
+    from llmclf.sentence_encoder import SentenceEncoderModel, choose_c
+
+    scores, y = Scores(), np.asarray(labels)
+    for train_idx, held_idx in folds:
+        fit = embeddings[train_idx]
+        c = choose_c(fit, y[train_idx], seed)
+        model = SentenceEncoderModel.fit_embeddings(name, fit, y[train_idx], n_classes, c)
+        scores.add([np.exp(model.scores_of(embeddings[held_idx]))], y[held_idx])
     return scores
 
 
@@ -461,6 +518,18 @@ def cross_validate_ngrams(texts: list[str], labels: list[int], n_classes: int,
         model = NgramModel.fit([texts[i] for i in train_idx], [labels[i] for i in train_idx], n_classes)
         scores.add([np.exp(model.scores([texts[i] for i in held_idx]))], np.array([labels[i] for i in held_idx]))
     return scores
+
+
+def _embedded(name: str, embeddings: dict[str, np.ndarray], pool: LabelledTexts, progress: bool,
+              budget_left: _Budget) -> np.ndarray:
+    """The pool's embeddings by sentence encoder `name`, computed once (timed into `budget_left`)."""
+    from llmclf.sentence_encoder import sentence_embeddings
+
+    if name not in embeddings:
+        begin = time.perf_counter()
+        embeddings[name] = sentence_embeddings(name, pool.texts, progress=progress)
+        budget_left.encoder_pass[name] = time.perf_counter() - begin
+    return embeddings[name]
 
 
 # --- the leaderboard ----------------------------------------------------------------------------
@@ -538,7 +607,7 @@ class Search:
         for key, result in self.results.items():
             best = Scores(**result["scores"]).best(metric)
             rows.append({"candidate": key, "backbone": result["backbone"] or "-", "engine": result["engine"],
-                         "recipe": result["recipe"] or "TF-IDF logistic regression (reference, not saved)",
+                         "recipe": result["recipe"] or REFERENCE_RECIPES[result["engine"]],
                          **best, "seconds": round(result["seconds"], 1), "order": result["order"]})
         rows.sort(key=lambda r: (-r[metric], r[f"{metric}_std"], r.pop("order")))
         for rank, row in enumerate(rows, start=1):
@@ -572,13 +641,14 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str, folds:
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.35 * len(shown)))
     y = np.arange(len(shown))[::-1]
     values = [r[metric] * 100 for r in shown]
-    colors = ["tab:gray" if r["engine"] == "ngrams" else "tab:blue" for r in shown]
+    colors = ["tab:gray" if r["engine"] in REFERENCE_ENGINES else "tab:blue" for r in shown]
     ax.barh(y, values, xerr=[r[f"{metric}_std"] * 100 for r in shown], color=colors, capsize=3)
-    ax.set_yticks(y, [f"{r['candidate']} x{r['epochs']} ({r['seconds']:.0f} s)" for r in shown], fontsize=8)
+    short = lambda key: re.sub(r"(?:[\w.~-]*/)+", "", key)  # noqa: E731 (paths by their last part)
+    ax.set_yticks(y, [f"{short(r['candidate'])} x{r['epochs']} ({r['seconds']:.0f} s)" for r in shown], fontsize=8)
     low = min(v - r[f"{metric}_std"] * 100 for v, r in zip(values, shown, strict=True))
     ax.set_xlim(max(0.0, low - 2), 100)
     ax.set_xlabel(f"{metric.replace('_', '-')} (%), mean +- std over {folds} folds")
-    ax.set_title("llmclf tune: cross-validated leaderboard (gray: TF-IDF reference)")
+    ax.set_title("llmclf tune: cross-validated leaderboard (gray: references, never the winner)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -617,6 +687,18 @@ class _Budget:
         self.speed: _PassSpeed | None = None  # of the last backbone timed
         self.passes: dict[str, float] = {}  # backbone -> seconds its frozen pass took (when it comes back)
         self.ngram_fit = 0.0  # seconds of one n-gram model fit, from the reference's folds (a blend fits several)
+        self.encoder_fit: dict[str, float] = {}  # encoder -> seconds of one fit of its regression (its reference's)
+        self.encoder_pass: dict[str, float] = {}  # encoder -> seconds embedding train + validation
+
+    def blend_fit(self, recipe: Recipe | None) -> float:
+        """Seconds fitting a recipe's blend members once (0 without a blend)."""
+        if recipe is None or not recipe.blended:
+            return 0.0
+        return self.ngram_fit + (self.encoder_fit.get(recipe.encoder, 0.0) if recipe.encoder else 0.0)
+
+    def blend_pass(self, recipe: Recipe | None) -> float:
+        """Seconds embedding train + validation with a recipe's sentence encoder (0 without one)."""
+        return self.encoder_pass.get(recipe.encoder, 0.0) if recipe is not None and recipe.encoder else 0.0
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
@@ -644,32 +726,33 @@ def _recipe_seconds(recipe: Recipe, frozen_seconds: float, n_layers: int) -> tup
     return continued, (n_layers - first) * per_block * TRAIN_COST + HEAD_COST * frozen_seconds
 
 
-def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds: int, ngram_fit: float = 0.0) -> float:
+def _estimate(candidate: Candidate, frozen_seconds: float, n_layers: int, folds: int, blend_fit: float = 0.0) -> float:
     """Seconds a scratch candidate's cross-validation needs once its backbone's states exist: every
     epoch of every fold over the fold's training part, after continuing the states once; a blend fits
-    an n-gram model per fold (`ngram_fit` seconds each)."""
+    its members per fold (`blend_fit` seconds each time: `_Budget.blend_fit`)."""
     assert candidate.recipe is not None
     continued, epoch = _recipe_seconds(candidate.recipe, frozen_seconds, n_layers)
-    return continued + (folds - 1) * candidate.recipe.epochs * epoch + (folds * ngram_fit if candidate.recipe.ensemble
+    return continued + (folds - 1) * candidate.recipe.epochs * epoch + (folds * blend_fit if candidate.recipe.blended
                                                                          else 0.0)
 
 
 def _winner_seconds(candidate: Candidate, frozen_seconds: float, n_layers: int, test_share: float,
-                    load_seconds: float = 0.0, ngram_fit: float = 0.0) -> float:
+                    load_seconds: float = 0.0, blend_fit: float = 0.0, blend_pass: float = 0.0) -> float:
     """Seconds training a scratch candidate as the winner takes (`_train_winner`): loading the backbone
     again, `fit`'s own frozen pass over train + validation, the recipe's epochs, once more per
-    out-of-fold refit of the blend (`ensemble_folds`, for a head trained alone), the blend's n-gram
-    model fitted once and per out-of-fold refit (`ngram_fit` seconds each), and the test set's pass."""
+    out-of-fold refit of the blend (`ensemble_folds`, for a head trained alone), the blend's members
+    fitted once and per out-of-fold refit (`blend_fit` seconds each), and the test set's pass; a
+    sentence encoder's embedding of train + validation (`blend_pass`) and of the test set too."""
     from llmclf.training.args import TrainArgs
 
     assert candidate.recipe is not None
     continued, epoch = _recipe_seconds(candidate.recipe, frozen_seconds, n_layers)
     refits = TrainArgs.defaults(candidate.engine)["ensemble_folds"] \
-        if candidate.recipe.ensemble and candidate.recipe.trainable == "head" else 0
-    ngrams = (1 + TrainArgs.defaults(candidate.engine)["ensemble_folds"]) * ngram_fit if candidate.recipe.ensemble \
+        if candidate.recipe.blended and candidate.recipe.trainable == "head" else 0
+    members = (1 + TrainArgs.defaults(candidate.engine)["ensemble_folds"]) * blend_fit if candidate.recipe.blended \
         else 0.0
     training = (1 + refits) * candidate.recipe.epochs * epoch
-    return load_seconds + frozen_seconds * (1 + test_share) + continued + training + ngrams
+    return load_seconds + (frozen_seconds + blend_pass) * (1 + test_share) + continued + training + members
 
 
 def _train_winner(winner: dict[str, Any], search: Search, train: LabelledTexts, val: LabelledTexts,
@@ -720,7 +803,8 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
         budget: wall time for the whole search, the winner's training (and `test` score) included ("30m", "1h",
             seconds).
         backbones: model specs; default: every installed packaged backbone (`installed_backbones()`).
-        recipes: the scratch engine's, TRAINABLE:POOLING:LR:EPOCHS[+tfidf]; default `DEFAULT_RECIPES`.
+        recipes: the scratch engine's, TRAINABLE:POOLING:LR:EPOCHS[+ENSEMBLE]; default `DEFAULT_RECIPES`
+            (those whose sentence encoder is installed).
         hf_recipes: the Transformers engine's, LR:EPOCHS[+tfidf] (the whole encoder is trained);
             default `HF_RECIPES`.
         folds, seed: `StratifiedKFold(folds, shuffle=True, random_state=seed)`; the seed also seeds training.
@@ -769,6 +853,7 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
         budget_left.ngram_fit = search.results[NGRAM_REFERENCE]["seconds"] / folds
     bar = tqdm(total=len(candidates), desc="tune", unit="candidate", disable=not progress, dynamic_ncols=True)
     features: FrozenFeatures | None = None
+    embeddings: dict[str, np.ndarray] = {}  # sentence encoder -> the pool's embeddings (its blends reuse them)
     try:
         for order, candidate in enumerate(candidates):
             if candidate.key in search.results or candidate.key in search.skipped:
@@ -778,6 +863,11 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
             if candidate.engine == "ngrams":
                 scores = cross_validate_ngrams(pool.texts, label_ids, len(classes), fold_index)
                 budget_left.ngram_fit = (time.perf_counter() - begin) / folds
+            elif candidate.engine == "sentence-encoder":
+                embedded = _embedded(candidate.backbone, embeddings, pool, progress, budget_left)
+                scores = cross_validate_encoder(embedded, label_ids, len(classes), fold_index, candidate.backbone, seed)
+                budget_left.encoder_fit[candidate.backbone] = \
+                    (time.perf_counter() - begin - budget_left.encoder_pass[candidate.backbone]) / folds
             elif candidate.engine == "hf":
                 scores = _hf_candidate(candidate, pool, fold_index, seed, search, budget_left, precision)
             else:
@@ -788,11 +878,16 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
                     begin = time.perf_counter() - (features.seconds if features else 0.0)  # charged to its 1st recipe
                 scores = None
                 if features is not None:
-                    estimate = _estimate(candidate, features.seconds, features.n_layers, folds, budget_left.ngram_fit)
+                    recipe = candidate.recipe
+                    estimate = _estimate(candidate, features.seconds, features.n_layers, folds,
+                                         budget_left.blend_fit(recipe))
                     winner = _winner_seconds(candidate, features.seconds, features.n_layers, test_share,
-                                             features.load_seconds, budget_left.ngram_fit)
+                                             features.load_seconds, budget_left.blend_fit(recipe),
+                                             budget_left.blend_pass(recipe))
                     if budget_left.fits(estimate, winner):
-                        scores = cross_validate_cached(features, candidate.recipe, fold_index, seed)
+                        embedded = None if recipe.encoder is None else \
+                            _embedded(recipe.encoder, embeddings, pool, progress, budget_left)
+                        scores = cross_validate_cached(features, recipe, fold_index, seed, embedded)
                         budget_left.reserve[candidate.key] = winner
                     else:
                         search.skip(candidate, budget_left.why_not(estimate, winner))
@@ -812,7 +907,7 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
     bar.close()
     features = None
     rows = search.leaderboard()
-    selectable = [r for r in rows if r["engine"] != "ngrams"]
+    selectable = [r for r in rows if r["engine"] not in REFERENCE_ENGINES]
     result = TuneResult(rows, list(search.skipped.values()), selectable[0] if selectable else None, out_dir)
     if result.winner is None:
         raise ConfigError(f"no language-model candidate fitted in the budget of {budget} (see "
@@ -839,10 +934,11 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
         if features is None:  # not loaded yet: its own pass, and that pass again for the winner
             what, needed, winner = "its frozen pass", frozen, frozen * (1 + budget_left.test_share)
         else:
-            what, needed = "its frozen pass and first recipe", frozen + _estimate(candidate, frozen, features.n_layers,
-                                                                                  folds, budget_left.ngram_fit)
+            what, needed = "its frozen pass and first recipe", frozen + _estimate(
+                candidate, frozen, features.n_layers, folds, budget_left.blend_fit(candidate.recipe))
             winner = _winner_seconds(candidate, frozen, features.n_layers, budget_left.test_share,
-                                     features.load_seconds, budget_left.ngram_fit)
+                                     features.load_seconds, budget_left.blend_fit(candidate.recipe),
+                                     budget_left.blend_pass(candidate.recipe))
         if budget_left.fits(needed, winner):
             return False
         for other in candidates:  # its recipes not yet scored or skipped (for their own reasons)
@@ -884,7 +980,7 @@ def _hf_candidate(candidate: Candidate, pool: LabelledTexts, fold_index: list[tu
     fold once that is done."""
     from transformers import AutoModel, AutoTokenizer
 
-    from llmclf.engines.hf import resolve_hf_model
+    from llmclf.loaders.encoders import resolve_hf_model
 
     assert candidate.recipe is not None
     source = resolve_hf_model(candidate.backbone)

@@ -13,8 +13,8 @@ def choose_engine(model: str | os.PathLike) -> str:
     """`scratch` for the registered families (their presets, packaged models, GGUF files and Hugging
     Face directories, see `llmclf.families`), `hf` for anything else (encoders such as the packaged
     `all-minilm-l6-v2`, other Hugging Face directories, other names taken as hub ids)."""
-    from llmclf.engines.hf import PACKAGED_HF_MODELS
     from llmclf.families import is_scratch_hf_type, scratch_model_names
+    from llmclf.loaders.encoders import PACKAGED_HF_MODELS
 
     spec = str(model)
     if spec in PACKAGED_HF_MODELS:

@@ -36,7 +36,8 @@ from llmclf.loaders.spec import chat_template_for
 from llmclf.loaders.tensors import WriteError
 from llmclf.multilabel import LabelThresholds, multilabel_metrics, plot_per_label
 from llmclf.ngrams import NgramModel, fit_blend_weights, ngram_counts
-from llmclf.training.args import TrainArgs
+from llmclf.sentence_encoder import SentenceEncoderModel, choose_c, sentence_embeddings
+from llmclf.training.args import TrainArgs, ensemble_encoder
 from llmclf.training.calibration import (
     DecisionThreshold,
     apply_temperature,
@@ -218,6 +219,10 @@ class BaseClassifier:
         if self.label_thresholds_ is not None:
             self.label_thresholds_.thresholds = [0.5] * len(self.classes_)
             self._check_multi_label_options()
+        elif ensemble_encoder(self.ensemble) is not None:  # missing? say so before training, not after it
+            from llmclf.loaders.encoders import resolve_hf_model
+
+            resolve_hf_model(ensemble_encoder(self.ensemble))
         for name in ("tune_threshold", "positive_label"):
             if getattr(self, name) is not None and len(self.classes_) != 2:
                 raise ConfigError(f"{TrainArgs.flag(name)} {getattr(self, name)}: decision thresholds are for two "
@@ -300,7 +305,7 @@ class BaseClassifier:
         return self.tokenizer_(texts, truncation=True, max_length=self.max_length_)["input_ids"]
 
     def _restore_fitted(self, config: dict[str, Any], model_dir: Path) -> None:
-        """`template_` and `ngrams_` of a model loaded from `model_dir` (`classes_` set). The template
+        """`template_`, `ngrams_` and `encoder_` of a model loaded from `model_dir` (`classes_` set). The template
         as saved; older directories saved only the template option (then concrete), a bare
         state_dict file none."""
         self.template_ = config["input_template"] if "input_template" in config else \
@@ -309,8 +314,11 @@ class BaseClassifier:
         self.label_thresholds_ = None if not multi else LabelThresholds.from_config(
             multi, self.classes_, f"{model_dir}/config.json")
         trained_with = (config.get("training") or {}).get("ensemble", "none")
-        self.ngrams_ = NgramModel.load(model_dir, len(self.classes_)) \
-            if trained_with == "tfidf" and not multi else None
+        encoder = ensemble_encoder(trained_with)
+        blended = trained_with != "none" and not multi
+        self.ngrams_ = NgramModel.load(model_dir, len(self.classes_), 2 if encoder is None else 3) if blended else None
+        self.encoder_ = SentenceEncoderModel.load(model_dir, encoder, len(self.classes_)) \
+            if blended and encoder is not None else None
         self.temperature_, self.decision_ = 1.0, None  # older directories: uncalibrated, arg-max
         calibration = config.get("calibration")
         if isinstance(calibration, dict) and calibration.get("temperature") is not None:
@@ -366,16 +374,16 @@ class BaseClassifier:
     # --- after training: the n-gram blend, calibration and decision threshold ---------------------
 
     def _finish_fit(self, train: LabelledTexts, val: LabelledTexts, val_probs: np.ndarray,
-                    refit_head: HeadRefit | None = None) -> dict:
+                    refit_head: HeadRefit | None = None, progress: bool = False) -> dict:
         """Fit what follows training on the language model's validation probabilities `val_probs`: the
-        n-gram blend (`ensemble="tfidf"`), the temperature (`calibration`) and the decision threshold
+        blend (`ensemble`), the temperature (`calibration`) and the decision threshold
         (`tune_threshold`). `refit_head(fold, fit, held)` (engines that can refit their head cheaply) gives
         the language model's probabilities of training texts `held` from a head trained on `fit`.
         Returns the validation metrics of the whole classifier."""
         y_val = np.asarray(self._label_ids(val))
         if self.label_thresholds is not None:
             return self._finish_multi_label_fit(y_val, val_probs)
-        probs = self._fit_ensemble(train, val, val_probs, refit_head)
+        probs = self._fit_ensemble(train, val, val_probs, refit_head, progress)
         self.temperature_, self.calibration_report_ = 1.0, None
         if self.calibration == "temperature":
             before = calibration_scores(probs, y_val)
@@ -405,7 +413,8 @@ class BaseClassifier:
         """Multi-label: no blend, calibration nor binary threshold; a threshold per label tuned on validation."""
         from llmclf.multilabel import tune_thresholds
 
-        self.ngrams_, self.ensemble_report_, self.temperature_, self.calibration_report_ = None, None, 1.0, None
+        self.ngrams_, self.encoder_, self.ensemble_report_ = None, None, None
+        self.temperature_, self.calibration_report_ = 1.0, None
         self.decision_, self.decision_metric_, self.threshold_report_ = None, None, None
         before = multilabel_metrics(y_val, val_probs, self.classes_, None)
         self.label_thresholds_.thresholds = tune_thresholds(val_probs, y_val)
@@ -447,20 +456,33 @@ class BaseClassifier:
         self.decision_ = DecisionThreshold(positive, float(threshold))
 
     def _fit_ensemble(self, train: LabelledTexts, val: LabelledTexts, val_probs: np.ndarray,
-                      refit_head: HeadRefit | None) -> np.ndarray:
-        """With `ensemble="tfidf"`, fit `ngrams_` on `train` and its blend weights (`llmclf.ngrams`):
-        on out-of-fold predictions of `ensemble_folds` folds of `train` plus `val` when the head can
-        be refit (`refit_head`), else on `val`; returns the blend's validation probabilities."""
-        self.ngrams_, self.ensemble_report_ = None, None
+                      refit_head: HeadRefit | None, progress: bool = False) -> np.ndarray:
+        """With `ensemble="tfidf"`, fit `ngrams_` on `train` (and with `tfidf+ENCODER`, `encoder_`: a
+        regression on the sentence encoder's embeddings) and the blend weights (`llmclf.ngrams`): on
+        out-of-fold predictions of `ensemble_folds` folds of `train` plus `val` when the head can be
+        refit (`refit_head`), else on `val`; returns the blend's validation probabilities."""
+        self.ngrams_, self.encoder_, self.ensemble_report_ = None, None, None
         if self.ensemble == "none":
             return val_probs
         start = time.perf_counter()
         n_classes, y_train, y_val = len(self.classes_), np.asarray(self._label_ids(train)), self._label_ids(val)
         counts = ngram_counts(train.texts)
         ngrams = NgramModel.fit_counts(counts, y_train, n_classes)
-        val_scores = ngrams.scores(val.texts)
-        log_lm_val = np.log(np.clip(val_probs, 1e-12, 1.0))
-        val_only = fit_blend_weights(log_lm_val, val_scores, y_val)
+        members = {"ngrams": (lambda fit: NgramModel.fit_counts(counts[fit], y_train[fit], n_classes),
+                              lambda model, held: model.scores([train.texts[i] for i in held]))}
+        val_parts = [np.log(np.clip(val_probs, 1e-12, 1.0)), ngrams.scores(val.texts)]
+        encoder_name = ensemble_encoder(self.ensemble)
+        if encoder_name is not None:
+            embedded = sentence_embeddings(encoder_name, train.texts + val.texts, progress=progress)
+            train_emb, val_emb = embedded[:len(train)], embedded[len(train):]
+            c = choose_c(train_emb, y_train, self.seed)
+            self.encoder_ = SentenceEncoderModel.fit_embeddings(encoder_name, train_emb, y_train, n_classes, c)
+            members["encoder"] = (
+                lambda fit: SentenceEncoderModel.fit_embeddings(encoder_name, train_emb[fit], y_train[fit],
+                                                                n_classes, c),
+                lambda model, held: model.scores_of(train_emb[held]))
+            val_parts.append(self.encoder_.scores_of(val_emb))
+        val_only = fit_blend_weights(val_parts, y_val)
         folds, why_not = self.ensemble_folds, None
         smallest = int(np.bincount(y_train, minlength=n_classes).min())
         if folds == 0:
@@ -472,45 +494,60 @@ class BaseClassifier:
         if why_not is None:
             from sklearn.model_selection import StratifiedKFold
 
-            oof_lm, oof_scores = np.zeros((len(y_train), n_classes)), np.zeros((len(y_train), n_classes))
+            oof = [np.zeros((len(y_train), n_classes)) for _ in range(1 + len(members))]
             splits = StratifiedKFold(folds, shuffle=True, random_state=self.seed).split(y_train, y_train)
             for fold, (fit, held) in enumerate(splits):
-                oof_lm[held] = refit_head(fold, fit.tolist(), held.tolist())
-                fold_ngrams = NgramModel.fit_counts(counts[fit], y_train[fit], n_classes)
-                oof_scores[held] = fold_ngrams.scores([train.texts[i] for i in held])
-            weights = fit_blend_weights(np.vstack([np.log(np.clip(oof_lm, 1e-12, 1.0)), log_lm_val]),
-                                        np.vstack([oof_scores, val_scores]), np.concatenate([y_train, y_val]))
+                oof[0][held] = np.log(np.clip(refit_head(fold, fit.tolist(), held.tolist()), 1e-12, 1.0))
+                for part, (refit, scores) in zip(oof[1:], members.values(), strict=True):
+                    part[held] = scores(refit(fit), held)
+            weights = fit_blend_weights([np.vstack([o, v]) for o, v in zip(oof, val_parts, strict=True)],
+                                        np.concatenate([y_train, y_val]))
             fitted_on = f"out-of-fold predictions of {folds} folds of the training set + the validation set"
         else:
             weights, fitted_on = val_only, f"the validation set ({why_not})"
         ngrams.weights = weights.astype(np.float32)
         self.ngrams_ = ngrams
-        blend = ngrams.combine(val_probs, val_scores)
+        blend = ngrams.combine(np.exp(val_parts[0]), *val_parts[1:])
+        named = dict(zip(("language_model", *members), val_parts, strict=True))
         accuracy = {name: float((p.argmax(axis=1) == np.asarray(y_val)).mean()) if len(y_val) else float("nan")
-                    for name, p in (("language_model", val_probs), ("ngrams", val_scores), ("blend", blend))}
-        self.ensemble_report_ = {"weights": [float(w) for w in weights], "fitted_on": fitted_on,
-                                 "weights_validation_only": [float(w) for w in val_only],
+                    for name, p in {**named, "blend": blend}.items()}
+        self.ensemble_report_ = {"members": list(named), "weights": [float(w) for w in weights],
+                                 "fitted_on": fitted_on, "weights_validation_only": [float(w) for w in val_only],
                                  "validation_accuracy": accuracy, "seconds": round(time.perf_counter() - start, 2)}
-        log.info("n-gram ensemble fitted in %.1f s: weights %.3f (language model), %.3f (n-grams), on %s "
-                 "(validation set alone: %.3f, %.3f); validation accuracy: language model %.4f, n-grams %.4f, "
-                 "blend %.4f", self.ensemble_report_["seconds"], *weights, fitted_on, *val_only,
-                 accuracy["language_model"], accuracy["ngrams"], accuracy["blend"])
+        if self.encoder_ is not None:
+            self.ensemble_report_["encoder"] = {"name": encoder_name, "c": c}
+        log.info("ensemble fitted in %.1f s on %s: weights %s (validation set alone: %s); validation accuracy %s",
+                 self.ensemble_report_["seconds"], fitted_on,
+                 ", ".join(f"{n} {w:.3f}" for n, w in zip(named, weights, strict=True)),
+                 ", ".join(f"{w:.3f}" for w in val_only), ", ".join(f"{n} {a:.4f}" for n, a in accuracy.items()))
         return blend
 
     def _why_no_refit(self) -> str:
         """Why this classifier's head cannot be refit on folds cheaply (logged with the weights)."""
         return f"the {self.engine} engine does not refit its model on folds"
 
-    def _with_ngrams(self, probs: np.ndarray, texts: list[str], scores: np.ndarray | None = None) -> np.ndarray:
-        """The language model's probabilities, combined with the n-gram model's if there is one."""
+    def _blend_scores(self, texts: list[str]) -> list[np.ndarray] | None:
+        """The blend members' class log-probabilities of `texts` (n-grams, then any sentence encoder's),
+        or None without a blend."""
+        if getattr(self, "ngrams_", None) is None:
+            return None
+        encoder = getattr(self, "encoder_", None)
+        return [self.ngrams_.scores(texts), *([] if encoder is None else [encoder.scores(texts)])]
+
+    def _with_ngrams(self, probs: np.ndarray, texts: list[str], scores: list[np.ndarray] | None = None) -> np.ndarray:
+        """The language model's probabilities, combined with the blend's members' if there is a blend
+        (`scores`: their `_blend_scores(texts)`, when computed already)."""
         if getattr(self, "ngrams_", None) is None:
             return probs
-        return self.ngrams_.combine(probs, self.ngrams_.scores(texts) if scores is None else scores)
+        return self.ngrams_.combine(probs, *(self._blend_scores(texts) if scores is None else scores))
 
-    def _save_ngrams(self, out_dir: Path) -> None:
+    def _save_blend(self, out_dir: Path) -> None:
+        """The blend's files: ngrams.safetensors (with the weights), and encoder.safetensors if it has one."""
         if getattr(self, "ngrams_", None) is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             self.ngrams_.save(out_dir)
+            if getattr(self, "encoder_", None) is not None:
+                self.encoder_.save(out_dir)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_") or not hasattr(self, "max_length_"):
@@ -637,7 +674,7 @@ class BaseClassifier:
             return MCDropoutResult([], empty, empty.copy(), [], list(self.classes_), passes, threshold, self.decision)
         if seed is not None:
             torch.manual_seed(seed)
-        scores = self.ngrams_.scores(texts) if getattr(self, "ngrams_", None) is not None else None
+        scores = self._blend_scores(texts)
         with dropout_active(self._torch_module(), dropout_rate):
             runs = np.stack([self._calibrated(self._with_ngrams(
                 self._text_probabilities(texts, batch_size, dropout=True), texts, scores)) for _ in range(passes)])

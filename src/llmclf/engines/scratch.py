@@ -167,7 +167,7 @@ class TextClassifier(BaseClassifier):
         if windows is not None:  # the windows' probabilities, aggregated per text
             val_probs = long_text.to_documents(val_probs, val_doc, len(val), args.aggregate)
             refit = None if refit is None else long_text.refit_by_document(refit, train_doc, args.aggregate)
-        self.val_metrics_ = self._finish_fit(train, val, val_probs, refit)
+        self.val_metrics_ = self._finish_fit(train, val, val_probs, refit, progress)
         self.last_step_ = self.history_.global_step
         track_final(tracker, {"validation": self.val_metrics_}, self.last_step_)
         if writes:
@@ -265,7 +265,7 @@ class TextClassifier(BaseClassifier):
         with atomic_files(out_dir, last=CONFIG_FILE) as staging:
             if history is not None:
                 atomic_write_json(staging / HISTORY_FILE, history.to_dict())
-            self._save_ngrams(staging)
+            self._save_blend(staging)
             save_checkpoint(
                 staging, self.model_.backbone, self.tokenizer_, task="classification", engine="scratch",
                 backbone=str(self.model), labels=self.classes_, max_length=self.max_length_,

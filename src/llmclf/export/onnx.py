@@ -2,7 +2,8 @@
 
 The directory holds `model.onnx` (float32, dynamic batch and sequence axes, from torch's exporter),
 optionally `model.int8.onnx` (ONNX Runtime's dynamic int8 quantization of every MatMul's weights), the
-tokenizer's files, the n-gram model of a TF-IDF ensemble, and `config.json`, the sidecar that makes the
+tokenizer's files, the n-gram model of a TF-IDF ensemble (and the regression of a sentence-encoder member,
+whose encoder still runs in PyTorch), and `config.json`, the sidecar that makes the
 directory self-describing: labels, template, max_length, pad id, tokenizer, input and output names, the
 calibration temperature and decision threshold (applied after the graph and the n-gram blend, as in PyTorch).
 `load_classifier(DIR)` reads it back as an `ONNXClassifier` (llmclf.engines.onnx).
@@ -107,15 +108,17 @@ def export_onnx(clf: Any, out_dir: Path, quantize: str | None = None) -> dict[st
         report["int8_matmuls"] = len(ratios) - len(kept)
         report["int8_max_abs_diff_vs_torch"] = _max_diff_vs_torch(module, out_dir / INT8_FILE, ids, pad_id,
                                                                   fixed_length)
-    if getattr(clf, "ngrams_", None) is not None:
-        clf.ngrams_.save(out_dir)
+    clf._save_blend(out_dir)
+    encoder = getattr(clf, "encoder_", None)
+    ensemble = "none" if getattr(clf, "ngrams_", None) is None else \
+        "tfidf" if encoder is None else f"tfidf+{encoder.name}"
     config = clf.config_
     atomic_write_json(out_dir / CONFIG_FILE, {
         "format": CHECKPOINT_FORMAT, "format_version": 1, "engine": "onnx", "task": "classification",
         "exported_from": {"engine": clf.engine, "backbone": config.get("backbone", str(clf.model))},
         "backbone": config.get("backbone", str(clf.model)), "labels": list(clf.classes_),
         "input_template": clf.template_, "max_length": clf.max_length_, "fixed_length": fixed_length,
-        "tokenizer": tokenizer_info, "training": {"ensemble": "tfidf" if getattr(clf, "ngrams_", None) else "none",
+        "tokenizer": tokenizer_info, "training": {"ensemble": ensemble,
                                                # the graph classifies one window; ONNXClassifier windows texts
                                                "long_text": clf.long_text_, "aggregate": clf.aggregate_},
         "onnx": {"files": files, "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES),

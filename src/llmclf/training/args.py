@@ -26,7 +26,18 @@ from llmclf.training.calibration import CALIBRATIONS, threshold_problem
 ENGINES = ("scratch", "hf")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SELECT_BY = ("accuracy", "macro-f1", "loss")
-ENSEMBLES = ("none", "tfidf")
+ENCODER_BLEND = "tfidf+"  # --ensemble tfidf+ENCODER: the n-grams and a sentence encoder's regression
+
+
+def ensemble_encoder(ensemble: str) -> str | None:
+    """The sentence encoder of `--ensemble tfidf+ENCODER` (a packaged name, a directory or a Hub id), or None."""
+    return ensemble[len(ENCODER_BLEND):] if ensemble.startswith(ENCODER_BLEND) else None
+
+
+def _ensemble(value: Any) -> str | None:
+    if value in ("none", "tfidf") or (isinstance(value, str) and ensemble_encoder(value)):
+        return None
+    return f"must be none, tfidf or tfidf+ENCODER (e.g. tfidf+all-minilm-l6-v2), got {value!r}"
 
 # Named sets of option values (`--recipe NAME`); options given explicitly win over a recipe's.
 # The defaults themselves are the cross-validated winner (README, "Which backbone and recipe").
@@ -175,13 +186,17 @@ class TrainArgs:
         "none", "Weighted cross-entropy for imbalanced data: none | balanced (n / (classes x count), "
         "scikit-learn's) | W1,W2,... (one per label, labels in sorted order).", check=_parses(parse_class_weights))
     ensemble: str = option(
-        "tfidf", "none | tfidf: combine the language model with a logistic regression on TF-IDF word 1-2-grams "
-        "and character 2-5-grams, fitted on the training texts; the two are weighted by log-loss on the "
-        "validation set after training (saved beside the model as ngrams.safetensors).",
-        hf="none", check=_one_of(ENSEMBLES))
+        "tfidf+all-minilm-l6-v2",
+        "none | tfidf | tfidf+ENCODER. tfidf: combine the language model with a logistic regression on TF-IDF word "
+        "1-2-grams and character 2-5-grams, fitted on the training texts (saved beside the model as "
+        "ngrams.safetensors). tfidf+ENCODER adds a logistic regression on a frozen sentence encoder's embeddings "
+        "(all-minilm-l6-v2, all-mpnet-base-v2, a directory or a Hub id; encoder.safetensors), which holds "
+        "better on text unlike the training set's. The members are weighted by log-loss on held-out "
+        "predictions after training (--ensemble-folds).",
+        hf="none", check=_ensemble)
     ensemble_folds: int = option(
-        5, "With --ensemble tfidf: fit the blend weights on out-of-fold predictions of the training set (K "
-        "stratified folds; the head and the n-gram model are refit on the rest of each) plus the validation set, "
+        5, "With --ensemble: fit the blend weights on out-of-fold predictions of the training set (K "
+        "stratified folds; the head and the blend's members are refit on the rest of each) plus the validation set, "
         "pulled toward equal weights. Needs a head trained alone on cached features (the default recipe); "
         "otherwise, and with 0, the weights are fitted on the validation set only (with the same pull).",
         check=_folds, metavar="K")
