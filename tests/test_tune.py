@@ -342,7 +342,8 @@ def test_the_reference_times_the_blends_ngram_fits(tmp_path, tiny_checkpoint, mo
 
 
 def test_a_blend_with_a_sentence_encoder_is_searched_beside_its_encoder_alone(tmp_path, tiny_checkpoint,
-                                                                               tiny_encoder_dir):
+                                                                               tiny_encoder_dir, monkeypatch):
+    import llmclf.tuning as tuning
     from llmclf.classifier import load_classifier
 
     blend = f"head:mean:1e-2:2+tfidf+{tiny_encoder_dir}"
@@ -356,6 +357,15 @@ def test_a_blend_with_a_sentence_encoder_is_searched_beside_its_encoder_alone(tm
     winner = Recipe.parse(result.winner["candidate"].split("|")[1])
     assert config["training"]["ensemble"] == winner.ensemble
     assert (load_classifier(tmp_path / "t" / MODEL_DIR).encoder_ is not None) == (winner.encoder is not None)
+    # resumed with one more blend: its members' fits are sized from both references' seconds per fold
+    seen = []
+    original = tuning._winner_seconds
+    monkeypatch.setattr(tuning, "_winner_seconds", lambda c, *a, **k: seen.append(a[4]) or original(c, *a, **k))
+    more = ["head:mean:1e-2:2", blend, f"head:last:1e-2:2+tfidf+{tiny_encoder_dir}"]
+    _tune(tmp_path / "t", tiny_checkpoint, recipes=more, resume=True, train_winner=False)
+    results = json.loads((tmp_path / "t" / STATE_FILE).read_text())["results"]
+    per_fold = (results["tfidf"]["seconds"] + results[f"{tiny_encoder_dir}|frozen+lr"]["seconds"]) / 3
+    assert seen and all(fit == pytest.approx(per_fold) for fit in seen)
 
 
 def test_default_recipes_leave_out_a_blend_whose_encoder_is_not_installed(monkeypatch):

@@ -851,6 +851,9 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
     fold_index = fold_indices(label_ids, folds, seed)
     if NGRAM_REFERENCE in search.results:  # scored before this --resume
         budget_left.ngram_fit = search.results[NGRAM_REFERENCE]["seconds"] / folds
+    for result in search.results.values():  # the encoders' references too (their pass counted in: an overestimate)
+        if result["engine"] == "sentence-encoder":
+            budget_left.encoder_fit[result["backbone"]] = result["seconds"] / folds
     bar = tqdm(total=len(candidates), desc="tune", unit="candidate", disable=not progress, dynamic_ncols=True)
     features: FrozenFeatures | None = None
     embeddings: dict[str, np.ndarray] = {}  # sentence encoder -> the pool's embeddings (its blends reuse them)

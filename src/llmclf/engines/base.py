@@ -507,7 +507,7 @@ class BaseClassifier:
             weights, fitted_on = val_only, f"the validation set ({why_not})"
         ngrams.weights = weights.astype(np.float32)
         self.ngrams_ = ngrams
-        blend = ngrams.combine(np.exp(val_parts[0]), *val_parts[1:])
+        blend = ngrams.combine(val_probs, *val_parts[1:])
         named = dict(zip(("language_model", *members), val_parts, strict=True))
         accuracy = {name: float((p.argmax(axis=1) == np.asarray(y_val)).mean()) if len(y_val) else float("nan")
                     for name, p in {**named, "blend": blend}.items()}
