@@ -36,11 +36,12 @@ def _encoder(name: str):
     256 for all-MiniLM-L6-v2, 384 for all-mpnet-base-v2), else what it can read."""
     from transformers import AutoModel, AutoTokenizer
 
-    from llmclf.loaders.encoders import from_pretrained, length_limits, resolve_hf_model
+    from llmclf.loaders.encoders import from_pretrained, length_limits, quiet_loading, resolve_hf_model
 
     source = resolve_hf_model(name)
     tokenizer = from_pretrained(AutoTokenizer, source, "tokenizer")
-    model = from_pretrained(AutoModel, source, "encoder")
+    with quiet_loading():
+        model = from_pretrained(AutoModel, source, "encoder")
     return tokenizer, model.float().eval(), length_limits(source, model, tokenizer)[1]
 
 

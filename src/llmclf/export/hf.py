@@ -251,17 +251,13 @@ def check_export(clf: Any, out_dir: Path, keep_last: int) -> float:
     or when the exported tokenizer gives other token ids than llmclf's. Texts longer than max_length
     are checked only where `truncation=True` is what llmclf does (`keep_last` 0)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from llmclf.loaders.encoders import quiet_loading
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of llmclf's output
-    try:
+    with quiet_loading():
         model, loading = AutoModelForSequenceClassification.from_pretrained(out_dir, dtype=torch.float32,
                                                                             output_loading_info=True)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     if loading["missing_keys"] or loading["unexpected_keys"]:
         raise ConfigError(f"Transformers' {type(model).__name__} does not take the exported weights as they are "
                           f"(missing: {sorted(loading['missing_keys'])[:5]}, unexpected: "

@@ -3,8 +3,10 @@ Hugging Face directories and Hub ids, for the hf engine and a blend's sentence e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +70,17 @@ def length_limits(source: str, model, tokenizer) -> tuple[int, int]:
         return hard, min(hard, int(st_config["max_seq_length"]))
     except (OSError, ValueError, KeyError, TypeError):
         return hard, hard  # not a sentence-transformers directory
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No Transformers "Loading weights" progress bar in the middle of llmclf's output."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
