@@ -6,7 +6,7 @@ all-mpnet-base-v2): the mean of the last layer's token states over the text's to
 Those encoders were trained to place sentences of the same meaning together across a billion pairs of
 every kind of text, so a linear model on them reads meaning more than a training set's wording, and it
 holds better out of domain than n-grams or a head on a decoder trained on one source (README,
-"Measured"). The encoder is never trained; the regression's C is chosen once on the training texts by
+"Results"). The encoder is never trained; the regression's C is chosen once on the training texts by
 cross-validated log-loss and kept for every refit. Saved as `encoder.safetensors` (coef, intercept;
 the encoder's name in its metadata) beside the model; nothing in it runs code when loaded.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +87,7 @@ class SentenceEncoderModel:
     name: str  # the encoder: a packaged name (all-minilm-l6-v2, all-mpnet-base-v2), a directory or a Hub id
     coef: np.ndarray  # (classes, dim)
     intercept: np.ndarray  # (classes,)
-    c: float = field(default=1.0)
+    c: float = 1.0  # the regression's inverse L2 strength (`choose_c`)
 
     @classmethod
     def fit_embeddings(cls, name: str, embeddings: np.ndarray, labels: np.ndarray | list[int], n_classes: int,
