@@ -105,6 +105,13 @@ class SentenceEncoderModel:
         as_float32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         return cls(name, as_float32(coef), as_float32(intercept), c)
 
+    @classmethod
+    def fit(cls, name: str, embeddings: np.ndarray, labels: np.ndarray | list[int], n_classes: int,
+            seed: int) -> SentenceEncoderModel:
+        """`fit_embeddings` with the C that `choose_c` finds on these texts (kept in `.c` for refits)."""
+        labels = np.asarray(labels)
+        return cls.fit_embeddings(name, embeddings, labels, n_classes, choose_c(embeddings, labels, seed))
+
     def scores_of(self, embeddings: np.ndarray) -> np.ndarray:
         """Class log-probabilities from `sentence_embeddings`, (texts, classes)."""
         logits = embeddings.astype(np.float64) @ self.coef.T.astype(np.float64) + self.intercept

@@ -441,7 +441,7 @@ def cross_validate_cached(features: FrozenFeatures, recipe: Recipe, folds: list[
     recipe blends one) train on 80 % of each fold's training part and the weights are fitted on the
     other 20 %, as `llmclf train` fits them on the validation set."""
     from llmclf.ngrams import NgramModel, fit_blend_weights
-    from llmclf.sentence_encoder import SentenceEncoderModel, choose_c
+    from llmclf.sentence_encoder import SentenceEncoderModel
 
     scores, labels, n_classes = Scores(), features.labels, len(features.classes)
     if recipe.encoder is not None and embeddings is None:
@@ -458,9 +458,7 @@ def cross_validate_cached(features: FrozenFeatures, recipe: Recipe, folds: list[
         ngrams = NgramModel.fit(texts(inner_train), y_inner.tolist(), n_classes)
         members = [ngrams.scores(texts(inner_val + held_idx))]
         if recipe.encoder is not None:
-            fit = embeddings[inner_train]
-            encoder = SentenceEncoderModel.fit_embeddings(recipe.encoder, fit, y_inner, n_classes,
-                                                          choose_c(fit, y_inner, seed))
+            encoder = SentenceEncoderModel.fit(recipe.encoder, embeddings[inner_train], y_inner, n_classes, seed)
             members.append(encoder.scores_of(embeddings[inner_val + held_idx]))
         y_val, n_val = [labels[i] for i in inner_val], len(inner_val)
         blended = []
@@ -475,13 +473,11 @@ def cross_validate_cached(features: FrozenFeatures, recipe: Recipe, folds: list[
 def cross_validate_encoder(embeddings: np.ndarray, labels: list[int], n_classes: int,
                            folds: list[tuple[list[int], list[int]]], name: str, seed: int) -> Scores:
     """A blend's sentence encoder alone (the regression on its frozen `embeddings`) on the same folds."""
-    from llmclf.sentence_encoder import SentenceEncoderModel, choose_c
+    from llmclf.sentence_encoder import SentenceEncoderModel
 
     scores, y = Scores(), np.asarray(labels)
     for train_idx, held_idx in folds:
-        fit = embeddings[train_idx]
-        c = choose_c(fit, y[train_idx], seed)
-        model = SentenceEncoderModel.fit_embeddings(name, fit, y[train_idx], n_classes, c)
+        model = SentenceEncoderModel.fit(name, embeddings[train_idx], y[train_idx], n_classes, seed)
         scores.add([np.exp(model.scores_of(embeddings[held_idx]))], y[held_idx])
     return scores
 

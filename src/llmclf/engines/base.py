@@ -36,7 +36,7 @@ from llmclf.loaders.spec import chat_template_for
 from llmclf.loaders.tensors import WriteError
 from llmclf.multilabel import LabelThresholds, multilabel_metrics, plot_per_label
 from llmclf.ngrams import NgramModel, fit_blend_weights, ngram_counts
-from llmclf.sentence_encoder import SentenceEncoderModel, choose_c, sentence_embeddings
+from llmclf.sentence_encoder import SentenceEncoderModel, sentence_embeddings
 from llmclf.training.args import TrainArgs, ensemble_encoder
 from llmclf.training.calibration import (
     DecisionThreshold,
@@ -219,10 +219,10 @@ class BaseClassifier:
         if self.label_thresholds_ is not None:
             self.label_thresholds_.thresholds = [0.5] * len(self.classes_)
             self._check_multi_label_options()
-        elif ensemble_encoder(self.ensemble) is not None:  # missing? say so before training, not after it
+        elif (encoder := ensemble_encoder(self.ensemble)) is not None:  # missing? say so before training
             from llmclf.loaders.encoders import resolve_hf_model
 
-            resolve_hf_model(ensemble_encoder(self.ensemble))
+            resolve_hf_model(encoder)
         for name in ("tune_threshold", "positive_label"):
             if getattr(self, name) is not None and len(self.classes_) != 2:
                 raise ConfigError(f"{TrainArgs.flag(name)} {getattr(self, name)}: decision thresholds are for two "
@@ -475,8 +475,8 @@ class BaseClassifier:
         if encoder_name is not None:
             embedded = sentence_embeddings(encoder_name, train.texts + val.texts, progress=progress)
             train_emb, val_emb = embedded[:len(train)], embedded[len(train):]
-            c = choose_c(train_emb, y_train, self.seed)
-            self.encoder_ = SentenceEncoderModel.fit_embeddings(encoder_name, train_emb, y_train, n_classes, c)
+            self.encoder_ = SentenceEncoderModel.fit(encoder_name, train_emb, y_train, n_classes, self.seed)
+            c = self.encoder_.c  # kept for the out-of-fold refits
             members["encoder"] = (
                 lambda fit: SentenceEncoderModel.fit_embeddings(encoder_name, train_emb[fit], y_train[fit],
                                                                 n_classes, c),
