@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -155,13 +156,18 @@ def test_cross_validated_candidate_is_what_train_trains(tmp_path, tiny_checkpoin
 
 
 def test_budget_skips_what_does_not_fit_and_says_so(tmp_path, tiny_checkpoint):
-    with pytest.raises(ConfigError, match="no language-model candidate fitted in the budget"):
+    with pytest.raises(ConfigError, match="no language-model candidate fitted in the budget") as error:
         _tune(tmp_path / "t", tiny_checkpoint, budget="0.001s")
     with open(tmp_path / "t" / LEADERBOARD_CSV, encoding="utf-8") as f:
         table = list(csv.DictReader(f))
     assert table[0]["candidate"] == "tfidf" and table[0]["status"] == "scored"
     assert len(table) == 1 + len(RECIPES)
     assert all(r["status"].startswith("skipped: its frozen pass") for r in table[1:])
+    # the error names the budget that would have fitted the closest candidate, by the estimates kept in the state
+    skipped = json.loads((tmp_path / "t" / STATE_FILE).read_text())["skipped"]
+    assert len(skipped) == len(RECIPES) and all(s["short_by_s"] > 0 for s in skipped)
+    minutes = math.ceil((0.001 + min(s["short_by_s"] for s in skipped)) / 60)
+    assert f"--budget {minutes}m would fit {skipped[0]['backbone']}" in str(error.value)
 
 
 def test_budget_keeps_room_for_the_winners_training_and_test_pass():

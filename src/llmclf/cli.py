@@ -473,7 +473,7 @@ def tune_command(
         "--recipes", help="Comma-separated scratch-engine recipes TRAINABLE:POOLING:LR:EPOCHS[+ENSEMBLE], each "
         "scored after every epoch up to EPOCHS; ENSEMBLE is a value of train's --ensemble (tfidf, "
         "tfidf+all-minilm-l6-v2: a blend's sentence encoder is also scored alone, as a reference). "
-        f"Default: {', '.join(DEFAULT_RECIPES)}.")] = None,
+        f"Default: {', '.join(DEFAULT_RECIPES)} (a blend whose encoder is not installed left out).")] = None,
     hf_recipes: Annotated[Optional[str], typer.Option(
         "--hf-recipes", help="Comma-separated Transformers-engine recipes LR:EPOCHS[+ENSEMBLE] (the whole encoder is "
         f"trained). Default: {', '.join(HF_RECIPES)}.")] = None,

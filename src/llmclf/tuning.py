@@ -27,7 +27,7 @@ import math
 import re
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,9 +581,11 @@ class Search:
         self.skipped.pop(candidate.key, None)
         self.save()
 
-    def skip(self, candidate: Candidate, reason: str) -> None:
+    def skip(self, candidate: Candidate, reason: str, short_by: float | None = None) -> None:
+        """List `candidate` as skipped for `reason`; `short_by`: the seconds the budget lacked for it."""
         self.skipped[candidate.key] = {"backbone": candidate.backbone, "engine": candidate.engine,
-                                       "recipe": str(candidate.recipe), "reason": reason}
+                                       "recipe": str(candidate.recipe), "reason": reason,
+                                       **({} if short_by is None else {"short_by_s": round(short_by, 1)})}
         self.save()
 
     def save(self) -> None:
@@ -704,6 +706,10 @@ class _Budget:
         """Whether `seconds` of work on a candidate fit, keeping enough for the winner's training: the
         longest of this candidate's (`winner_seconds`) and those of the candidates already scored."""
         return seconds + max([winner_seconds, *self.reserve.values()]) <= self.left()
+
+    def short_by(self, seconds: float, winner_seconds: float) -> float:
+        """How many more seconds of budget `fits` would have needed."""
+        return seconds + max([winner_seconds, *self.reserve.values()]) - self.left()
 
     def why_not(self, seconds: float, winner_seconds: float) -> str:
         kept = max([winner_seconds, *self.reserve.values()])
@@ -890,7 +896,8 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
                         scores = cross_validate_cached(features, recipe, fold_index, seed, embedded)
                         budget_left.reserve[candidate.key] = winner
                     else:
-                        search.skip(candidate, budget_left.why_not(estimate, winner))
+                        search.skip(candidate, budget_left.why_not(estimate, winner),
+                                    budget_left.short_by(estimate, winner))
             if scores is not None:
                 search.record(candidate, scores, time.perf_counter() - begin, order)
                 leader = search.leaderboard()[0]
@@ -911,11 +918,23 @@ def tune(train: LabelledTexts, val: LabelledTexts, out_dir: str | Path, budget: 
     result = TuneResult(rows, list(search.skipped.values()), selectable[0] if selectable else None, out_dir)
     if result.winner is None:
         raise ConfigError(f"no language-model candidate fitted in the budget of {budget} (see "
-                          f"{out_dir / LEADERBOARD_CSV}); give a larger --budget or smaller --backbones")
+                          f"{out_dir / LEADERBOARD_CSV}); {_larger_budget(search.skipped.values(), budget_left)}")
     if train_winner:
         result.classifier, result.test_metrics = _train_winner(result.winner, search, train, val, test, out_dir,
                                                                max_length, seed, progress, precision)
     return result
+
+
+def _larger_budget(skipped: Iterable[dict[str, Any]], budget: _Budget) -> str:
+    """What to do when nothing fitted: the smallest budget that would have fitted a skipped candidate, as
+    estimated when it was skipped, or the generic advice."""
+    short = [s for s in skipped if s.get("short_by_s") is not None and s["engine"] not in REFERENCE_ENGINES]
+    if not short:
+        return "give a larger --budget or smaller --backbones"
+    first = min(short, key=lambda s: s["short_by_s"])
+    minutes = math.ceil((budget.seconds + first["short_by_s"]) / 60)
+    return (f"--budget {minutes}m would fit {first['backbone']} {first['recipe']} by the estimates (`--resume` "
+            f"keeps what was scored), or give smaller --backbones")
 
 
 def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: LabelledTexts, label_ids: list[int],
@@ -943,7 +962,8 @@ def _scratch_features(candidate: Candidate, candidates: list[Candidate], pool: L
             return False
         for other in candidates:  # its recipes not yet scored or skipped (for their own reasons)
             if other.backbone == candidate.backbone and other.key not in (*search.results, *search.skipped):
-                search.skip(other, f"{what}, {how}, {budget_left.why_not(needed, winner)}")
+                search.skip(other, f"{what}, {how}, {budget_left.why_not(needed, winner)}",
+                            budget_left.short_by(needed, winner))
         return True
 
     speed, known = budget_left.speed, packaged(candidate.backbone)
