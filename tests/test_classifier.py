@@ -390,7 +390,7 @@ def test_inference_batches_cover_every_text_once_and_bound_the_padding(lengths, 
 def test_bfloat16_training_runs_and_learns(tiny_lm):
     data = _toy_data()
     clf = TextClassifier(str(tiny_lm), trainable="all", epochs=4, lr=3e-3, precision="bfloat16", bucket=True,
-                         log_every=100).fit(data, data, progress=False)
+                         log_every=100, ensemble="none").fit(data, data, progress=False)
     assert clf.evaluate(data)["accuracy"] >= 0.9
 
 
@@ -399,7 +399,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_lm):
 
     def run(batch_size: int, grad_accum: int) -> np.ndarray:
         clf = TextClassifier(str(tiny_lm), trainable="all", epochs=2, lr=1e-3, batch_size=batch_size,
-                             grad_accum=grad_accum, precision="float32", log_every=1000)
+                             grad_accum=grad_accum, precision="float32", log_every=1000, ensemble="none")
         return clf.fit(data, data, progress=False).predict_proba(data.texts)
 
     np.testing.assert_allclose(run(4, 2), run(8, 1), atol=1e-5)
@@ -429,8 +429,8 @@ def test_select_by_picks_the_best_evaluation_ties_broken_by_loss(tiny_lm, monkey
 
     monkeypatch.setattr(training, "evaluate_batches", scripted)
     data = _toy_data(16)
-    history = TextClassifier(str(tiny_lm), epochs=4, precision="float32", log_every=1000, ensemble_folds=0,
-                             select_by=select_by).fit(data, data, progress=False).history_  # (folds would evaluate too)
+    history = TextClassifier(str(tiny_lm), epochs=4, precision="float32", log_every=1000, ensemble="none",
+                             select_by=select_by).fit(data, data, progress=False).history_  # no blend: folds evaluate
     # accuracy ties at 0.9 for epochs 1-3: the lowest loss among them (epoch 2) wins
     assert history.best_epoch == best_epoch and history.val_loss_full == [0.5, 0.3, 0.4, 0.2]
 
