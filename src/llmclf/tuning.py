@@ -705,10 +705,10 @@ class _Budget:
     def fits(self, seconds: float, winner_seconds: float) -> bool:
         """Whether `seconds` of work on a candidate fit, keeping enough for the winner's training: the
         longest of this candidate's (`winner_seconds`) and those of the candidates already scored."""
-        return seconds + max([winner_seconds, *self.reserve.values()]) <= self.left()
+        return self.short_by(seconds, winner_seconds) <= 0
 
     def short_by(self, seconds: float, winner_seconds: float) -> float:
-        """How many more seconds of budget `fits` would have needed."""
+        """How many seconds of budget `fits` lacks (<= 0: it fits)."""
         return seconds + max([winner_seconds, *self.reserve.values()]) - self.left()
 
     def why_not(self, seconds: float, winner_seconds: float) -> str:
