@@ -3,7 +3,7 @@
 Trains `llmclf train`'s defaults on each data set of `bench_robustness.py` (its splits and cross-domain
 sets), keeps what the blend's weights were fitted on (the members' out-of-fold + validation
 log-probabilities, as `fit_blend_weights` receives them) and the members' log-probabilities of the test
-and cross-domain texts, then scores each rule on all three:
+and both cross-domain sets' texts, then scores each rule on all four:
 
 - `log, fitted`: the blend as trained (class log-probabilities weighted by `fit_blend_weights`);
 - `log, equal`: the same with equal weights;
@@ -14,7 +14,7 @@ and cross-domain texts, then scores each rule on all three:
     python bench/bench_blend_rules.py --datasets sms,ag_news [--scores runs/blend-rules]
 
 `--scores DIR` keeps each data set's captured scores in DIR/NAME.npz and reuses them (no training) when
-they are there. Prints accuracy (out-of-fold, test, cross-domain) and out-of-fold log-loss per rule.
+they are there. Prints accuracy (out-of-fold, test, cross-domain, cross-domain 2) and out-of-fold log-loss per rule.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from bench_robustness import DATASETS, DEFAULT_BACKBONE, SEED, SHARED, cpu_name
+from bench_robustness import DATASETS, DEFAULT_BACKBONE, SECOND_CROSS, SEED, SHARED, cpu_name
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 
-SETS = ("oof", "test", "cross")
+SETS = ("oof", "test", "cross", "cross2")
 
 
 def capture(name: str) -> dict[str, np.ndarray]:
@@ -51,7 +51,7 @@ def capture(name: str) -> dict[str, np.ndarray]:
         base.fit_blend_weights = fit_blend_weights
     parts, labels = fitted_on[-1]
     out = {f"oof_part{i}": p for i, p in enumerate(parts)} | {"oof_labels": labels}
-    for test, texts in (("test", data["test"]), ("cross", cross)):
+    for test, texts in (("test", data["test"]), ("cross", cross), ("cross2", SECOND_CROSS[name](SHARED, SEED))):
         lm = np.log(np.clip(clf._text_probabilities(texts.texts, 32, dropout=False), 1e-12, 1.0))
         for i, p in enumerate([lm, *clf._blend_scores(texts.texts)]):
             out[f"{test}_part{i}"] = p
@@ -107,7 +107,7 @@ def main() -> None:
         members = len([k for k in scores if k.startswith("oof_part")])
         sets = {s: ([scores[f"{s}_part{i}"] for i in range(members)], scores[f"{s}_labels"]) for s in SETS}
         accuracy = lambda log_probs, y: 100.0 * float((log_probs.argmax(axis=1) == y).mean())  # noqa: E731
-        print(f"\n== {name}: accuracy % out of fold / test / cross-domain; out-of-fold log-loss")
+        print(f"\n== {name}: accuracy % out of fold / test / cross-domain / cross-domain 2; out-of-fold log-loss")
         for i, member in enumerate(("language model", "n-grams", "sentence encoder")[:members]):
             print(f"  {member + ' alone':22s} " + " / ".join(f"{accuracy(ps[i], y):6.2f}" for ps, y in sets.values()))
         for rule, blend in rules(*sets["oof"]).items():

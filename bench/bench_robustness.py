@@ -2,15 +2,21 @@
 
 Each data set is split (seeded) into train / validation / test; every model trains on train (validation
 for model selection; TF-IDF on train + validation) and is scored once on the in-domain test split and
-once on a cross-domain test set with the same labels that no model saw:
+on two cross-domain test sets with the same labels that no model saw:
 
 - `ag_news`: 1,000 / 200 / 1,000 articles ("title. description") from `data/ag_news/test.csv`;
-  cross-domain: the headlines alone of 1,000 other articles (short, no description).
+  cross-domain: the headlines alone of 1,000 other articles (short, no description); cross-domain 2:
+  the descriptions alone (no headline) of 1,000 further articles.
 - `imdb`: 600 / 200 / 200 reviews; cross-domain: the last sentence (5-40 words) of each review of
   the test split, labelled as its review (a verdict line, read without the review; some are neutral,
-  which costs every model alike).
+  which costs every model alike); cross-domain 2: the first such sentence of each (often a premise
+  or a plot line: harder still).
 - `sms`: the course split (1,045 / 149 / 300); cross-domain: `bench/data/emails.csv`, 120 e-mails
-  (60 spam, 60 ham, subject + body) written for llmclf (synthetic: see `bench/data/README.md`).
+  (60 spam, 60 ham, subject + body); cross-domain 2: `bench/data/modern_sms.csv`, 100 text messages
+  of the 2020s (50 / 50), both written for llmclf (synthetic: see `bench/data/README.md`).
+
+The second cross-domain sets were built after the blend rules were compared on the first ones
+(`bench_blend_rules.py`), to check that comparison's choice on data it was not made on.
 
 Models (`--models`, comma-separated):
 - `tfidf`: word 1-2-grams + char 2-5-grams, LinearSVC (scikit-learn), fitted on train + validation;
@@ -48,8 +54,9 @@ from llmclf.data.classification import LabelledTexts, label_order, read_labelled
 SEED = 123
 
 
-def load_ag_news(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
-    """AG News splits, and the headlines of 1,000 other articles (stratified, disjoint from the splits)."""
+def _ag_news(shared: Path, seed: int) -> tuple[list[list[str]], dict, list[int], list[int]]:
+    """AG News rows, the splits, the 1,000 articles whose headlines are the cross-domain set, and the
+    1,000 further articles whose descriptions are the second one (stratified, disjoint from the rest)."""
     names = (shared / "data/ag_news/classes.txt").read_text(encoding="utf-8").split()
     with open(shared / "data/ag_news/test.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
@@ -62,27 +69,58 @@ def load_ag_news(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
     by_class = {c: [i for i in rest if labels[i] == c] for c in label_order(labels)}
     picked = [i for ids in by_class.values() for i in rng.sample(ids, 250)]
     rng.shuffle(picked)
-    return data, LabelledTexts([rows[i][1] for i in picked], [labels[i] for i in picked], "AG News headlines")
+    taken = set(picked)
+    rng = random.Random(seed + 1)
+    second = [i for ids in by_class.values() for i in rng.sample([i for i in ids if i not in taken], 250)]
+    rng.shuffle(second)
+    return [[labels[i], *row[1:]] for i, row in enumerate(rows)], data, picked, second
+
+
+def load_ag_news(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
+    """AG News splits, and the headlines of 1,000 other articles (stratified, disjoint from the splits)."""
+    rows, data, picked, _ = _ag_news(shared, seed)
+    return data, LabelledTexts([rows[i][1] for i in picked], [rows[i][0] for i in picked], "AG News headlines")
+
+
+def ag_news_descriptions(shared: Path, seed: int) -> LabelledTexts:
+    """The second cross-domain set: the descriptions alone (no headline) of 1,000 further articles."""
+    rows, _, _, second = _ag_news(shared, seed)
+    return LabelledTexts([rows[i][2] for i in second], [rows[i][0] for i in second], "AG News descriptions")
+
+
+def review_sentences(review: str) -> list[str]:
+    """The review's sentences of 5-40 words, in order (HTML line breaks removed)."""
+    text = re.sub(r"<br\s*/?>", " ", review)
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    return [s for s in sentences if 5 <= len(s.split()) <= 40]
 
 
 def last_sentence(review: str) -> str | None:
-    """The review's last sentence of 5-40 words (HTML line breaks removed), or None."""
-    text = re.sub(r"<br\s*/?>", " ", review)
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
-    for sentence in reversed(sentences):
-        if 5 <= len(sentence.split()) <= 40:
-            return sentence
-    return None
+    """The review's last sentence of 5-40 words, or None."""
+    return (review_sentences(review) or [None])[-1]
+
+
+def _imdb(shared: Path, seed: int) -> dict:
+    reviews = read_labelled(shared / "data/imdb/imdb_train_1000_balanced.csv")
+    labels = ["positive" if label == "1" else "negative" for label in reviews.labels]
+    return stratified_sizes(reviews.texts, labels, (600, 200, 200), seed)
 
 
 def load_imdb(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
     """IMDB splits, and the last sentences of the test reviews (labelled as their review)."""
-    reviews = read_labelled(shared / "data/imdb/imdb_train_1000_balanced.csv")
-    labels = ["positive" if label == "1" else "negative" for label in reviews.labels]
-    data = stratified_sizes(reviews.texts, labels, (600, 200, 200), seed)
+    data = _imdb(shared, seed)
     pairs = [(last_sentence(t), y) for t, y in zip(data["test"].texts, data["test"].labels, strict=True)]
     pairs = [(s, y) for s, y in pairs if s]
     return data, LabelledTexts([s for s, _ in pairs], [y for _, y in pairs], "IMDB test reviews' last sentences")
+
+
+def imdb_first_sentences(shared: Path, seed: int) -> LabelledTexts:
+    """The second cross-domain set: the first sentence (5-40 words) of each test review, labelled as its
+    review (often a premise or plot line, so harder than the verdict; it costs every model alike)."""
+    test = _imdb(shared, seed)["test"]
+    pairs = [(review_sentences(t), y) for t, y in zip(test.texts, test.labels, strict=True)]
+    pairs = [(s[0], y) for s, y in pairs if s]
+    return LabelledTexts([s for s, _ in pairs], [y for _, y in pairs], "IMDB test reviews' first sentences")
 
 
 EMAILS = Path(__file__).resolve().parent / "data" / "emails.csv"
@@ -93,7 +131,13 @@ def load_sms_and_emails(shared: Path, seed: int) -> tuple[dict, LabelledTexts]:
     return load_sms(shared, seed), read_labelled(EMAILS)
 
 
+MODERN_SMS = EMAILS.parent / "modern_sms.csv"
+
 DATASETS = {"ag_news": load_ag_news, "imdb": load_imdb, "sms": load_sms_and_emails}
+# Second cross-domain sets, built after the blend rules were compared on the first ones, to confirm a
+# choice made there on data it was not made on (`bench_blend_rules.py`).
+SECOND_CROSS = {"ag_news": ag_news_descriptions, "imdb": imdb_first_sentences,
+                "sms": lambda shared, seed: read_labelled(MODERN_SMS)}
 
 
 def accuracy(predicted: list[str], data: LabelledTexts) -> float:
@@ -177,12 +221,13 @@ def main() -> None:
     results = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
     for name in args.datasets.split(","):
         data, cross = DATASETS[name](SHARED, SEED)
+        tests = {"in-domain": data["test"], "cross-domain": cross, "cross-domain 2": SECOND_CROSS[name](SHARED, SEED)}
         if args.limit:
             data = {s: LabelledTexts(d.texts[:args.limit], d.labels[:args.limit], d.source) for s, d in data.items()}
-            cross = cross and LabelledTexts(cross.texts[:args.limit], cross.labels[:args.limit], cross.source)
-        tests = {"in-domain": data["test"], **({"cross-domain": cross} if cross else {})}
+            tests = {k: LabelledTexts(t.texts[:args.limit], t.labels[:args.limit], t.source) for k, t in tests.items()}
+            tests["in-domain"] = data["test"]
         print(f"\n== {name}: {' / '.join(str(len(data[s])) for s in SPLITS)}; cross-domain: "
-              f"{cross.source + f' ({len(cross)})' if cross else 'none'}", flush=True)
+              + "; ".join(f"{t.source} ({len(t)})" for k, t in tests.items() if k != "in-domain"), flush=True)
         for model in args.models.split(","):
             rows = {model: run_tfidf(data, tests)} if model == "tfidf" else run_llmclf(model, name, data, tests)
             for row_name, row in rows.items():
@@ -191,14 +236,14 @@ def main() -> None:
                       + f"  ({row['seconds']:.0f} s)", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
-    print("\n| model | " + " | ".join(f"{n} in / cross" for n in results) + " |")
+    print("\n| model | " + " | ".join(f"{n} in / cross / cross 2" for n in results) + " |")
     print("|---|" + "---|" * len(results))
     for model in dict.fromkeys(m for rows in results.values() for m in rows):
         cells = []
         for rows in results.values():
             row = rows.get(model)
             cells.append("-" if row is None else " / ".join(
-                f"{row[k] * 100:.2f} %" for k in ("in-domain", "cross-domain") if k in row))
+                f"{row[k] * 100:.2f} %" for k in ("in-domain", "cross-domain", "cross-domain 2") if k in row))
         print(f"| {model} | " + " | ".join(cells) + " |")
 
 

@@ -169,3 +169,40 @@ def test_any_string_gets_scores():
     odd = ["", " ", "\x00", "\ud800 lone surrogate", "émoji 🙂", "a" * 20_000, "\r\n\t"]
     scores = model.scores(odd)
     assert scores.shape == (len(odd), 3) and np.isfinite(scores).all()
+
+
+def test_mean_rule_averages_the_members_probabilities_and_survives_save_and_load(tmp_path: Path):
+    train, new = _topics(30, 1), _topics(9, 2).texts
+    model = NgramModel.fit(train.texts, [i % 3 for i in range(30)], 3)
+    rng = np.random.default_rng(0)
+    lm = rng.dirichlet(np.ones(3), size=len(new)).astype(np.float32)
+    encoder = np.log(rng.dirichlet(np.ones(3), size=len(new)))
+    model.weights, model.rule = np.ones(3, dtype=np.float32), "mean"
+    expected = (lm + np.exp(model.scores(new)) + np.exp(encoder)) / 3
+    np.testing.assert_allclose(model.combine(lm, model.scores(new), encoder), expected, atol=1e-6)
+    model.save(tmp_path)
+    reloaded = NgramModel.load(tmp_path, 3, members=3)
+    assert reloaded.rule == "mean"
+    np.testing.assert_allclose(reloaded.combine(lm, reloaded.scores(new), encoder), expected, atol=1e-6)
+    # a file saved before the rule existed has no "blend" metadata: its weights are on log-probabilities
+    arrays = load_file(str(tmp_path / NGRAMS_FILE))
+    save_file(arrays, str(tmp_path / NGRAMS_FILE))
+    old = NgramModel.load(tmp_path, 3, members=3)
+    assert old.rule == "log" and not np.allclose(old.combine(lm, old.scores(new), encoder), expected, atol=1e-3)
+    save_file(arrays, str(tmp_path / NGRAMS_FILE), metadata={"blend": "median"})
+    with pytest.raises(ConfigError, match="blend rule 'median' is not one of log, mean"):
+        NgramModel.load(tmp_path, 3, members=3)
+
+
+def test_blend_mean_fits_no_weights_and_predicts_the_average(tmp_path: Path, tiny_lm: Path):
+    train, val, new = _topics(48, 1), _topics(24, 2), _topics(12, 3).texts
+    clf = TextClassifier(str(tiny_lm), ensemble="tfidf", blend="mean", epochs=1, template=None,
+                         precision="float32", calibration="none")
+    clf.fit(train, val, out_dir=tmp_path / "clf", progress=False)
+    assert clf.ensemble_report_["weights"] == [1.0, 1.0] and "--blend mean" in clf.ensemble_report_["fitted_on"]
+    lm = clf._probabilities(new, 8, dropout=False)
+    expected = (lm + np.exp(clf.ngrams_.scores(new))) / 2
+    np.testing.assert_allclose(clf.predict_proba(new), expected, atol=1e-6)
+    reloaded = load_classifier(tmp_path / "clf", precision="float32")
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["training"]["blend"] == "mean"
+    np.testing.assert_allclose(reloaded.predict_proba(new), expected, atol=1e-6)

@@ -383,3 +383,30 @@ def test_default_recipes_leave_out_a_blend_whose_encoder_is_not_installed(monkey
     missing = PackagedModel("llmclf-no-such-dist", "1.0", "x")
     monkeypatch.setitem(encoders.PACKAGED_HF_MODELS, "all-minilm-l6-v2", missing)
     assert default_recipes() == [r for r in DEFAULT_RECIPES if Recipe.parse(r).encoder is None]
+
+
+def test_a_mean_blend_is_cross_validated_as_the_average_of_members_trained_on_the_whole_fold(tiny_checkpoint,
+                                                                                              monkeypatch):
+    from llmclf.data.classification import label_order
+    from llmclf.ngrams import NgramModel
+    from llmclf.tuning import Scores, cross_validate_cached
+
+    train, val, _ = _data()
+    classes = label_order(train.labels)
+    texts, labels = train.texts + val.texts, [classes.index(x) for x in train.labels + val.labels]
+    features = FrozenFeatures(str(tiny_checkpoint), texts, labels, classes, seed=5, progress=False,
+                              precision="float32")
+    fold_train, fold_held = list(range(0, 60, 2)), list(range(1, 60, 2))
+    recipe = Recipe.parse("head:mean:1e-2:3+tfidf")
+    scored: list[list[np.ndarray]] = []
+    add = Scores.add
+    monkeypatch.setattr(Scores, "add", lambda self, probs, gold: scored.append(list(probs)) or add(self, probs, gold))
+    cross_validate_cached(features, recipe, [(fold_train, fold_held)], seed=5, blend="mean")
+    ngrams = NgramModel.fit([texts[i] for i in fold_train], [labels[i] for i in fold_train], len(classes))
+    ngram_probs = np.exp(ngrams.scores([texts[i] for i in fold_held]))
+    per_epoch = features.probabilities_per_epoch(recipe, fold_train, fold_held, fold_held, seed=5)
+    assert len(scored[0]) == len(per_epoch) == 3
+    for blended, lm in zip(scored[0], per_epoch, strict=True):
+        np.testing.assert_allclose(blended, (lm + ngram_probs) / 2, atol=1e-6)
+    cross_validate_cached(features, recipe, [(fold_train, fold_held)], seed=5, blend="log")
+    assert not np.allclose(scored[1][-1], scored[0][-1], atol=1e-3)  # fitted weights, members on 80 % of the fold

@@ -1,7 +1,8 @@
 """The n-gram half of `--ensemble tfidf`: what the TF-IDF baseline sees, inside the classifier.
 
 A logistic regression (scikit-learn) on TF-IDF word 1-2-grams and character 2-5-grams, fitted on
-the training texts; its class scores are combined with the language model's as
+the training texts; its class scores are combined with the language model's by one of two rules
+(`--blend`). `log`:
 
     p(class | text) = softmax(w_lm * log p_lm(class | text) + w_ngram * score_ngram(class | text)
                               [+ w_encoder * score_encoder(class | text)]),
@@ -9,7 +10,8 @@ the training texts; its class scores are combined with the language model's as
 (the last term with `--ensemble tfidf+ENCODER`: `llmclf.sentence_encoder`), the weights fitted by
 log-loss on held-out predictions (`fit_blend_weights`: out-of-fold predictions of the training set
 plus the validation set where the engine can refit its head on folds, else the validation set alone),
-pulled toward equal weights. The n-grams are hashed (scikit-learn's
+pulled toward equal weights. `mean`: the members' probabilities averaged, equal weights (scikit-learn's
+soft voting), nothing fitted. The n-grams are hashed (scikit-learn's
 `HashingVectorizer`), so the saved state is four arrays and no vocabulary: `ngrams.safetensors`
 (idf, coef, intercept, weights) beside the model, and nothing in it runs code when loaded.
 """
@@ -33,6 +35,7 @@ CHAR_NGRAMS = (2, 5)
 MIN_DF = (1, 2)  # n-grams seen in fewer training texts are dropped (word, character), as the baseline does
 C = 10.0  # inverse L2 strength of the logistic regression
 MAX_WEIGHT = 10.0
+BLEND_RULES = ("log", "mean")  # how `combine` uses the weights: on log-probabilities, or a mixture of probabilities
 # The blend weights' pull toward equal weights: the mean log-loss over the N texts they are fitted on plus
 # (EQUAL_WEIGHTS_PRIOR / N) * ||s - 1/2||^2 on the weights' shares s = w / sum(w) (their scale is free: the
 # temperature rescales it anyway). The pull is worth this many texts: it matters on a validation set of a
@@ -73,6 +76,7 @@ class NgramModel:
     coef: np.ndarray  # (classes, 2 * N_FEATURES)
     intercept: np.ndarray  # (classes,)
     weights: np.ndarray  # the blend's: (2,) w_lm, w_ngram, or (3,) with a sentence encoder's, w_encoder
+    rule: str = "log"  # one of BLEND_RULES; models saved before the rule existed are "log"
 
     @classmethod
     def fit(cls, texts: list[str], labels: list[int], n_classes: int) -> NgramModel:
@@ -90,10 +94,14 @@ class NgramModel:
         idf = np.log((1 + n) / (1 + df)) + 1.0  # scikit-learn's smooth idf
         min_df = np.repeat(np.array(MIN_DF), N_FEATURES)
         idf[df < min_df] = 0.0
-        lr = LogisticRegression(C=C, max_iter=2000).fit(_tfidf(counts, idf), labels)
+        # Only the n-grams kept (a tenth of the hashed columns or less) enter the fit: the others' coefficients
+        # stay 0 under the L2 penalty anyway, and L-BFGS on the short vectors is 2-7x faster (AG News: 12 s -> 1.6 s).
+        kept = np.flatnonzero(idf)
+        lr = LogisticRegression(C=C, max_iter=2000).fit(_tfidf(counts, idf)[:, kept], labels)
         if list(lr.classes_) != list(range(n_classes)):
             raise ValueError(f"the n-gram model needs every label id 0..{n_classes - 1} in its training data")
-        coef, intercept = lr.coef_, lr.intercept_
+        coef, intercept = np.zeros((lr.coef_.shape[0], len(idf))), lr.intercept_
+        coef[:, kept] = lr.coef_
         if n_classes == 2:  # scikit-learn's binary form: one row, the score of class 1 over class 0
             coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
         as_float32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731 (coef_ may be Fortran-ordered)
@@ -106,11 +114,15 @@ class NgramModel:
 
     def combine(self, lm_probs: np.ndarray, scores: np.ndarray, *more_scores: np.ndarray) -> np.ndarray:
         """The ensemble's probabilities from the language model's, `scores(texts)` and any other
-        member's log-probabilities (the sentence encoder's), one weight each."""
+        member's log-probabilities (the sentence encoder's), one weight each, by `rule`."""
         parts = [np.log(np.clip(lm_probs, 1e-12, 1.0)), scores, *more_scores]
         if len(parts) != len(self.weights):
             raise ValueError(f"the blend has {len(self.weights)} weights, given {len(parts)} members' scores")
-        z = sum(w * part for w, part in zip(self.weights.astype(np.float64), parts, strict=True))
+        weights = self.weights.astype(np.float64)
+        if self.rule == "mean":
+            mixed = sum(w * np.exp(log_softmax(part, axis=1)) for w, part in zip(weights, parts, strict=True))
+            return (mixed / weights.sum()).astype(np.float32)
+        z = sum(w * part for w, part in zip(weights, parts, strict=True))
         return np.exp(log_softmax(z, axis=1)).astype(np.float32)
 
     def blend(self, lm_probs: np.ndarray, texts: list[str]) -> np.ndarray:
@@ -133,13 +145,15 @@ class NgramModel:
         arrays = {"idf": self.idf, "coef": self.coef, "intercept": self.intercept, "weights": self.weights}
         with atomic_path(path) as tmp:
             save_file({name: np.ascontiguousarray(a, dtype=np.float32) for name, a in arrays.items()}, str(tmp),
-                      metadata={"n_features": str(N_FEATURES), "word_ngrams": "1-2", "char_ngrams": "2-5"})
+                      metadata={"n_features": str(N_FEATURES), "word_ngrams": "1-2", "char_ngrams": "2-5",
+                                "blend": self.rule})
         return path
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, n_classes: int, members: int = 2) -> NgramModel:
         """The n-gram model saved in `model_dir`, checked against the classifier's classes and the
         number of the blend's `members` (the language model included)."""
+        from safetensors import safe_open
         from safetensors.numpy import load_file
 
         path = Path(model_dir) / NGRAMS_FILE
@@ -147,13 +161,18 @@ class NgramModel:
             raise ConfigError(f"{path} is missing: the model's config.json says it was trained with "
                               "--ensemble tfidf; copy the whole model directory")
         arrays = load_file(str(path))
+        with safe_open(str(path), framework="numpy") as f:
+            rule = (f.metadata() or {}).get("blend", "log")
+        if rule not in BLEND_RULES:
+            raise ConfigError(f"{path}: blend rule {rule!r} is not one of {', '.join(BLEND_RULES)} (metadata "
+                              "'blend'); was it written by a newer llmclf?")
         expected = {"idf": (2 * N_FEATURES,), "coef": (n_classes, 2 * N_FEATURES), "intercept": (n_classes,),
                     "weights": (members,)}
         for name, shape in expected.items():
             if name not in arrays or arrays[name].shape != shape:
                 found = arrays[name].shape if name in arrays else "missing"
                 raise ConfigError(f"{path}: tensor {name!r} should have shape {shape}, found {found}")
-        return cls(**{name: arrays[name] for name in expected})
+        return cls(**{name: arrays[name] for name in expected}, rule=rule)
 
 
 def fit_blend_weights(parts: list[np.ndarray], labels: list[int] | np.ndarray,

@@ -437,15 +437,18 @@ def _inner_split(train_idx: list[int], labels: list[int], seed: int) -> tuple[li
 
 
 def cross_validate_cached(features: FrozenFeatures, recipe: Recipe, folds: list[tuple[list[int], list[int]]],
-                          seed: int, embeddings: np.ndarray | None = None) -> Scores:
+                          seed: int, embeddings: np.ndarray | None = None, blend: str | None = None) -> Scores:
     """`recipe` on `features`, k-fold: held-out scores after every epoch. An ensemble's head and its
     members (the n-gram model, and the regression on the texts' sentence-encoder `embeddings` if the
     recipe blends one) train on 80 % of each fold's training part and the weights are fitted on the
-    other 20 %, as `llmclf train` fits them on the validation set."""
+    other 20 %, as `llmclf train` fits them on the validation set, when the rule (`blend`, default:
+    `train`'s `--blend`) is log; with mean (equal weights) they train on the whole training part."""
     from llmclf.ngrams import NgramModel, fit_blend_weights
     from llmclf.sentence_encoder import SentenceEncoderModel
+    from llmclf.training.args import TrainArgs
 
     scores, labels, n_classes = Scores(), features.labels, len(features.classes)
+    rule = blend or TrainArgs.defaults("scratch")["blend"]
     if recipe.encoder is not None and embeddings is None:
         raise ValueError(f"recipe {recipe} blends {recipe.encoder}: give the texts' embeddings")
     for train_idx, held_idx in folds:
@@ -453,11 +456,16 @@ def cross_validate_cached(features: FrozenFeatures, recipe: Recipe, folds: list[
         if not recipe.blended:
             scores.add(features.probabilities_per_epoch(recipe, train_idx, held_idx, held_idx, seed), gold)
             continue
-        inner_train, inner_val = _inner_split(train_idx, labels, seed)
-        watched = features.probabilities_per_epoch(recipe, inner_train, inner_val, inner_val + held_idx, seed)
+        if rule == "log":
+            inner_train, inner_val = _inner_split(train_idx, labels, seed)
+            watched = features.probabilities_per_epoch(recipe, inner_train, inner_val, inner_val + held_idx, seed)
+        else:  # nothing to fit on held-out texts: the head and the members train on the fold's whole training part
+            inner_train, inner_val = train_idx, []
+            watched = features.probabilities_per_epoch(recipe, train_idx, held_idx, held_idx, seed)
         texts = lambda idx: [features.texts[i] for i in idx]  # noqa: E731
         y_inner = np.array([labels[i] for i in inner_train])
         ngrams = NgramModel.fit(texts(inner_train), y_inner.tolist(), n_classes)
+        ngrams.rule = rule
         members = [ngrams.scores(texts(inner_val + held_idx))]
         if recipe.encoder is not None:
             encoder = SentenceEncoderModel.fit(recipe.encoder, embeddings[inner_train], y_inner, n_classes, seed)
@@ -466,7 +474,10 @@ def cross_validate_cached(features: FrozenFeatures, recipe: Recipe, folds: list[
         blended = []
         for probs in watched:  # the weights are fitted again for every epoch's language model
             parts = [np.log(np.clip(probs, 1e-12, 1.0)), *members]
-            ngrams.weights = fit_blend_weights([p[:n_val] for p in parts], y_val).astype(np.float32)
+            if rule == "log":
+                ngrams.weights = fit_blend_weights([p[:n_val] for p in parts], y_val).astype(np.float32)
+            else:
+                ngrams.weights = np.ones(len(parts), dtype=np.float32)
             blended.append(ngrams.combine(probs[n_val:], *(m[n_val:] for m in members)))
         scores.add(blended, gold)
     return scores
@@ -744,17 +755,17 @@ def _winner_seconds(candidate: Candidate, frozen_seconds: float, n_layers: int, 
                     load_seconds: float = 0.0, blend_fit: float = 0.0, blend_pass: float = 0.0) -> float:
     """Seconds training a scratch candidate as the winner takes (`_train_winner`): loading the backbone
     again, `fit`'s own frozen pass over train + validation, the recipe's epochs, once more per
-    out-of-fold refit of the blend (`ensemble_folds`, for a head trained alone), the blend's members
+    out-of-fold refit of the blend (`ensemble_folds` with `--blend log`, for a head trained alone), the blend's members
     fitted once and per out-of-fold refit (`blend_fit` seconds each), and the test set's pass; a
     sentence encoder's embedding of train + validation (`blend_pass`) and of the test set too."""
     from llmclf.training.args import TrainArgs
 
     assert candidate.recipe is not None
     continued, epoch = _recipe_seconds(candidate.recipe, frozen_seconds, n_layers)
-    refits = TrainArgs.defaults(candidate.engine)["ensemble_folds"] \
-        if candidate.recipe.blended and candidate.recipe.trainable == "head" else 0
-    members = (1 + TrainArgs.defaults(candidate.engine)["ensemble_folds"]) * blend_fit if candidate.recipe.blended \
-        else 0.0
+    defaults = TrainArgs.defaults(candidate.engine)
+    folds = defaults["ensemble_folds"] if defaults["blend"] == "log" else 0  # --blend mean fits no weights
+    refits = folds if candidate.recipe.blended and candidate.recipe.trainable == "head" else 0
+    members = (1 + folds) * blend_fit if candidate.recipe.blended else 0.0
     training = (1 + refits) * candidate.recipe.epochs * epoch
     return load_seconds + (frozen_seconds + blend_pass) * (1 + test_share) + continued + training + members
 

@@ -458,9 +458,10 @@ class BaseClassifier:
     def _fit_ensemble(self, train: LabelledTexts, val: LabelledTexts, val_probs: np.ndarray,
                       refit_head: HeadRefit | None, progress: bool = False) -> np.ndarray:
         """With `ensemble="tfidf"`, fit `ngrams_` on `train` (and with `tfidf+ENCODER`, `encoder_`: a
-        regression on the sentence encoder's embeddings) and the blend weights (`llmclf.ngrams`): on
-        out-of-fold predictions of `ensemble_folds` folds of `train` plus `val` when the head can be
-        refit (`refit_head`), else on `val`; returns the blend's validation probabilities."""
+        regression on the sentence encoder's embeddings) and the blend weights (`llmclf.ngrams`): with
+        `blend="log"`, on out-of-fold predictions of `ensemble_folds` folds of `train` plus `val` when the
+        head can be refit (`refit_head`), else on `val`; with `blend="mean"`, equal; returns the blend's
+        validation probabilities."""
         self.ngrams_, self.encoder_, self.ensemble_report_ = None, None, None
         if self.ensemble == "none":
             return val_probs
@@ -485,7 +486,9 @@ class BaseClassifier:
         val_only = fit_blend_weights(val_parts, y_val)
         folds, why_not = self.ensemble_folds, None
         smallest = int(np.bincount(y_train, minlength=n_classes).min())
-        if folds == 0:
+        if self.blend == "mean":
+            why_not = "--blend mean"
+        elif folds == 0:
             why_not = "--ensemble-folds 0"
         elif refit_head is None:
             why_not = self._why_no_refit()
@@ -503,9 +506,11 @@ class BaseClassifier:
             weights = fit_blend_weights([np.vstack([o, v]) for o, v in zip(oof, val_parts, strict=True)],
                                         np.concatenate([y_train, y_val]))
             fitted_on = f"out-of-fold predictions of {folds} folds of the training set + the validation set"
+        elif self.blend == "mean":
+            weights, fitted_on = np.ones(len(val_parts)), "nothing (--blend mean: equal weights)"
         else:
             weights, fitted_on = val_only, f"the validation set ({why_not})"
-        ngrams.weights = weights.astype(np.float32)
+        ngrams.weights, ngrams.rule = weights.astype(np.float32), self.blend
         self.ngrams_ = ngrams
         blend = ngrams.combine(val_probs, *val_parts[1:])
         named = dict(zip(("language_model", *members), val_parts, strict=True))

@@ -19,6 +19,7 @@ from llmclf import long_text
 from llmclf.errors import ConfigError
 from llmclf.long_text import AGGREGATES
 from llmclf.models.heads import POOLINGS, Trainable
+from llmclf.ngrams import BLEND_RULES
 from llmclf.runtime import PRECISIONS, auto_precision_note
 from llmclf.tracking import REPORT_TO
 from llmclf.training.calibration import CALIBRATIONS, threshold_problem
@@ -191,11 +192,15 @@ class TrainArgs:
         "1-2-grams and character 2-5-grams, fitted on the training texts (saved beside the model as "
         "ngrams.safetensors). tfidf+ENCODER adds a logistic regression on a frozen sentence encoder's embeddings "
         "(all-minilm-l6-v2, all-mpnet-base-v2, a directory or a Hub id; encoder.safetensors), which holds "
-        "better on text unlike the training set's. The members are weighted by log-loss on held-out "
-        "predictions after training (--ensemble-folds).",
+        "better on text unlike the training set's. The members are combined after training by --blend.",
         hf="none", check=_ensemble)
+    blend: str = option(
+        "log", "With --ensemble, how the members' class probabilities are combined: log (weights on their "
+        "log-probabilities, fitted by log-loss on held-out predictions: --ensemble-folds) | mean (their "
+        "probabilities averaged with equal weights, scikit-learn's soft voting: nothing fitted, no out-of-fold "
+        "refits).", check=_one_of(BLEND_RULES), saved_before="log")
     ensemble_folds: int = option(
-        5, "With --ensemble: fit the blend weights on out-of-fold predictions of the training set (K "
+        5, "With --ensemble and --blend log: fit the blend weights on out-of-fold predictions of the training set (K "
         "stratified folds; the head and the blend's members are refit on the rest of each) plus the validation set, "
         "pulled toward equal weights. Needs a head trained alone on cached features (the default recipe); "
         "otherwise, and with 0, the weights are fitted on the validation set only (with the same pull).",
