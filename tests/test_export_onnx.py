@@ -112,21 +112,21 @@ def test_cli_predict_evaluate_and_a_resumable_file_through_onnx(exported: Path, 
     assert len(outputs["onnx"]) == 40
 
 
-@pytest.mark.parametrize(("pooling", "encoder"), [("mean", False), ("mean-blocks", True)])
+@pytest.mark.parametrize(("pooling", "encoder", "blend"), [("mean", False, "log"), ("mean-blocks", True, "mean")])
 def test_the_ensemble_and_mean_pooling_survive_the_export(trained: Path, tmp_path: Path, pooling: str,
-                                                          encoder: bool, tiny_encoder_dir: Path):
+                                                          encoder: bool, blend: str, tiny_encoder_dir: Path):
     from llmclf.engines.scratch import TextClassifier
 
     data = toy_data(24)
     ensemble = f"tfidf+{tiny_encoder_dir}" if encoder else "tfidf"
     clf = TextClassifier(str(trained.with_name(trained.name + "-lm")), pooling=pooling, ensemble=ensemble, epochs=1,
-                         template="Review: {text}\nSentiment:", precision="float32", log_every=1000)
+                         template="Review: {text}\nSentiment:", precision="float32", log_every=1000, blend=blend)
     clf.fit(data, toy_data(12, offset=100), progress=False)
     clf.save(tmp_path / "clf")
     export_model(tmp_path / "clf", tmp_path / "onnx", "onnx")
     assert (tmp_path / "onnx" / "ngrams.safetensors").is_file()
     onnx_clf = load_classifier(tmp_path / "onnx")
-    assert onnx_clf.ngrams_ is not None and onnx_clf.template_ == clf.template_
+    assert onnx_clf.ngrams_ is not None and onnx_clf.template_ == clf.template_ and onnx_clf.ngrams_.rule == blend
     assert (onnx_clf.encoder_ is not None) == encoder == (tmp_path / "onnx" / "encoder.safetensors").is_file()
     np.testing.assert_allclose(onnx_clf.predict_proba(TEXTS), load_classifier(tmp_path / "clf",
                                precision="float32").predict_proba(TEXTS), atol=1e-4)
