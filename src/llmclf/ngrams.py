@@ -95,7 +95,7 @@ class NgramModel:
         min_df = np.repeat(np.array(MIN_DF), N_FEATURES)
         idf[df < min_df] = 0.0
         # Only the n-grams kept (a tenth of the hashed columns or less) enter the fit: the others' coefficients
-        # stay 0 under the L2 penalty anyway, and L-BFGS on the short vectors is 2-7x faster (AG News: 12 s -> 1.6 s).
+        # stay 0 under the L2 penalty anyway, and L-BFGS on the short vectors is 4-8x faster (AG News: 12.6 s -> 1.5 s).
         kept = np.flatnonzero(idf)
         lr = LogisticRegression(C=C, max_iter=2000).fit(_tfidf(counts, idf)[:, kept], labels)
         if list(lr.classes_) != list(range(n_classes)):
