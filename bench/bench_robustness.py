@@ -225,7 +225,6 @@ def main() -> None:
         if args.limit:
             data = {s: LabelledTexts(d.texts[:args.limit], d.labels[:args.limit], d.source) for s, d in data.items()}
             tests = {k: LabelledTexts(t.texts[:args.limit], t.labels[:args.limit], t.source) for k, t in tests.items()}
-            tests["in-domain"] = data["test"]
         print(f"\n== {name}: {' / '.join(str(len(data[s])) for s in SPLITS)}; cross-domain: "
               + "; ".join(f"{t.source} ({len(t)})" for k, t in tests.items() if k != "in-domain"), flush=True)
         for model in args.models.split(","):

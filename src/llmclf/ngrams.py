@@ -154,14 +154,13 @@ class NgramModel:
         """The n-gram model saved in `model_dir`, checked against the classifier's classes and the
         number of the blend's `members` (the language model included)."""
         from safetensors import safe_open
-        from safetensors.numpy import load_file
 
         path = Path(model_dir) / NGRAMS_FILE
         if not path.is_file():
             raise ConfigError(f"{path} is missing: the model's config.json says it was trained with "
                               "--ensemble tfidf; copy the whole model directory")
-        arrays = load_file(str(path))
         with safe_open(str(path), framework="numpy") as f:
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
             rule = (f.metadata() or {}).get("blend", "log")
         if rule not in BLEND_RULES:
             raise ConfigError(f"{path}: blend rule {rule!r} is not one of {', '.join(BLEND_RULES)} (metadata "

@@ -486,15 +486,15 @@ class BaseClassifier:
         val_only = fit_blend_weights(val_parts, y_val)
         folds, why_not = self.ensemble_folds, None
         smallest = int(np.bincount(y_train, minlength=n_classes).min())
-        if self.blend == "mean":
-            why_not = "--blend mean"
-        elif folds == 0:
+        if folds == 0:
             why_not = "--ensemble-folds 0"
         elif refit_head is None:
             why_not = self._why_no_refit()
         elif smallest < folds:
             why_not = f"a class has {smallest} training text(s), fewer than {folds} folds"
-        if why_not is None:
+        if self.blend == "mean":
+            weights, fitted_on = np.ones(len(val_parts)), "nothing (--blend mean: equal weights)"
+        elif why_not is None:
             from sklearn.model_selection import StratifiedKFold
 
             oof = [np.zeros((len(y_train), n_classes)) for _ in range(1 + len(members))]
@@ -506,8 +506,6 @@ class BaseClassifier:
             weights = fit_blend_weights([np.vstack([o, v]) for o, v in zip(oof, val_parts, strict=True)],
                                         np.concatenate([y_train, y_val]))
             fitted_on = f"out-of-fold predictions of {folds} folds of the training set + the validation set"
-        elif self.blend == "mean":
-            weights, fitted_on = np.ones(len(val_parts)), "nothing (--blend mean: equal weights)"
         else:
             weights, fitted_on = val_only, f"the validation set ({why_not})"
         ngrams.weights, ngrams.rule = weights.astype(np.float32), self.blend
